@@ -1,0 +1,194 @@
+#include "graph.h"
+
+#include <ATen/cuda/MemPool.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <type_traits>
+#include <utility>
+
+#include "errors.h"
+
+namespace graphrunner {
+namespace {
+
+namespace allocator = c10::cuda::CUDACachingAllocator;
+
+// Newer allocators want to hear when a stream capture really starts and ends (apart from pool routing).
+template <typename A, typename = void>
+struct HasCaptureMarks : std::false_type {};
+template <typename A>
+struct HasCaptureMarks<A, std::void_t<decltype(std::declval<A&>().markCaptureBegin(c10::DeviceIndex{}))>>
+    : std::true_type {};
+
+template <typename A>
+void mark_capture(A* alloc, c10::DeviceIndex device, bool begin) {
+  if constexpr (HasCaptureMarks<A>::value) {
+    begin ? alloc->markCaptureBegin(device) : alloc->markCaptureEnd(device);
+  }
+}
+
+}  // namespace
+
+Graph::~Graph() {
+  abort_capture();
+  try {
+    reset();
+  } catch (...) {
+    // A destructor must not throw; a failing cudaGraphExecDestroy here leaves nothing to recover.
+  }
+}
+
+void Graph::capture_begin(PoolId pool, cudaStreamCaptureMode mode) {
+  if (capturing_) {
+    throw StateError("capture inside a capture: this graph is already capturing; end it with capture_end() first");
+  }
+  if (captured()) {
+    throw StateError("this graph is already captured; call reset() before capturing it again");
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (stream.stream() == nullptr) {
+    throw StateError("cannot capture on the legacy default stream; capture on a side stream (torch.cuda.Stream())");
+  }
+  cudaStreamCaptureStatus status;
+  GR_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) {
+    throw StateError("capture inside a capture: the current stream is already being captured");
+  }
+  device_ = stream.device_index();
+  c10::cuda::CUDAGuard guard(device_);
+  pool_ = (pool.first == 0 && pool.second == 0) ? at::cuda::MemPool::graph_pool_handle(false) : pool;
+  rng_.prepare(device_);
+
+  // Route to the pool only the allocations made by this capture: another stream's work, or another
+  // graph being captured at the same time, keeps its own pool.
+  allocator::beginAllocateToPool(device_, pool_, [this](cudaStream_t s) {
+    cudaStreamCaptureStatus st;
+    c10::CaptureId_t id = 0;
+    return cudaStreamGetCaptureInfo(s, &st, &id) == cudaSuccess && st == cudaStreamCaptureStatusActive &&
+           id == capture_id_;
+  });
+  holds_pool_ = true;
+  cudaError_t err = cudaStreamBeginCapture(stream.stream(), mode);
+  if (err != cudaSuccess) {
+    allocator::endAllocateToPool(device_, pool_);
+    release_pool();
+    GR_CUDA_CHECK(err);
+  }
+  GR_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &status, &capture_id_));
+  capture_stream_ = stream.stream();
+  capturing_ = true;
+  rng_.begin(capture_id_);
+  mark_capture(allocator::get(), device_, true);
+}
+
+void Graph::capture_end() {
+  if (!capturing_) {
+    throw StateError("capture_end() without capture_begin()");
+  }
+  c10::cuda::CUDAGuard guard(device_);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (stream.stream() != capture_stream_) {
+    abort_capture();
+    throw StateError("capture_end() was called on another stream than capture_begin(); the capture was aborted");
+  }
+  cudaGraph_t graph = nullptr;
+  cudaError_t err = cudaStreamEndCapture(capture_stream_, &graph);
+  capturing_ = false;
+  mark_capture(allocator::get(), device_, false);
+  allocator::endAllocateToPool(device_, pool_);
+  rng_.end();
+  if (err != cudaSuccess || graph == nullptr) {
+    if (graph != nullptr) {
+      cudaGraphDestroy(graph);
+    }
+    release_pool();
+    GR_CUDA_CHECK(err == cudaSuccess ? cudaErrorStreamCaptureInvalidated : err);
+  }
+  graph_ = graph;
+  try {
+    instantiate(capture_stream_);
+  } catch (...) {
+    reset();
+    throw;
+  }
+}
+
+void Graph::instantiate(cudaStream_t stream) {
+  GR_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &num_nodes_));
+  GR_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+  // Uploading now moves the one-time setup cost out of the first replay.
+  GR_CUDA_CHECK(cudaGraphUpload(exec_, stream));
+  if (!keep_graph_) {
+    GR_CUDA_CHECK(cudaGraphDestroy(graph_));
+    graph_ = nullptr;
+  }
+}
+
+void Graph::abort_capture() noexcept {
+  if (!capturing_) {
+    return;
+  }
+  c10::cuda::CUDAGuard guard(device_);
+  cudaGraph_t partial = nullptr;
+  cudaStreamEndCapture(capture_stream_, &partial);
+  if (partial != nullptr) {
+    cudaGraphDestroy(partial);
+  }
+  (void)cudaGetLastError();
+  capturing_ = false;
+  mark_capture(allocator::get(), device_, false);
+  allocator::endAllocateToPool(device_, pool_);
+  rng_.end();
+  rng_.release();
+  release_pool();
+}
+
+void Graph::replay() {
+  if (exec_ == nullptr) {
+    throw StateError(capturing_ ? "replay() during capture; call capture_end() first"
+                                : "replay() before capture (or after reset()); capture the graph first");
+  }
+  c10::cuda::CUDAGuard guard(device_);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device_).stream();
+  if (rng_.uses_rng()) {
+    rng_.before_replay(stream);
+  }
+  GR_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+}
+
+void Graph::reset() {
+  if (capturing_) {
+    throw StateError("reset() during capture; call capture_end() first");
+  }
+  if (exec_ != nullptr) {
+    GR_CUDA_CHECK(cudaGraphExecDestroy(exec_));
+    exec_ = nullptr;
+  }
+  if (graph_ != nullptr) {
+    GR_CUDA_CHECK(cudaGraphDestroy(graph_));
+    graph_ = nullptr;
+  }
+  num_nodes_ = 0;
+  rng_.release();
+  release_pool();
+}
+
+void Graph::release_pool() noexcept {
+  // The pool's memory goes back to the allocator (at empty_cache) once no graph holds it and no
+  // tensor allocated in it is alive.
+  if (holds_pool_) {
+    allocator::releasePool(device_, pool_);
+    holds_pool_ = false;
+  }
+}
+
+void Graph::debug_dump(const std::string& path) const {
+  if (graph_ == nullptr) {
+    throw StateError("debug_dump() needs the cudaGraph_t: construct the graph with keep_graph=True and capture it");
+  }
+  GR_CUDA_CHECK(cudaGraphDebugDotPrint(graph_, path.c_str(), cudaGraphDebugDotFlagsVerbose));
+}
+
+}  // namespace graphrunner

@@ -1,0 +1,61 @@
+// One CUDA graph's whole life: capture into a shared PyTorch pool, instantiate, upload, replay, reset.
+#pragma once
+
+#include <c10/core/Allocator.h>
+#include <c10/core/Device.h>
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "rng.h"
+
+namespace graphrunner {
+
+using PoolId = c10::MempoolId_t;
+
+class Graph {
+ public:
+  explicit Graph(bool keep_graph = false) : keep_graph_(keep_graph) {}
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+
+  // Starts capturing the current torch stream; allocations of this capture (and only this capture)
+  // go to `pool`. A pool of {0, 0} means a new private pool.
+  void capture_begin(PoolId pool, cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal);
+  void capture_end();
+  // Ends a capture that failed part-way: the partial graph is dropped, the pool hold given back and
+  // the stream left usable. Safe to call when nothing is being captured.
+  void abort_capture() noexcept;
+  // Launches the graph on the current torch stream of its device.
+  void replay();
+  // Destroys the executable graph and gives back this graph's hold on the pool.
+  void reset();
+
+  bool captured() const { return exec_ != nullptr; }
+  bool capturing() const { return capturing_; }
+  PoolId pool() const { return pool_; }
+  c10::DeviceIndex device() const { return device_; }
+  size_t num_nodes() const { return num_nodes_; }
+  bool uses_rng() const { return rng_.uses_rng(); }
+  cudaGraphExec_t exec() const { return exec_; }
+  void debug_dump(const std::string& path) const;
+
+ private:
+  void instantiate(cudaStream_t stream);
+  void release_pool() noexcept;
+
+  const bool keep_graph_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  cudaStream_t capture_stream_ = nullptr;
+  c10::CaptureId_t capture_id_ = 0;
+  PoolId pool_{0, 0};
+  c10::DeviceIndex device_ = -1;
+  size_t num_nodes_ = 0;
+  bool capturing_ = false;
+  bool holds_pool_ = false;
+  GraphRng rng_;
+};
+
+}  // namespace graphrunner

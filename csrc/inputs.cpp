@@ -1,0 +1,150 @@
+#include "inputs.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "errors.h"
+
+namespace graphrunner {
+namespace {
+
+std::string shape_str(c10::IntArrayRef shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out << shape[i] << (shape.size() == 1 ? "," : (i + 1 < shape.size() ? ", " : ""));
+  }
+  out << ")";
+  return out.str();
+}
+
+std::string with_batch(c10::IntArrayRef row) {
+  std::string out = "(batch";
+  for (int64_t d : row) {
+    out += ", " + std::to_string(d);
+  }
+  return out + (row.empty() ? ",)" : ")");
+}
+
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::kLong: return "torch.int64";
+    case c10::kInt: return "torch.int32";
+    case c10::kShort: return "torch.int16";
+    case c10::kChar: return "torch.int8";
+    case c10::kByte: return "torch.uint8";
+    case c10::kBool: return "torch.bool";
+    case c10::kFloat: return "torch.float32";
+    case c10::kDouble: return "torch.float64";
+    case c10::kHalf: return "torch.float16";
+    case c10::kBFloat16: return "torch.bfloat16";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) {
+    out += (out.empty() ? "'" : ", '") + n + "'";
+  }
+  return out;
+}
+
+}  // namespace
+
+int64_t InputSpec::row_bytes() const {
+  int64_t n = c10::elementSize(dtype);
+  for (int64_t d : row_shape) {
+    n *= d;
+  }
+  return n;
+}
+
+InputChecker::InputChecker(std::vector<InputSpec> specs, int64_t max_batch_size, bool fallback_eager,
+                           c10::DeviceIndex device)
+    : specs_(std::move(specs)), max_batch_size_(max_batch_size), fallback_eager_(fallback_eager), device_(device) {}
+
+int64_t InputChecker::check_one(size_t i, at::Tensor& t) const {
+  const InputSpec& spec = specs_[i];
+  if (!t.defined()) {
+    throw InputTypeError("input '" + spec.name + "' is an undefined tensor; pass a tensor of dtype " +
+                         dtype_name(spec.dtype));
+  }
+  if (t.scalar_type() != spec.dtype) {
+    throw InputTypeError("input '" + spec.name + "' has dtype " + dtype_name(t.scalar_type()) + ", expected " +
+                         dtype_name(spec.dtype) + "; convert it with .to(" + dtype_name(spec.dtype) + ")");
+  }
+  auto sizes = t.sizes();
+  c10::IntArrayRef row(spec.row_shape);
+  if (sizes.size() != row.size() + 1 || sizes.slice(1) != row) {
+    std::string got = sizes.empty() ? "a 0-d tensor" : "per-row shape " + shape_str(sizes.slice(1));
+    throw InputValueError("input '" + spec.name + "' has " + got + ", expected per-row shape " + shape_str(row) +
+                          "; pass a tensor of shape " + with_batch(row));
+  }
+  return sizes[0];
+}
+
+int64_t InputChecker::check(std::vector<at::Tensor>& inputs) const {
+  int64_t batch = -1;
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    int64_t rows = check_one(i, inputs[i]);
+    if (batch < 0) {
+      batch = rows;
+    } else if (rows != batch) {
+      throw InputValueError("inputs disagree on the batch size: '" + specs_[0].name + "' has " +
+                            std::to_string(batch) + " rows, '" + specs_[i].name + "' has " + std::to_string(rows) +
+                            "; every input needs one row per sequence");
+    }
+  }
+  if (batch == 0) {
+    throw InputValueError("batch size 0: every input has 0 rows; skip the step instead of running it");
+  }
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    at::Tensor& t = inputs[i];
+    if (!t.is_cuda() || t.get_device() != device_) {
+      throw InputValueError("input '" + specs_[i].name + "' is on " + t.device().str() + ", expected cuda:" +
+                            std::to_string(device_) + "; move it with .to('cuda:" + std::to_string(device_) + "')");
+    }
+    if (!t.is_contiguous()) {
+      t = t.contiguous();
+    }
+  }
+  if (batch > max_batch_size_) {
+    if (fallback_eager_) {
+      return -1;
+    }
+    throw InputValueError("batch size " + std::to_string(batch) + " is above max_batch_size " +
+                          std::to_string(max_batch_size_) +
+                          "; raise max_batch_size (and capture again) or use fallback='eager'");
+  }
+  return batch;
+}
+
+void InputChecker::throw_name_error(const std::vector<std::string>& given) const {
+  std::vector<std::string> missing, extra;
+  for (const auto& spec : specs_) {
+    if (std::find(given.begin(), given.end(), spec.name) == given.end()) {
+      missing.push_back(spec.name);
+    }
+  }
+  for (const auto& name : given) {
+    auto same = [&](const InputSpec& s) { return s.name == name; };
+    if (std::none_of(specs_.begin(), specs_.end(), same)) {
+      extra.push_back(name);
+    }
+  }
+  std::vector<std::string> expected;
+  for (const auto& spec : specs_) {
+    expected.push_back(spec.name);
+  }
+  std::string msg;
+  if (!missing.empty()) {
+    msg += "missing input(s) " + join(missing);
+  }
+  if (!extra.empty()) {
+    msg += (msg.empty() ? "" : "; ") + std::string("unexpected input(s) ") + join(extra);
+  }
+  throw InputTypeError(msg + "; the runner was built with inputs " + join(expected));
+}
+
+}  // namespace graphrunner

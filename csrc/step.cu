@@ -1,0 +1,164 @@
+#include "step.h"
+
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "errors.h"
+
+namespace graphrunner {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct StaticTable {
+  int num_inputs;
+  unsigned char* dst[kMaxInputs];
+  long long row_bytes[kMaxInputs];
+  uint4 pad[kMaxInputs];
+};
+
+// Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value.
+// A replay with no fresh descriptor (a bare replay of the graph) leaves the static buffers as they are.
+__global__ void stage_inputs(HostRing* ring, unsigned long long* control, StaticTable table, long long size) {
+  volatile unsigned long long* consumed = control;
+  const unsigned long long step = *consumed;
+  const volatile StepDesc* desc = &ring->slots[step % kRingSlots];
+  const bool fresh = desc->seq == step + 1;
+  if (fresh) {
+    const int i = blockIdx.y;
+    unsigned char* dst = table.dst[i];
+    const unsigned char* src = static_cast<const unsigned char*>(desc->src[i]);
+    const long long copy_bytes = desc->batch * table.row_bytes[i];
+    const long long total = size * table.row_bytes[i];
+    const bool src_aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
+    const uint4 pad = table.pad[i];
+    const unsigned char* pad_bytes = reinterpret_cast<const unsigned char*>(&table.pad[i]);
+    for (long long off = 16LL * (blockIdx.x * blockDim.x + threadIdx.x); off < total;
+         off += 16LL * gridDim.x * blockDim.x) {
+      if (off + 16 <= copy_bytes && src_aligned) {
+        *reinterpret_cast<uint4*>(dst + off) = *reinterpret_cast<const uint4*>(src + off);
+      } else if (off >= copy_bytes && off + 16 <= total) {
+        *reinterpret_cast<uint4*>(dst + off) = pad;
+      } else {
+        // Static buffers start 16-byte aligned and element sizes divide 16, so byte j of the
+        // buffer's padding is byte j % 16 of the pattern.
+        for (long long j = off; j < off + 16 && j < total; ++j) {
+          dst[j] = j < copy_bytes ? src[j] : pad_bytes[j & 15];
+        }
+      }
+    }
+  }
+  // The last block to finish retires the descriptor, once every block has read it.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    unsigned int* blocks_done = reinterpret_cast<unsigned int*>(control + 1);
+    if (atomicAdd(blocks_done, 1u) == gridDim.x * gridDim.y - 1) {
+      *blocks_done = 0;
+      if (fresh) {
+        *consumed = step + 1;
+        *reinterpret_cast<volatile unsigned long long*>(&ring->consumed) = step + 1;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+StepRunner::StepRunner(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers,
+                       std::vector<int64_t> capture_sizes)
+    : checker_(std::move(checker)), static_buffers_(std::move(static_buffers)) {
+  const auto& specs = checker_->specs();
+  if (specs.empty() || specs.size() > kMaxInputs) {
+    throw InputValueError("a runner takes 1 to " + std::to_string(kMaxInputs) + " inputs, got " +
+                          std::to_string(specs.size()));
+  }
+  const int64_t max_batch = checker_->max_batch_size();
+  size_for_batch_.assign(max_batch + 1, 0);
+  graph_for_batch_.resize(max_batch + 1);
+  std::sort(capture_sizes.begin(), capture_sizes.end());
+  for (int64_t b = 1; b <= max_batch; ++b) {
+    auto fit = std::lower_bound(capture_sizes.begin(), capture_sizes.end(), b);
+    size_for_batch_[b] = fit == capture_sizes.end() ? 0 : *fit;
+  }
+  c10::cuda::CUDAGuard guard(checker_->device());
+  void* host = nullptr;
+  GR_CUDA_CHECK(cudaHostAlloc(&host, sizeof(HostRing), cudaHostAllocMapped));
+  std::memset(host, 0, sizeof(HostRing));
+  ring_ = static_cast<HostRing*>(host);
+  GR_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ring_device_), host, 0));
+  control_ = at::zeros({2}, at::TensorOptions().device(at::kCUDA, checker_->device()).dtype(at::kLong));
+}
+
+StepRunner::~StepRunner() {
+  // Graphs that read the ring may still be running: wait for them before freeing it.
+  if (ring_ != nullptr) {
+    cudaDeviceSynchronize();
+    cudaFreeHost(ring_);
+  }
+}
+
+int64_t StepRunner::size_for(int64_t batch) const {
+  return (batch >= 1 && batch < static_cast<int64_t>(size_for_batch_.size())) ? size_for_batch_[batch] : 0;
+}
+
+void StepRunner::stage(int64_t size) {
+  const auto& specs = checker_->specs();
+  StaticTable table{};
+  table.num_inputs = static_cast<int>(specs.size());
+  long long largest = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    table.dst[i] = static_cast<unsigned char*>(static_buffers_[i].data_ptr());
+    table.row_bytes[i] = specs[i].row_bytes();
+    std::memcpy(&table.pad[i], specs[i].pad_pattern.data(), 16);
+    largest = std::max(largest, size * table.row_bytes[i]);
+  }
+  const long long chunks = (largest + 15) / 16;
+  dim3 grid(static_cast<unsigned>(std::clamp<long long>((chunks + kThreads - 1) / kThreads, 1, 264)),
+            static_cast<unsigned>(specs.size()));
+  auto stream = c10::cuda::getCurrentCUDAStream(checker_->device());
+  stage_inputs<<<grid, kThreads, 0, stream.stream()>>>(
+      ring_device_, reinterpret_cast<unsigned long long*>(control_.data_ptr()), table, size);
+  GR_CUDA_CHECK(cudaGetLastError());
+}
+
+void StepRunner::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
+  for (size_t b = 1; b < size_for_batch_.size(); ++b) {
+    if (size_for_batch_[b] == size) {
+      graph_for_batch_[b] = graph;
+    }
+  }
+}
+
+int64_t StepRunner::run(std::vector<at::Tensor>& inputs) {
+  const int64_t batch = checker_->check(inputs);
+  if (batch < 0 || !graph_for_batch_[batch]) {
+    return -1;
+  }
+  const unsigned long long step = issued_;
+  // Back-pressure: never overwrite a descriptor the GPU has not consumed yet.
+  while (step - *reinterpret_cast<volatile unsigned long long*>(&ring_->consumed) >= kRingSlots) {
+  }
+  StepDesc& desc = ring_->slots[step % kRingSlots];
+  desc.batch = batch;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    desc.src[i] = inputs[i].const_data_ptr();
+  }
+  std::atomic_thread_fence(std::memory_order_release);
+  *reinterpret_cast<volatile unsigned long long*>(&desc.seq) = step + 1;
+  try {
+    graph_for_batch_[batch]->replay();
+  } catch (...) {
+    *reinterpret_cast<volatile unsigned long long*>(&desc.seq) = 0;
+    throw;
+  }
+  issued_ = step + 1;
+  return batch;
+}
+
+}  // namespace graphrunner
