@@ -1,4 +1,6 @@
 """Loads the native core, graphrunner._C, with an error that says how to build it."""
+import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
+
 try:
     from graphrunner import _C
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
