@@ -1,0 +1,214 @@
+"""graphrunner.Graph: the C++ lifecycle in a shared PyTorch pool."""
+import pytest
+import torch
+
+import graphrunner as gr
+from conftest import HAS_GPU, gpu
+
+pytestmark = gpu
+
+
+def rand(*shape):
+    return torch.randn(*shape, device="cuda")
+
+
+def test_captured_output_equals_eager_on_fresh_inputs():
+    x, w = rand(64, 128), rand(128, 32)
+    g = gr.Graph()
+    with g.capture():
+        y = torch.relu(x @ w) + 1
+    assert g.captured and g.num_nodes >= 2
+    for _ in range(3):
+        x.copy_(rand(64, 128))
+        y.fill_(float("nan"))
+        g.replay()
+        torch.testing.assert_close(y, torch.relu(x @ w) + 1)
+
+
+def test_two_graphs_one_pool_and_kept_output_untouched():
+    pool = torch.cuda.graph_pool_handle()
+    x = rand(4096)
+    a, b = gr.Graph(), gr.Graph()
+    with a.capture(pool=pool):
+        ya = x * 3
+    a.replay()
+    torch.cuda.synchronize()
+    kept = ya.clone()
+    with b.capture(pool=a):  # a Graph names its pool too
+        tmp = x.sin() * 2
+        yb = tmp + 1
+        del tmp
+    assert tuple(a.pool) == tuple(b.pool) == tuple(pool)
+    for _ in range(3):
+        b.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(ya, kept), "graph B's capture or replay wrote into graph A's live output"
+    torch.testing.assert_close(yb, x.sin() * 2 + 1)
+
+
+def test_mempool_object_is_accepted():
+    pool = torch.cuda.MemPool()
+    x = rand(1000)
+    g = gr.Graph()
+    with g.capture(pool=pool):
+        y = x.exp()
+    x.copy_(rand(1000))
+    g.replay()
+    torch.testing.assert_close(y, x.exp())
+    assert tuple(g.pool) == tuple(pool.id)
+
+
+def test_rng_differs_across_replays_and_matches_distribution():
+    g = gr.Graph()
+    with g.capture():
+        u = torch.rand(1 << 16, device="cuda")
+        m = torch.multinomial(torch.tensor([0.1, 0.2, 0.7], device="cuda"), 4096, replacement=True)
+    assert g.uses_rng
+    draws, picks = [], []
+    for _ in range(4):
+        g.replay()
+        draws.append(u.clone())
+        picks.append(m.clone())
+    assert all(not torch.equal(draws[0], d) for d in draws[1:]), "RNG repeated across replays"
+    allu = torch.stack(draws)
+    assert abs(allu.mean().item() - 0.5) < 0.01 and abs(allu.var().item() - 1 / 12) < 0.005
+    freq = torch.bincount(torch.cat(picks), minlength=3).float() / (4 * 4096)
+    torch.testing.assert_close(freq.cpu(), torch.tensor([0.1, 0.2, 0.7]), atol=0.02, rtol=0)
+
+
+def test_rng_follows_manual_seed():
+    g = gr.Graph()
+    with g.capture():
+        u = torch.rand(1024, device="cuda")
+    torch.cuda.manual_seed(1234)
+    g.replay()
+    first = u.clone()
+    torch.cuda.manual_seed(1234)
+    g.replay()
+    assert torch.equal(first, u)
+
+
+def test_shares_pool_with_torch_cuda_graph():
+    pool = torch.cuda.graph_pool_handle()
+    x = rand(2048)
+    ours = gr.Graph()
+    with ours.capture(pool=pool):
+        y_ours = x * 2
+    theirs = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(theirs, pool=pool):
+        y_theirs = x + 5
+    for _ in range(2):
+        x.copy_(rand(2048))
+        ours.replay()
+        theirs.replay()
+        torch.testing.assert_close(y_ours, x * 2)
+        torch.testing.assert_close(y_theirs, x + 5)
+
+
+def test_reserved_memory_returns_after_reset(fresh_memory):
+    x = rand(1 << 20)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_reserved()
+    graphs, outs = [], []
+    pool = torch.cuda.graph_pool_handle()
+    for i in range(4):
+        g = gr.Graph()
+        with g.capture(pool=pool):
+            outs.append((x * (i + 1)).cumsum(0))
+        graphs.append(g)
+    assert torch.cuda.memory_reserved() > start
+    for g in graphs:
+        g.reset()
+    del graphs, outs, g
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == start
+
+
+def test_errors_replay_before_capture_and_after_reset():
+    g = gr.Graph()
+    with pytest.raises(gr.GraphStateError, match="replay\\(\\) before capture"):
+        g.replay()
+    x = rand(8)
+    with g.capture():
+        x.add_(1)
+    g.reset()
+    with pytest.raises(gr.GraphStateError, match="after reset"):
+        g.replay()
+
+
+def test_capture_inside_a_capture():
+    outer, inner = gr.Graph(), gr.Graph()
+    with pytest.raises(gr.GraphStateError, match="capture inside a capture"):
+        with outer.capture():
+            with inner.capture():
+                pass
+    assert not outer.capturing and not outer.captured
+
+
+def test_failing_op_during_capture_aborts_cleanly(fresh_memory):
+    x = rand(16)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_reserved()
+    g = gr.Graph()
+    with pytest.raises(RuntimeError, match="(?i)capture|not permitted"):
+        with g.capture():
+            y = x * 2
+            y.sum().item()  # a host sync is illegal while capturing
+    assert not g.capturing and not g.captured
+    z = x + 1  # the default and side streams work again
+    torch.cuda.synchronize()
+    torch.testing.assert_close(z, x + 1)
+    with g.capture():  # and the same object can capture afterwards
+        w = x * 4
+    g.replay()
+    torch.testing.assert_close(w, x * 4)
+    g.reset()
+    del y, w, z
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == start
+
+
+def test_keyboard_interrupt_during_capture_aborts():
+    g = gr.Graph()
+    with pytest.raises(KeyboardInterrupt):
+        with g.capture():
+            rand(4) * 2
+            raise KeyboardInterrupt
+    assert not g.capturing
+    torch.cuda.synchronize()
+
+
+def test_debug_dump_needs_keep_graph(tmp_path):
+    x = rand(8)
+    kept = gr.Graph(keep_graph=True)
+    with kept.capture():
+        x.mul_(2)
+    path = tmp_path / "graph.dot"
+    kept.debug_dump(str(path))
+    assert path.read_text().startswith("digraph")
+    dropped = gr.Graph()
+    with dropped.capture():
+        x.mul_(2)
+    with pytest.raises(gr.GraphStateError, match="keep_graph=True"):
+        dropped.debug_dump(str(path))
+
+
+def test_legacy_default_stream_is_refused():
+    g = gr.Graph()
+    with pytest.raises(gr.GraphStateError, match="legacy default stream"):
+        with g.capture(stream=torch.cuda.default_stream()):
+            pass
+
+
+def test_capture_modes():
+    x = rand(8)
+    for mode in ("global", "thread_local", "relaxed"):
+        g = gr.Graph()
+        with g.capture(capture_error_mode=mode):
+            y = x + 1
+        g.replay()
+        torch.testing.assert_close(y, x + 1)
+    with pytest.raises(ValueError, match="capture_error_mode must be"):
+        with gr.Graph().capture(capture_error_mode="loose"):
+            pass

@@ -1,0 +1,72 @@
+"""The native per-step input checks; they need no GPU, so CI runs every message."""
+import pytest
+import torch
+
+import graphrunner as gr
+from graphrunner._native import _C
+
+SPECS = {"input_ids": gr.StaticInput((), torch.long, pad=0),
+         "hidden": gr.StaticInput((4,), torch.float32, pad=0.0),
+         "seq_lens": gr.StaticInput((), torch.int32, pad=1)}
+
+
+def checker(max_batch_size=8, fallback_eager=True):
+    specs = [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in SPECS.items()]
+    return _C.StepInputs(specs, max_batch_size, fallback_eager, 0)
+
+
+def inputs(batch=3, **override):
+    out = {"input_ids": torch.randint(0, 100, (batch,)), "hidden": torch.randn(batch, 4),
+           "seq_lens": torch.randint(1, 9, (batch,), dtype=torch.int32)}
+    out.update(override)
+    return out
+
+
+def test_cpu_tensors_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"input 'input_ids' is on cpu, expected cuda:0; move it with \.to"):
+        checker().check(inputs())
+
+
+def test_wrong_dtype_names_input_and_fix():
+    with pytest.raises(TypeError, match=r"input 'seq_lens' has dtype torch.int64, expected torch.int32; "
+                                        r"convert it with \.to\(torch.int32\)"):
+        checker().check(inputs(seq_lens=torch.ones(3, dtype=torch.long)))
+
+
+def test_wrong_row_shape():
+    with pytest.raises(ValueError, match=r"input 'hidden' has per-row shape \(5,\), expected per-row shape "
+                                         r"\(4,\); pass a tensor of shape \(batch, 4\)"):
+        checker().check(inputs(hidden=torch.randn(3, 5)))
+    with pytest.raises(ValueError, match=r"input 'input_ids' has a 0-d tensor"):
+        checker().check(inputs(input_ids=torch.tensor(3)))
+
+
+def test_batches_must_agree():
+    with pytest.raises(ValueError, match="inputs disagree on the batch size: 'input_ids' has 3 rows, 'hidden' has 2"):
+        checker().check(inputs(hidden=torch.randn(2, 4)))
+
+
+def test_batch_zero():
+    with pytest.raises(ValueError, match="batch size 0"):
+        checker().check(inputs(batch=0))
+
+
+def test_missing_and_extra_names():
+    given = inputs()
+    given.pop("seq_lens")
+    given["positions"] = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(TypeError, match="missing input\\(s\\) 'seq_lens'; unexpected input\\(s\\) 'positions'"):
+        checker().check(given)
+    with pytest.raises(TypeError, match="unexpected input\\(s\\) 'extra'"):
+        checker().check(inputs(extra=torch.zeros(3)))
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="input 'input_ids' is a list, expected a torch.Tensor"):
+        checker().check(inputs(input_ids=[1, 2, 3]))
+
+
+def test_pad_bytes_follow_dtype():
+    assert gr.StaticInput((), torch.int32, pad=1).pad_bytes() == b"\x01\x00\x00\x00"
+    assert gr.StaticInput((), torch.float16, pad=1.0).pad_bytes() == torch.tensor([1.0], dtype=torch.float16) \
+        .view(torch.uint8).numpy().tobytes()

@@ -1,0 +1,253 @@
+"""GraphRunner on a GPU: every batch against eager, structures, fallback, errors, hooks, memory."""
+import gc
+
+import pytest
+import torch
+
+import graphrunner as gr
+from conftest import gpu
+from graphrunner.schedule import size_for
+
+pytestmark = gpu
+
+VOCAB, HIDDEN, MAX_BS = 97, 64, 64
+INPUTS = {"input_ids": gr.StaticInput((), torch.long, pad=0, high=VOCAB),
+          "positions": gr.StaticInput((), torch.long, pad=0, high=512),
+          "seq_lens": gr.StaticInput((), torch.int32, pad=1, low=1, high=512)}
+
+
+class TinyStep(torch.nn.Module):
+    """Rows never mix, so padding rows cannot change real rows."""
+
+    def __init__(self, structure="dict"):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN, generator=g))
+        self.pos = torch.nn.Parameter(torch.randn(512, HIDDEN, generator=g))
+        self.proj = torch.nn.Parameter(torch.randn(HIDDEN, VOCAB, generator=g) / 8)
+        self.structure = structure
+
+    def forward(self, input_ids, positions, seq_lens):
+        h = self.embed[input_ids] + self.pos[positions] * seq_lens.unsqueeze(1).float().log()
+        h = torch.nn.functional.silu(h)
+        logits = h @ self.proj
+        if self.structure == "dict":
+            return {"logits": logits, "hidden": h}
+        if self.structure == "tuple":
+            return logits, h
+        return logits
+
+
+def make_inputs(batch, gen=None):
+    return {"input_ids": torch.randint(0, VOCAB, (batch,), device="cuda", generator=gen),
+            "positions": torch.randint(0, 512, (batch,), device="cuda", generator=gen),
+            "seq_lens": torch.randint(1, 512, (batch,), device="cuda", dtype=torch.int32, generator=gen)}
+
+
+def poison_outputs(runner):
+    for out in runner.outputs.values():
+        for t in (out.values() if isinstance(out, dict) else out if isinstance(out, tuple) else [out]):
+            t.fill_(float("nan"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyStep().cuda()
+
+
+@pytest.fixture
+def runner(model):
+    r = gr.GraphRunner(model, INPUTS, max_batch_size=MAX_BS)
+    r.capture()
+    yield r
+    r.close()
+
+
+def test_every_batch_matches_eager_with_poisoned_outputs(runner, model):
+    assert runner.capture_order == sorted(runner.capture_sizes, reverse=True)
+    for batch in range(1, MAX_BS + 1):
+        inputs = make_inputs(batch)
+        poison_outputs(runner)
+        got = runner(**inputs)
+        want = model(**inputs)
+        assert got["logits"].shape == (batch, VOCAB)
+        torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got["hidden"], want["hidden"], rtol=1e-4, atol=1e-4)
+        size = runner.size_for(batch)
+        assert size == size_for(batch, runner.capture_sizes)
+        # padding rows hold the pad value, staged inside the graph
+        assert (runner.static_inputs["seq_lens"][batch:size] == 1).all()
+        assert (runner.static_inputs["input_ids"][batch:size] == 0).all()
+        torch.testing.assert_close(runner.static_inputs["input_ids"][:batch], inputs["input_ids"])
+
+
+def test_host_may_run_ahead_of_the_gpu(runner, model):
+    """Many steps without a sync: descriptors are consumed in launch order."""
+    steps = [make_inputs(b) for b in [3, 64, 1, 17, 40, 2] * 30]
+    outs = [gr_out["logits"].clone() for gr_out in (runner(**s) for s in steps)]
+    for s, got in zip(steps, outs):
+        torch.testing.assert_close(got, model(**s)["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("structure", ["tuple", "tensor"])
+def test_tuple_and_tensor_outputs(structure):
+    model = TinyStep(structure).cuda()
+    with gr.GraphRunner(model, INPUTS, max_batch_size=16) as r:
+        r.capture()
+        inputs = make_inputs(5)
+        got, want = r(**inputs), model(**inputs)
+        if structure == "tuple":
+            assert isinstance(got, tuple) and len(got) == 2
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+        else:
+            assert isinstance(got, torch.Tensor)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_eager_and_error(model):
+    with gr.GraphRunner(model, INPUTS, max_batch_size=16) as r:
+        r.capture()
+        inputs = make_inputs(20)
+        torch.testing.assert_close(r(**inputs)["logits"], model(**inputs)["logits"])
+    with gr.GraphRunner(model, INPUTS, max_batch_size=16, fallback="error") as r:
+        r.capture()
+        with pytest.raises(ValueError, match="batch size 20 is above max_batch_size 16"):
+            r(**make_inputs(20))
+        torch.testing.assert_close(r(**make_inputs(3, torch.Generator("cuda").manual_seed(1)))["logits"],
+                                   model(**make_inputs(3, torch.Generator("cuda").manual_seed(1)))["logits"])
+
+
+def test_bad_inputs_leave_the_runner_usable(runner, model):
+    good = make_inputs(7)
+    cases = [
+        (TypeError, "has dtype torch.int32, expected torch.int64", dict(good, input_ids=good["input_ids"].int())),
+        (ValueError, "is on cpu", dict(good, positions=good["positions"].cpu())),
+        (ValueError, "per-row shape", dict(good, positions=good["positions"][:, None])),
+        (ValueError, "disagree on the batch size", dict(good, seq_lens=good["seq_lens"][:3])),
+        (ValueError, "batch size 0", make_inputs(0)),
+        (TypeError, "missing input\\(s\\) 'seq_lens'", {k: v for k, v in good.items() if k != "seq_lens"}),
+        (TypeError, "unexpected input\\(s\\) 'bogus'", dict(good, bogus=good["seq_lens"])),
+        (TypeError, "is a int, expected a torch.Tensor", dict(good, seq_lens=3)),
+    ]
+    for exc, message, inputs in cases:
+        with pytest.raises(exc, match=message):
+            runner(**inputs)
+        torch.testing.assert_close(runner(**good)["logits"], model(**good)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_input_is_copied(runner, model):
+    wide = make_inputs(10)
+    strided = {k: torch.stack([v, v], 1)[:, 0] for k, v in wide.items()}
+    assert not strided["input_ids"].is_contiguous()
+    torch.testing.assert_close(runner(**strided)["logits"], model(**wide)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_state_errors(model):
+    r = gr.GraphRunner(model, INPUTS, max_batch_size=8)
+    r.capture()
+    with pytest.raises(gr.GraphStateError, match="capture\\(\\) already ran"):
+        r.capture()
+    r.close()
+    with pytest.raises(gr.GraphStateError, match="closed"):
+        r(**make_inputs(2))
+
+
+@pytest.mark.parametrize("failure", [ValueError("boom"), KeyboardInterrupt()])
+def test_fn_raising_during_capture_leaves_runner_reusable(model, failure, fresh_memory):
+    start = torch.cuda.memory_reserved()
+    calls = {"n": 0}
+
+    def flaky(**inputs):
+        calls["n"] += 1
+        if torch.cuda.is_current_stream_capturing() and calls["n"] == 3:
+            raise failure
+        return model(**inputs)
+
+    r = gr.GraphRunner(flaky, INPUTS, max_batch_size=16)
+    with pytest.raises(type(failure)):
+        r.capture()
+    assert not r.graphs
+    with pytest.raises(gr.GraphStateError, match="has not run yet"):
+        r(**make_inputs(2))
+    r.capture()
+    inputs = make_inputs(9)
+    torch.testing.assert_close(r(**inputs)["logits"], model(**inputs)["logits"], rtol=1e-4, atol=1e-4)
+    r.close()
+    assert torch.cuda.memory_reserved() == start
+
+
+def test_fn_returning_non_tensor_is_refused(model):
+    r = gr.GraphRunner(lambda **kw: [model(**kw)["logits"], 3], INPUTS, max_batch_size=4)
+    with pytest.raises(TypeError, match="returned int at output\\[1\\]"):
+        r.capture()
+    assert not r.graphs
+
+
+def test_hooks_see_sizes_in_order(model):
+    seen_capture, seen_replay = [], []
+    r = gr.GraphRunner(model, INPUTS, max_batch_size=16, on_capture=seen_capture.append,
+                       before_replay=lambda b, s: seen_replay.append((b, s)))
+    r.capture()
+    assert seen_capture == r.capture_order
+    r(**make_inputs(5))
+    r(**make_inputs(13))
+    assert seen_replay == [(5, 8), (13, 16)]
+    r.close()
+
+
+def test_clone_outputs_survive_the_next_call(model):
+    with gr.GraphRunner(model, INPUTS, max_batch_size=8, clone_outputs=True) as r:
+        r.capture()
+        a_in, b_in = make_inputs(4), make_inputs(4)
+        a = r(**a_in)
+        r(**b_in)
+        torch.testing.assert_close(a["logits"], model(**a_in)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_validate_passes(runner):
+    report = runner.validate(steps_per_size=2)
+    assert report.replays == 2 * len(runner.capture_sizes)
+    scrubbed = runner.validate(scrub=True, guard=True)
+    assert scrubbed.scrub and scrubbed.guard
+
+
+def test_rng_in_fn_gives_fresh_values(model):
+    def noisy(input_ids, positions, seq_lens):
+        return model(input_ids, positions, seq_lens)["logits"] + torch.rand(input_ids.shape[0], VOCAB,
+                                                                              device="cuda")
+
+    with gr.GraphRunner(noisy, INPUTS, max_batch_size=8) as r:
+        r.capture()
+        inputs = make_inputs(6)
+        base = model(**inputs)["logits"]
+        a, b = r(**inputs).clone() - base, r(**inputs).clone() - base
+        assert not torch.equal(a, b)
+        assert 0.0 <= a.min() and a.max() <= 1.0 and abs(a.mean().item() - 0.5) < 0.1
+
+
+def test_torch_compiled_fn(model):
+    compiled = torch.compile(model, dynamic=True)
+    with gr.GraphRunner(compiled, INPUTS, max_batch_size=8, capture_sizes=[2, 4, 8]) as r:
+        r.capture()
+        for batch in (1, 3, 8):
+            inputs = make_inputs(batch)
+            torch.testing.assert_close(r(**inputs)["logits"], model(**inputs)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_close_returns_pool_memory(model, fresh_memory):
+    start = torch.cuda.memory_reserved()
+    r = gr.GraphRunner(model, INPUTS, max_batch_size=MAX_BS)
+    r.capture()
+    r(**make_inputs(3))
+    assert torch.cuda.memory_reserved() > start
+    r.close()
+    gc.collect()
+    assert torch.cuda.memory_reserved() == start
+
+
+def test_report(model):
+    with gr.GraphRunner(model, INPUTS, max_batch_size=16) as r:
+        report = r.capture()
+        assert [s.size for s in report.sizes] == r.capture_order
+        assert report.sizes[0].pool_bytes_added > 0 and all(s.num_nodes > 1 for s in report.sizes)
+        assert "pool MiB added" in str(report) and '"sizes"' in report.to_json()

@@ -1,0 +1,56 @@
+"""GraphRunner's argument checks and state errors, which need no GPU."""
+import pytest
+import torch
+
+import graphrunner as gr
+from conftest import HAS_GPU
+
+IDS = {"ids": gr.StaticInput((), torch.long)}
+
+
+def echo(ids):
+    return ids * 2
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="fallback must be 'eager' or 'error'"):
+        gr.GraphRunner(echo, IDS, max_batch_size=8, fallback="skip")
+    with pytest.raises(TypeError, match=r"inputs\['ids'\] must be a gr.StaticInput"):
+        gr.GraphRunner(echo, {"ids": (torch.long,)}, max_batch_size=8)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        gr.GraphRunner(3, IDS, max_batch_size=8)
+    with pytest.raises(ValueError, match="warmup must be an int >= 0"):
+        gr.GraphRunner(echo, IDS, max_batch_size=8, warmup=-1)
+    with pytest.raises(ValueError, match="capture_sizes must be ints in 1..max_batch_size"):
+        gr.GraphRunner(echo, IDS, max_batch_size=8, capture_sizes=[4, 16])
+
+
+def test_capture_order_and_sizes():
+    runner = gr.GraphRunner(echo, IDS, max_batch_size=40)
+    assert runner.capture_sizes == [1, 2, 4, 8, 12, 16, 24, 32, 40]
+    assert runner.capture_order == [40, 32, 24, 16, 12, 8, 4, 2, 1]
+
+
+def test_call_before_capture_says_capture_first():
+    runner = gr.GraphRunner(echo, IDS, max_batch_size=8)
+    with pytest.raises(gr.GraphStateError, match="capture\\(\\) has not run yet"):
+        runner(ids=torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error raised where no CUDA device exists")
+def test_capture_without_cuda_is_a_clear_error():
+    runner = gr.GraphRunner(echo, IDS, max_batch_size=8)
+    with pytest.raises(RuntimeError, match="graphrunner needs a CUDA device"):
+        runner.capture()
+    with pytest.raises(RuntimeError, match="graphrunner needs a CUDA device"):
+        with gr.Graph().capture():
+            pass
+
+
+def test_closed_runner_refuses_calls():
+    runner = gr.GraphRunner(echo, IDS, max_batch_size=8)
+    runner.close()
+    with pytest.raises(gr.GraphStateError, match="closed"):
+        runner(ids=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(gr.GraphStateError, match="closed"):
+        runner.capture()
