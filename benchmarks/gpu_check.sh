@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything a GPU machine checks, in one go and offline: build, GPU test suite, C++ lifecycle test,
+# compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
+# the GPU) and, where $OUT is set (the device tool), are copied there too.
+#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests cpp sanitizer hazards bench (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' | head -1 | tr 'A-Z' 'a-z')
+gpu=${gpu:-gpu}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+results=benchmarks/results
+mkdir -p "$results"
+stages=${*:-build tests cpp sanitizer hazards bench}
+status=0
+has() { [[ " $stages " == *" $1 "* ]]; }
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+if has build; then
+  step "build"
+  python3 setup.py -q build_ext --inplace 2>&1 | grep -vE "visibility|^\s*$|warning: attribute" | tail -20 || status=1
+fi
+
+if has tests; then
+  step "GPU test suite"
+  python3 -m pytest tests -ra -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  { echo "# pytest on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F)";
+    python3 -c "import torch; print('# torch', torch.__version__)";
+    grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL)|passed|failed" /tmp/pytest.log | tail -40; } > "$results/gpu-tests-$gpu.txt"
+fi
+
+if has cpp; then
+  step "C++ lifecycle test"
+  cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" >/tmp/cmake.log 2>&1 && \
+    cmake --build build/cmake -j 16 >>/tmp/cmake.log 2>&1 || { tail -30 /tmp/cmake.log; status=1; }
+  build/cmake/graph_lifecycle_test 2>&1 | tee /tmp/cpp.log || status=1
+fi
+
+if has sanitizer; then
+  step "compute-sanitizer memcheck"
+  { echo "# compute-sanitizer --tool memcheck, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
+    echo "## C++ Graph lifecycle test (build/cmake/graph_lifecycle_test)";
+    compute-sanitizer --tool memcheck --leak-check full build/cmake/graph_lifecycle_test 2>&1 | tail -4;
+    if [ -f benchmarks/sanitize_model.py ]; then
+      echo "## Python: capture and replay of the built-in model (benchmarks/sanitize_model.py)";
+      compute-sanitizer --tool memcheck python3 benchmarks/sanitize_model.py 2>&1 | tail -4;
+    fi; } > "$results/sanitizer-$gpu.txt"
+  cat "$results/sanitizer-$gpu.txt"
+fi
+
+if has hazards && [ -f benchmarks/hazards.py ]; then
+  step "hazard reproductions"
+  python3 benchmarks/hazards.py --out "$results/hazards-$gpu.txt" || status=1
+fi
+
+if has bench && [ -f graphrunner/bench.py ]; then
+  step "benchmark"
+  python3 -m graphrunner.bench --out "$results" ${BENCH_ARGS:-} || status=1
+fi
+
+if [ -n "${OUT:-}" ]; then
+  cp "$results"/*"$gpu"* "$OUT"/ 2>/dev/null
+fi
+step "done, status $status"
+exit $status
