@@ -34,7 +34,7 @@ class StaticInput:
     high: Optional[float] = None
 
     def pad_bytes(self) -> bytes:
-        return torch.tensor([self.pad], dtype=self.dtype).view(torch.uint8).numpy().tobytes()
+        return bytes(torch.tensor([self.pad], dtype=self.dtype).view(torch.uint8).tolist())
 
 
 class _Unusable:

@@ -15,3 +15,14 @@ def fresh_memory():
     if HAS_GPU:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def segments():
+    """The allocator's segments: (address, bytes, pool id)."""
+    return {(s["address"], s["total_size"], tuple(s["segment_pool_id"])) for s in torch.cuda.memory_snapshot()}
+
+
+def segments_since(before):
+    """Explains a reserved-memory mismatch: segments that appeared or went since `before`."""
+    now = segments()
+    return f"new segments {sorted(now - before)}, freed segments {sorted(before - now)}"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import graphrunner as gr
-from conftest import HAS_GPU, gpu
+from conftest import gpu, segments, segments_since
 
 pytestmark = gpu
 
@@ -60,10 +60,11 @@ def test_mempool_object_is_accepted():
 
 
 def test_rng_differs_across_replays_and_matches_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.7], device="cuda")
     g = gr.Graph()
     with g.capture():
         u = torch.rand(1 << 16, device="cuda")
-        m = torch.multinomial(torch.tensor([0.1, 0.2, 0.7], device="cuda"), 4096, replacement=True)
+        m = torch.multinomial(probs, 4096, replacement=True)
     assert g.uses_rng
     draws, picks = [], []
     for _ in range(4):
@@ -109,7 +110,7 @@ def test_shares_pool_with_torch_cuda_graph():
 def test_reserved_memory_returns_after_reset(fresh_memory):
     x = rand(1 << 20)
     torch.cuda.synchronize()
-    start = torch.cuda.memory_reserved()
+    start, before = torch.cuda.memory_reserved(), segments()
     graphs, outs = [], []
     pool = torch.cuda.graph_pool_handle()
     for i in range(4):
@@ -123,7 +124,7 @@ def test_reserved_memory_returns_after_reset(fresh_memory):
     del graphs, outs, g
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    assert torch.cuda.memory_reserved() == start
+    assert torch.cuda.memory_reserved() == start, segments_since(before)
 
 
 def test_errors_replay_before_capture_and_after_reset():
@@ -150,7 +151,7 @@ def test_capture_inside_a_capture():
 def test_failing_op_during_capture_aborts_cleanly(fresh_memory):
     x = rand(16)
     torch.cuda.synchronize()
-    start = torch.cuda.memory_reserved()
+    start, before = torch.cuda.memory_reserved(), segments()
     g = gr.Graph()
     with pytest.raises(RuntimeError, match="(?i)capture|not permitted"):
         with g.capture():
@@ -167,7 +168,7 @@ def test_failing_op_during_capture_aborts_cleanly(fresh_memory):
     g.reset()
     del y, w, z
     torch.cuda.empty_cache()
-    assert torch.cuda.memory_reserved() == start
+    assert torch.cuda.memory_reserved() == start, segments_since(before)
 
 
 def test_keyboard_interrupt_during_capture_aborts():

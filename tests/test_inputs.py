@@ -68,5 +68,5 @@ def test_not_a_tensor():
 
 def test_pad_bytes_follow_dtype():
     assert gr.StaticInput((), torch.int32, pad=1).pad_bytes() == b"\x01\x00\x00\x00"
-    assert gr.StaticInput((), torch.float16, pad=1.0).pad_bytes() == torch.tensor([1.0], dtype=torch.float16) \
-        .view(torch.uint8).numpy().tobytes()
+    assert list(gr.StaticInput((), torch.float16, pad=1.0).pad_bytes()) == torch.tensor([1.0], dtype=torch.float16) \
+        .view(torch.uint8).tolist()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import graphrunner as gr
-from conftest import gpu
+from conftest import gpu, segments, segments_since
 from graphrunner.schedule import size_for
 
 pytestmark = gpu
@@ -154,7 +154,7 @@ def test_state_errors(model):
 
 @pytest.mark.parametrize("failure", [ValueError("boom"), KeyboardInterrupt()])
 def test_fn_raising_during_capture_leaves_runner_reusable(model, failure, fresh_memory):
-    start = torch.cuda.memory_reserved()
+    start, before = torch.cuda.memory_reserved(), segments()
     calls = {"n": 0}
 
     def flaky(**inputs):
@@ -173,7 +173,7 @@ def test_fn_raising_during_capture_leaves_runner_reusable(model, failure, fresh_
     inputs = make_inputs(9)
     torch.testing.assert_close(r(**inputs)["logits"], model(**inputs)["logits"], rtol=1e-4, atol=1e-4)
     r.close()
-    assert torch.cuda.memory_reserved() == start
+    assert torch.cuda.memory_reserved() == start, segments_since(before)
 
 
 def test_fn_returning_non_tensor_is_refused(model):
@@ -235,14 +235,14 @@ def test_torch_compiled_fn(model):
 
 
 def test_close_returns_pool_memory(model, fresh_memory):
-    start = torch.cuda.memory_reserved()
+    start, before = torch.cuda.memory_reserved(), segments()
     r = gr.GraphRunner(model, INPUTS, max_batch_size=MAX_BS)
     r.capture()
     r(**make_inputs(3))
     assert torch.cuda.memory_reserved() > start
     r.close()
     gc.collect()
-    assert torch.cuda.memory_reserved() == start
+    assert torch.cuda.memory_reserved() == start, segments_since(before)
 
 
 def test_report(model):
