@@ -1,21 +1,19 @@
 #include "inputs.h"
 
 #include <algorithm>
-#include <sstream>
 
 #include "errors.h"
 
 namespace graphrunner {
 namespace {
 
+// Plain string building: iostreams here crashed on a machine whose libstdc++ differed from the compiler's.
 std::string shape_str(c10::IntArrayRef shape) {
-  std::ostringstream out;
-  out << "(";
+  std::string out = "(";
   for (size_t i = 0; i < shape.size(); ++i) {
-    out << shape[i] << (shape.size() == 1 ? "," : (i + 1 < shape.size() ? ", " : ""));
+    out += std::to_string(shape[i]) + (shape.size() == 1 ? "," : (i + 1 < shape.size() ? ", " : ""));
   }
-  out << ")";
-  return out.str();
+  return out + ")";
 }
 
 std::string with_batch(c10::IntArrayRef row) {
