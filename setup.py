@@ -2,7 +2,7 @@
 
     pip install --no-build-isolation .
 
-CUDA is found through CUDA_HOME, else nvcc on PATH, else /usr/local/cuda. GPU architectures come from
+CUDA is found through CUDA_HOME, else CUDA_PATH, else /usr/local/cuda, else where torch guesses. GPU architectures come from
 TORCH_CUDA_ARCH_LIST when set, else from the visible GPU, else DEFAULT_ARCHS.
 """
 import os
@@ -31,11 +31,14 @@ if torch.version.cuda is None:
 
 
 def find_cuda_home() -> str:
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
-                      "/usr/local/cuda"):
-        if candidate and (Path(candidate) / "bin" / "nvcc").exists():
+    """A toolkit has both nvcc and the runtime headers (a lone nvcc on PATH, say in /usr/local/bin, is not one)."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                      cpp_extension.CUDA_HOME):
+        if candidate and (Path(candidate) / "bin" / "nvcc").exists() and \
+                (Path(candidate) / "include" / "cuda_runtime_api.h").exists():
             return candidate
-    fail("no CUDA toolkit found: set CUDA_HOME to the folder that holds bin/nvcc (for example /usr/local/cuda).")
+    fail("no CUDA toolkit found: set CUDA_HOME to the folder that holds bin/nvcc and include/ "
+         "(for example /usr/local/cuda).")
 
 
 def choose_archs() -> str:
