@@ -1,0 +1,279 @@
+"""`python -m graphrunner.bench` (`make bench`): every contender on the built-in decoder, in one process.
+
+Contenders: eager; the common runner (torch.cuda.CUDAGraph per size, copy_ staging, benchmarks/
+common_runner.py); bare replay of graphrunner's graph through Graph.replay(), of the common runner's graph
+through torch.cuda.CUDAGraph.replay(), and a C++ loop of cudaGraphLaunch; graphrunner itself.
+Writes bench-<gpu>.json and bench-<gpu>.png; ratios are taken side by side in this one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from tqdm import tqdm
+
+import graphrunner as gr
+from graphrunner._native import _C
+from graphrunner.models import ATTENTION_BACKENDS, DecoderConfig, DecoderStep, random_step, step_inputs
+
+BATCHES = [1, 3, 8, 17, 64, 200, 256]
+MiB = 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = DecoderConfig()
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--intermediate", type=int, default=d.intermediate)
+    p.add_argument("--vocab", type=int, default=d.vocab)
+    p.add_argument("--cache-len", type=int, default=d.cache_len)
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--attn", choices=ATTENTION_BACKENDS, default="sdpa")
+    p.add_argument("--steps", type=int, default=300, help="timed steps per contender and batch")
+    p.add_argument("--trace-steps", type=int, default=2000)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default=None, help="results file suffix (default: the GPU, e.g. h100)")
+    return p.parse_args(argv)
+
+
+def gpu_tag() -> str:
+    name = torch.cuda.get_device_name().lower()
+    return next((t for t in ("h100", "h200", "a100", "b200", "l40s") if t in name), name.split()[-1])
+
+
+def timed(fn: Callable[[Dict[str, torch.Tensor]], object], steps: List[Dict[str, torch.Tensor]], n: int):
+    """Median wall and host microseconds of one step, synchronised after each step as a serving loop is."""
+    wall, host = [], []
+    for i in range(n + 10):
+        s = steps[i % len(steps)]
+        t0 = time.perf_counter()
+        fn(s)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if i >= 10:
+            host.append((t1 - t0) * 1e6)
+            wall.append((t2 - t0) * 1e6)
+    return statistics.median(wall), statistics.median(host)
+
+
+def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: List[int]):
+    """Pool memory of capturing `order` into one fresh pool with graphrunner's Graph: total and per size."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_reserved()
+    pool, graphs, outputs, added = torch.cuda.graph_pool_handle(), [], [], []
+    with torch.no_grad():
+        for size in order:
+            before = torch.cuda.memory_reserved()
+            graph = gr.Graph()
+            with graph.capture(pool=pool):
+                outputs.append(model(**{n: t[:size] for n, t in static.items()}))
+            graphs.append(graph)
+            added.append(torch.cuda.memory_reserved() - before)
+    total = torch.cuda.memory_reserved() - start
+    for graph in graphs:
+        graph.reset()
+    del outputs
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return total, added
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common_runner import CommonRunner
+
+    cfg = DecoderConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, head_dim=args.head_dim,
+                        intermediate=args.intermediate, vocab=args.vocab, cache_len=args.cache_len,
+                        max_batch_size=args.max_batch_size, attention=args.attn)
+    model = DecoderStep(cfg)
+    sizes = gr.default_capture_sizes(cfg.max_batch_size)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    example = random_step(cfg, cfg.max_batch_size, gen)
+    res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "cuda": torch.version.cuda, "attention": cfg.attention, "layers": cfg.layers,
+                              "hidden": cfg.hidden, "capture_sizes": len(sizes)}
+    bar = tqdm(total=6, desc="bench", unit="stage", file=sys.stderr)
+
+    def make_runner() -> gr.GraphRunner:
+        runner = gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size)
+        runner.capture()
+        return runner
+
+    # First-run costs (kernel loading, library handles, per-shape heuristics) are paid here, for both.
+    with torch.no_grad():
+        model(**example)
+    make_runner().close()
+    CommonRunner(model, example, sizes).close()
+    bar.update()
+
+    t0 = time.perf_counter()
+    runner = make_runner()
+    res["capture_s_graphrunner"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    baseline = CommonRunner(model, example, sizes)
+    torch.cuda.synchronize()
+    res["capture_s_baseline"] = time.perf_counter() - t0
+    res["capture_ratio"] = res["capture_s_graphrunner"] / res["capture_s_baseline"]
+    bar.update()
+
+    def eager(s):
+        with torch.no_grad():
+            return model(**s)
+
+    rows = []
+    for batch in BATCHES:
+        steps = [random_step(cfg, batch, gen) for _ in range(8)]
+        size = runner.size_for(batch)
+        ours, theirs = runner.graphs[size], baseline.graphs[size]
+        contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
+                      "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
+        times = {name: timed(fn, steps, args.steps) for name, fn in contenders.items()}
+        floor = _C.launch_floor_us(ours, args.steps)
+        row = {"batch": batch, "size": size, "floor_host_us": floor}
+        for name, (wall, host) in times.items():
+            row[f"{name}_wall_us"], row[f"{name}_host_us"] = wall, host
+        rows.append(row)
+        for key, value in row.items():
+            if key not in ("batch",):
+                res[f"{key}_bs{batch}"] = value
+    bar.update()
+
+    bs1 = rows[0]
+    res.update({
+        "run_vs_bare_bs1": bs1["graphrunner_wall_us"] / bs1["bare_wall_us"],
+        "baseline_vs_bare_bs1": bs1["baseline_wall_us"] / bs1["bare_wall_us"],
+        "run_host_us_bs1": bs1["graphrunner_host_us"], "baseline_host_us_bs1": bs1["baseline_host_us"],
+        "bare_host_us_bs1": bs1["bare_host_us"], "torch_replay_host_us_bs1": bs1["torch_replay_host_us"],
+        "run_host_vs_bare_bs1": bs1["graphrunner_host_us"] / bs1["bare_host_us"],
+        "bare_host_vs_torch_replay_bs1": bs1["bare_host_us"] / bs1["torch_replay_host_us"],
+        "launch_floor_us": bs1["floor_host_us"],
+        "run_host_vs_floor_bs1": bs1["graphrunner_host_us"] / bs1["floor_host_us"],
+        "eager_vs_run_bs1": bs1["eager_wall_us"] / bs1["graphrunner_wall_us"],
+    })
+
+    walk, batch = [], cfg.max_batch_size // 2
+    order = torch.Generator().manual_seed(1)
+    for _ in range(args.trace_steps):
+        batch = min(cfg.max_batch_size, max(1, batch + int(torch.randint(-8, 9, (1,), generator=order))))
+        walk.append(random_step(cfg, batch, gen))
+    for name, fn in {"run": lambda s: runner(**s), "baseline": lambda s: baseline(**s), "eager": eager}.items():
+        t0 = time.perf_counter()
+        for s in walk:
+            fn(s)
+            torch.cuda.synchronize()
+        res[f"trace_steps_s_{name}"] = len(walk) / (time.perf_counter() - t0)
+    bar.update()
+
+    t0 = time.perf_counter()
+    runner.validate()
+    res["validate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner.validate(scrub=True, guard=True)
+    res["validate_scrub_guard_s"] = time.perf_counter() - t0
+    res["validated"] = True
+    static = dict(runner.static_inputs)
+    runner.close()
+    baseline.close()
+    bar.update()
+
+    desc, desc_added = pool_bytes(model, static, sorted(sizes, reverse=True))
+    asc, asc_added = pool_bytes(model, static, sorted(sizes))
+    alone, _ = pool_bytes(model, static, [max(sizes)])
+    res.update({"pool_mib_desc": desc / MiB, "pool_mib_asc": asc / MiB, "pool_mib_largest_alone": alone / MiB,
+                "pool_ratio_desc": desc / alone, "pool_ratio_asc": asc / alone})
+    bar.update()
+    bar.close()
+    res["_rows"], res["_pool_added"] = rows, {"desc": list(zip(sorted(sizes, reverse=True), desc_added)),
+                                              "asc": list(zip(sorted(sizes), asc_added))}
+    return res
+
+
+TARGETS = [("run_vs_bare_bs1", "<=", 1.03), ("run_host_vs_bare_bs1", "<=", 1.3),
+           ("bare_host_vs_torch_replay_bs1", "<=", 1.1), ("run_host_vs_floor_bs1", "<=", 2.0),
+           ("pool_ratio_desc", "<=", 1.02), ("capture_ratio", "<=", 0.5)]
+
+
+def table(res: Dict[str, object]) -> str:
+    rows = res["_rows"]
+    names = ["eager", "baseline", "graphrunner", "bare", "torch_replay"]
+    out = [f"{res['gpu']}, torch {res['torch']}, {res['layers']} layers, hidden {res['hidden']}, "
+           f"attention {res['attention']}", "",
+           "step wall us (host us), synchronised per step; floor = C++ cudaGraphLaunch loop, host us",
+           f"{'batch':>5} " + " ".join(f"{n:>20}" for n in names) + f" {'floor':>7}"]
+    for r in rows:
+        cells = " ".join(f"{r[n + '_wall_us']:>11.1f} ({r[n + '_host_us']:>6.1f})" for n in names)
+        out.append(f"{r['batch']:>5} {cells} {r['floor_host_us']:>7.1f}")
+    out += ["", f"trace of {len(res.get('_walk', [])) or 'random-walk'} steps/s: graphrunner "
+            f"{res['trace_steps_s_run']:.0f}, common runner {res['trace_steps_s_baseline']:.0f}, "
+            f"eager {res['trace_steps_s_eager']:.0f}",
+            f"capture: graphrunner {res['capture_s_graphrunner']:.2f} s, common runner "
+            f"{res['capture_s_baseline']:.2f} s",
+            f"pool MiB: descending {res['pool_mib_desc']:.0f}, ascending {res['pool_mib_asc']:.0f}, largest alone "
+            f"{res['pool_mib_largest_alone']:.0f}",
+            f"validate: {res['validate_s']:.2f} s, with scrub+guard {res['validate_scrub_guard_s']:.2f} s", "",
+            "targets:"]
+    for key, op, bound in TARGETS:
+        value = res[key]
+        out.append(f"  {key:<32} {value:8.3f} {op} {bound:<5} {'met' if value <= bound else 'MISSED'}")
+    return "\n".join(out)
+
+
+def plot(res: Dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["_rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for order, marker in (("desc", "o"), ("asc", "s")):
+        pts = sorted(res["_pool_added"][order])
+        axes[0].plot([p[0] for p in pts], [p[1] / MiB for p in pts], marker=marker, ms=3,
+                     label=f"{'largest' if order == 'desc' else 'smallest'} first")
+    axes[0].set(title="pool MiB added when each size is captured", xlabel="captured size", ylabel="MiB")
+    for name in ["eager", "baseline", "graphrunner", "bare"]:
+        axes[1].plot([r["batch"] for r in rows], [r[name + "_wall_us"] for r in rows], marker="o", label=name)
+        axes[2].plot([r["batch"] for r in rows], [r[name + "_host_us"] for r in rows], marker="o", label=name)
+    axes[2].plot([r["batch"] for r in rows], [r["floor_host_us"] for r in rows], "k--", label="cudaGraphLaunch (C++)")
+    axes[1].set(title="step wall time", xlabel="batch", ylabel="us", xscale="log", yscale="log")
+    axes[2].set(title="host time per step", xlabel="batch", ylabel="us", xscale="log", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"graphrunner on {res['gpu']} ({res['layers']}-layer decoder, {res['attention']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: List[str] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        print("graphrunner.bench needs a CUDA GPU; torch.cuda.is_available() is False on this machine.",
+              file=sys.stderr)
+        return 2
+    res = run(args)
+    name = args.name or gpu_tag() + ("" if args.attn == "sdpa" else f"-{args.attn}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = table(res)
+    print(report)
+    (args.out / f"bench-{name}.txt").write_text(report + "\n")
+    plot(res, args.out / f"bench-{name}.png")
+    flat = {k: v for k, v in res.items() if not k.startswith("_")}
+    (args.out / f"bench-{name}.json").write_text(json.dumps(flat, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

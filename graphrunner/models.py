@@ -1,0 +1,152 @@
+"""The built-in workload: one decode step of a small Llama-style decoder with random weights.
+
+RMSNorm, fused QKV, rotary embedding, attention over a preallocated KV cache with per-row sequence
+lengths, SwiGLU MLP, final norm and LM head. Launch-bound by default (8 layers, hidden 1024, 8 heads of
+128, a KV cache of 512 positions), so the host cost of a step is what a benchmark of it sees.
+
+Tensor parallel: with `tp_size > 1` QKV and gate/up are column-parallel, the output and down projections
+row-parallel, followed by an all-reduce through torch.distributed. Every rank draws the full weights
+from one seed and keeps its shard, so a TP=N model equals the TP=1 model built from the same seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from graphrunner.runner import StaticInput
+
+ATTENTION_BACKENDS = ("sdpa", "flash-attn-4", "flash-attn")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    layers: int = 8
+    hidden: int = 1024
+    heads: int = 8
+    head_dim: int = 128
+    intermediate: int = 2816
+    vocab: int = 32000
+    cache_len: int = 512
+    max_batch_size: int = 256
+    attention: str = "sdpa"
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+
+
+def step_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
+    """The decode step's inputs, with the ranges validate() draws from."""
+    return {"input_ids": StaticInput((), torch.long, pad=0, high=cfg.vocab),
+            "positions": StaticInput((), torch.long, pad=0, high=cfg.cache_len),
+            "seq_lens": StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len)}
+
+
+def random_step(cfg: DecoderConfig, batch: int, gen: Optional[torch.Generator] = None,
+                device: str = "cuda") -> Dict[str, torch.Tensor]:
+    """A valid decode step: each row's new token sits at position seq_len - 1."""
+    seq_lens = torch.randint(1, cfg.cache_len + 1, (batch,), generator=gen, device=device, dtype=torch.int32)
+    return {"input_ids": torch.randint(0, cfg.vocab, (batch,), generator=gen, device=device),
+            "positions": (seq_lens - 1).long(), "seq_lens": seq_lens}
+
+
+class DecoderStep(torch.nn.Module):
+    """fn(input_ids, positions, seq_lens) -> logits [batch, vocab]; row i uses KV-cache slot i."""
+
+    def __init__(self, cfg: DecoderConfig = DecoderConfig(), device: str = "cuda", tp_rank: int = 0,
+                 tp_size: int = 1, tp_group=None) -> None:
+        super().__init__()
+        if cfg.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
+        if cfg.heads % tp_size or cfg.intermediate % tp_size:
+            raise ValueError(f"heads ({cfg.heads}) and intermediate ({cfg.intermediate}) must divide by tp_size "
+                             f"({tp_size})")
+        self.cfg, self.tp_size, self.tp_group = cfg, tp_size, tp_group
+        self.heads = cfg.heads // tp_size
+        self.attend = attention_backend(cfg.attention)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        h, d, inter = cfg.hidden, cfg.heads * cfg.head_dim, cfg.intermediate
+
+        def weight(rows: int, cols: int, shard: Optional[str] = None) -> torch.nn.Parameter:
+            w = torch.randn(rows, cols, generator=gen) / cols ** 0.5
+            if shard == "cols":  # column-parallel: this rank's output features
+                w = w.chunk(tp_size, 0)[tp_rank]
+            elif shard == "rows":  # row-parallel: this rank's input features
+                w = w.chunk(tp_size, 1)[tp_rank]
+            return torch.nn.Parameter(w.to(device=device, dtype=cfg.dtype), requires_grad=False)
+
+        def column_parallel(*parts: int) -> torch.nn.Parameter:
+            """Fused projections (QKV, gate/up), each part sharded by columns before fusing."""
+            ws = [torch.randn(p, h, generator=gen) / h ** 0.5 for p in parts]
+            w = torch.cat([x.chunk(tp_size, 0)[tp_rank] for x in ws])
+            return torch.nn.Parameter(w.to(device=device, dtype=cfg.dtype), requires_grad=False)
+
+        self.embed = weight(cfg.vocab, h)
+        self.layers = torch.nn.ModuleList()
+        for _ in range(cfg.layers):
+            layer = torch.nn.Module()
+            layer.qkv = column_parallel(d, d, d)
+            layer.o = weight(h, d, "rows")
+            layer.gate_up = column_parallel(inter, inter)
+            layer.down = weight(h, inter, "rows")
+            layer.norm1 = torch.nn.Parameter(torch.ones(h, device=device, dtype=cfg.dtype), requires_grad=False)
+            layer.norm2 = torch.nn.Parameter(torch.ones(h, device=device, dtype=cfg.dtype), requires_grad=False)
+            self.layers.append(layer)
+        self.final_norm = torch.nn.Parameter(torch.ones(h, device=device, dtype=cfg.dtype), requires_grad=False)
+        self.lm_head = weight(cfg.vocab, h)
+        cache = (cfg.layers, cfg.max_batch_size, self.heads, cfg.cache_len, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache, device=device, dtype=cfg.dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache, device=device, dtype=cfg.dtype), persistent=False)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("slots", torch.arange(cfg.max_batch_size, device=device), persistent=False)
+        self.register_buffer("cache_positions", torch.arange(cfg.cache_len, device=device), persistent=False)
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(x, group=self.tp_group)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        cfg, batch = self.cfg, input_ids.shape[0]
+        slots = self.slots[:batch]
+        angles = positions[:, None].float() * self.inv_freq
+        cos, sin = angles.cos()[:, None, :].to(cfg.dtype), angles.sin()[:, None, :].to(cfg.dtype)
+        valid = self.cache_positions[None, :] < seq_lens[:, None]  # [batch, cache_len]
+        x = self.embed[input_ids]
+        for i, layer in enumerate(self.layers):
+            q, k, v = (rms_norm(x, layer.norm1) @ layer.qkv.t()).view(batch, 3, self.heads, cfg.head_dim).unbind(1)
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            self.k_cache[i, slots, :, positions] = k
+            self.v_cache[i, slots, :, positions] = v
+            attn = self.attend(q, self.k_cache[i, :batch], self.v_cache[i, :batch], valid, seq_lens)
+            x = x + self._all_reduce(attn.reshape(batch, -1) @ layer.o.t())
+            gate, up = (rms_norm(x, layer.norm2) @ layer.gate_up.t()).chunk(2, -1)
+            x = x + self._all_reduce((F.silu(gate) * up) @ layer.down.t())
+        return rms_norm(x, self.final_norm) @ self.lm_head.t()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, -1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
+                   seq_lens: torch.Tensor) -> torch.Tensor:
+    """q [batch, heads, dim] against caches [batch, heads, cache_len, dim], masked past each row's length."""
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k_cache, v_cache, attn_mask=valid[:, None, None, :])
+    return out[:, :, 0, :]
+
+
+def attention_backend(name: str):
+    if name == "sdpa":
+        return sdpa_attention
+    from graphrunner.attention import flash_attention_backend
+
+    return flash_attention_backend(name)
