@@ -96,7 +96,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("pool", &Graph::pool)
       .def_property_readonly("device", [](const Graph& g) { return static_cast<int>(g.device()); })
       .def_property_readonly("num_nodes", &Graph::num_nodes)
-      .def_property_readonly("uses_rng", &Graph::uses_rng);
+      .def_property_readonly("uses_rng", &Graph::uses_rng)
+      .def_property_readonly("footprint", &Graph::footprint);
 
   py::class_<StepInputs>(m, "StepInputs")
       .def(py::init([](const std::vector<std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes>>&

@@ -79,6 +79,7 @@ void Graph::capture_begin(PoolId pool, cudaStreamCaptureMode mode) {
   GR_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &status, &capture_id_));
   capture_stream_ = stream.stream();
   capturing_ = true;
+  begin_footprint(capture_stream_);
   rng_.begin(capture_id_);
   mark_capture(allocator::get(), device_, true);
 }
@@ -96,6 +97,7 @@ void Graph::capture_end() {
   cudaGraph_t graph = nullptr;
   cudaError_t err = cudaStreamEndCapture(capture_stream_, &graph);
   capturing_ = false;
+  footprint_ = end_footprint(capture_stream_);
   mark_capture(allocator::get(), device_, false);
   allocator::endAllocateToPool(device_, pool_);
   rng_.end();
@@ -138,6 +140,7 @@ void Graph::abort_capture() noexcept {
   }
   (void)cudaGetLastError();
   capturing_ = false;
+  end_footprint(capture_stream_);
   mark_capture(allocator::get(), device_, false);
   allocator::endAllocateToPool(device_, pool_);
   rng_.end();
@@ -171,6 +174,7 @@ void Graph::reset() {
     graph_ = nullptr;
   }
   num_nodes_ = 0;
+  footprint_.clear();
   rng_.release();
   release_pool();
 }

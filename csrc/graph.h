@@ -6,7 +6,9 @@
 #include <cuda_runtime_api.h>
 
 #include <string>
+#include <vector>
 
+#include "footprint.h"
 #include "rng.h"
 
 namespace graphrunner {
@@ -39,6 +41,8 @@ class Graph {
   size_t num_nodes() const { return num_nodes_; }
   bool uses_rng() const { return rng_.uses_rng(); }
   cudaGraphExec_t exec() const { return exec_; }
+  // What this graph's capture allocated in the pool (address, bytes), in allocation order.
+  const std::vector<AddressRange>& footprint() const { return footprint_; }
   void debug_dump(const std::string& path) const;
 
  private:
@@ -56,6 +60,7 @@ class Graph {
   bool capturing_ = false;
   bool holds_pool_ = false;
   GraphRng rng_;
+  std::vector<AddressRange> footprint_;
 };
 
 }  // namespace graphrunner

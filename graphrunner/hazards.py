@@ -208,6 +208,7 @@ class PoolView:
             for name, t in named_tensors(out).items():
                 address, nbytes = _storage_span(t)
                 self.outputs.append(Block(address, nbytes, size, f"{name} of size {size}"))
+        self.footprints = {size: graph.footprint for size, graph in runner.graphs.items()}
 
     def scrub_targets(self, size: int) -> List[Block]:
         """Free pool memory, plus other sizes' kept-alive allocations."""
@@ -220,42 +221,66 @@ class PoolView:
             raw = raw_bytes(b.address, b.size, self.runner.device)
             raw[: b.size // 4 * 4].view(torch.int32).fill_(SCRUB_WORD)
 
+    def owner(self, address: int, writer: int) -> Tuple[Block, int]:
+        """The block holding `address` (another size's output or kept-alive allocation, memory another size
+        uses for intermediates, or free pool memory) and the offset into it."""
+        for b in self.outputs + list(self.runner.kept_alive.values()):
+            if b.owner != writer and b.address <= address < b.address + b.size:
+                return b, address - b.address
+        for size, ranges in self.footprints.items():
+            for start, nbytes in ranges:
+                if size != writer and start <= address < start + nbytes:
+                    return Block(start, nbytes, size, f"memory the graph of size {size} allocated"), address - start
+        return Block(address, 1), 0
+
     def guarded(self, size: int) -> List[Tuple[Block, torch.Tensor]]:
-        """Copies of everything a replay of `size` must not touch."""
+        """Copies of the whole pool and of the static input rows past `size`, taken just before its replay."""
         copies = []
-        for b in self.outputs:
-            if b.owner != size:
-                copies.append((b, raw_bytes(b.address, b.size, self.runner.device).clone()))
+        for seg in torch.cuda.memory_snapshot(mempool_id=self.runner.pool, include_traces=False):
+            if tuple(seg["segment_pool_id"]) == tuple(self.runner.pool):
+                block = Block(seg["address"], seg["total_size"], None, "pool segment")
+                copies.append((block, raw_bytes(block.address, block.size, self.runner.device).clone()))
         for name, buf in self.runner.static_inputs.items():
             rows = buf[size:]
             if rows.numel():
-                address = rows.data_ptr()
                 nbytes = rows.numel() * rows.element_size()
-                block = Block(address, nbytes, None, f"static input {name!r} rows {size}..{buf.shape[0] - 1}")
-                copies.append((block, raw_bytes(address, nbytes, self.runner.device).clone()))
+                block = Block(rows.data_ptr(), nbytes, None, f"static input {name!r} rows {size}..{buf.shape[0] - 1}")
+                copies.append((block, raw_bytes(block.address, nbytes, self.runner.device).clone()))
         return copies
 
     def check_guarded(self, copies: List[Tuple[Block, torch.Tensor]], size: int, batch: int) -> None:
+        """Any byte changed outside what the graph of `size` allocated during its capture is an out-of-bounds
+        write (its own footprint may hold other sizes' outputs: largest-first sharing puts them there)."""
         for block, before in copies:
-            now = raw_bytes(block.address, block.size, self.runner.device)
-            changed = (now != before).nonzero()
-            if changed.numel():
-                offset = int(changed[0])
-                raise GraphHazardError(
-                    f"the graph of size {size} (batch {batch}) wrote out of bounds into {block.describe()} at "
-                    f"byte offset {offset} ({changed.numel()} bytes changed): {WRITE_FIX}.",
-                    size=size, buffer=block.label, offset=offset)
+            changed = raw_bytes(block.address, block.size, self.runner.device) != before
+            if block.label == "pool segment":
+                for start, nbytes in self.footprints[size]:
+                    lo, hi = max(start, block.address), min(start + nbytes, block.address + block.size)
+                    if lo < hi:
+                        changed[lo - block.address: hi - block.address] = False
+            first = changed.nonzero()
+            if not first.numel():
+                continue
+            address = block.address + int(first[0])
+            hit, offset = (self.owner(address, size) if block.label == "pool segment"
+                           else (block, address - block.address))
+            raise GraphHazardError(
+                f"the graph of size {size} (batch {batch}) wrote out of bounds into {hit.describe()} at byte "
+                f"offset {offset} ({first.numel()} bytes changed), memory its capture never allocated: {WRITE_FIX}.",
+                size=size, buffer=hit.label, offset=offset)
 
 
 def _step(runner: "GraphRunner", view: Optional[PoolView], size: int, inputs: Dict[str, torch.Tensor],
-          scrub: List[Block]) -> Any:
+          scrub: List[Block], guard: bool = False) -> Tuple[Any, Optional[list]]:
+    """One checked replay: poison this size's outputs, scrub, copy what must not change, run, wait."""
     for t in named_tensors(runner.outputs[size]).values():
         poison(t)
     if view is not None:
         view.scrub(scrub)
+    copies = view.guarded(size) if guard else None
     out = runner(**inputs)
     torch.cuda.synchronize(runner.device)
-    return out
+    return out, copies
 
 
 def _errors(out: Any, expected: Any) -> Dict[str, float]:
@@ -265,17 +290,29 @@ def _errors(out: Any, expected: Any) -> Dict[str, float]:
 
 def _blame(runner: "GraphRunner", view: PoolView, size: int, inputs: Dict[str, torch.Tensor], expected: Any,
            tol: Dict[str, float], blocks: List[Block]) -> Optional[Block]:
-    """Bisects the scrubbed blocks down to the one whose stale contents the graph depends on."""
+    """Bisects the scrubbed memory down to the one buffer whose stale contents the graph depends on: first
+    the pool block, then, inside free memory, the allocation this size's capture made there."""
     def fails(subset: List[Block]) -> bool:
-        errors = _errors(_step(runner, view, size, inputs, subset), expected)
-        return any(e > tol[name] for name, e in errors.items())
+        errors = _errors(_step(runner, view, size, inputs, subset)[0], expected)
+        return any(not e <= tol[name] for name, e in errors.items())
+
+    def bisect(candidates: List[Block]) -> Optional[Block]:
+        while len(candidates) > 1:
+            half = candidates[: len(candidates) // 2]
+            candidates = half if fails(half) else candidates[len(candidates) // 2:]
+        return candidates[0] if candidates and fails(candidates) else None
 
     if fails([]):
         return None
-    while len(blocks) > 1:
-        half = blocks[: len(blocks) // 2]
-        blocks = half if fails(half) else blocks[len(blocks) // 2:]
-    return blocks[0] if blocks and fails(blocks) else None
+    culprit = bisect(blocks)
+    if culprit is None or culprit.owner is not None:
+        return culprit
+    ranges = view.footprints[size]
+    inside = [Block(start, nbytes, size, f"the {nbytes}-byte buffer that the capture of size {size} allocated "
+                                         f"(its allocation {i + 1} of {len(ranges)})")
+              for i, (start, nbytes) in enumerate(ranges)
+              if culprit.address <= start < culprit.address + culprit.size]
+    return bisect(inside) or culprit
 
 
 def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
@@ -305,9 +342,8 @@ def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False
             with torch.set_grad_enabled(not runner.no_grad):
                 expected = map_tensors(runner.fn(**inputs), lambda _, t: t.clone())
             targets = view.scrub_targets(size) if scrub else []
-            copies = view.guarded(size) if guard else []
             try:
-                out = _step(runner, view, size, inputs, targets)
+                out, copies = _step(runner, view, size, inputs, targets, guard)
             except RuntimeError as exc:
                 raise GraphHazardError(
                     f"the graph of size {size} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or "

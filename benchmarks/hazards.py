@@ -1,0 +1,112 @@
+"""The three shared-pool hazard reproductions, side by side: what a plain shared-pool runner gets, what
+compute-sanitizer memcheck says about it, and what graphrunner's validate(scrub=True, guard=True) finds.
+
+    python benchmarks/hazards.py --out benchmarks/results/hazards-h100.txt
+
+Each part runs in its own process, since a plain runner may fault.
+"""
+import argparse
+import random
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+
+def plain(name: str) -> None:
+    """A plain shared-pool runner (benchmarks/common_runner.py): interleaved steps against eager."""
+    import torch
+    from common_runner import CommonRunner
+    from ops import SIZES, WIDTH, make
+
+    fn = make(name)
+    runner = CommonRunner(fn, {"x": torch.randn(max(SIZES), WIDTH, device="cuda")}, SIZES)
+    order = random.Random(0).choices(SIZES, k=40)
+    wrong, worst = 0, 0.0
+    for size in order:
+        x = torch.randn(size, WIDTH, device="cuda")
+        got, want = runner(x=x).clone(), fn(x)
+        err = ((got - want).norm() / want.norm()).item()
+        worst = max(worst, err) if err == err else float("nan")
+        wrong += not err <= 1e-5
+    big = runner(x=torch.randn(64, WIDTH, device="cuda")).clone()
+    runner(x=torch.randn(32, WIDTH, device="cuda"))
+    torch.cuda.synchronize()
+    clobbered = not torch.equal(runner.outputs[64], big)
+    print(f"RESULT {wrong}/{len(order)} interleaved steps wrong (worst relative error {worst:.3g}); size 64's "
+          f"live output {'overwritten' if clobbered else 'intact'} after a size-32 replay")
+
+
+def checked(name: str) -> None:
+    import torch
+
+    import graphrunner as gr
+    from ops import INPUTS, SIZES, make
+
+    runner = gr.GraphRunner(make(name), INPUTS, max_batch_size=max(SIZES), capture_sizes=SIZES)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner.capture()
+    for w in caught:
+        print("RESULT capture guard:", str(w.message).splitlines()[0])
+    try:
+        report = runner.validate(scrub=True, guard=True, steps_per_size=3)
+        print(f"RESULT validate passed: {report}")
+    except gr.GraphHazardError as exc:
+        print(f"RESULT GraphHazardError: {exc}")
+
+
+def child(args, sanitizer=False):
+    cmd = [sys.executable, __file__, *args]
+    if sanitizer:
+        cmd = ["compute-sanitizer", "--tool", "memcheck", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    if sanitizer:
+        summary = re.findall(r"ERROR SUMMARY: \d+ errors?", text)
+        return summary[-1] if summary else f"no summary (exit {proc.returncode})"
+    results = [line[len("RESULT "):] for line in text.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 and not results:
+        errors = [line for line in text.splitlines() if "Error" in line]
+        return [f"process failed (exit {proc.returncode}): {errors[-1] if errors else text[-300:]}"]
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--plain")
+    p.add_argument("--checked")
+    p.add_argument("--fixed", action="store_true")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    if args.plain:
+        plain(args.plain)
+        return 0
+    if args.checked:
+        checked(args.checked)
+        return 0
+    from ops import REPRODUCTIONS, SIZES
+
+    import torch
+
+    lines = [f"# Shared-pool hazard reproductions on {torch.cuda.get_device_name()}, torch {torch.__version__}",
+             f"# sizes {SIZES} captured largest first into one pool; ops in tests/ops/ (correct in eager mode)", ""]
+    for name in REPRODUCTIONS:
+        lines.append(f"## {name}")
+        lines.append(f"plain shared-pool runner: {'; '.join(child(['--plain', name]))}")
+        lines.append(f"compute-sanitizer memcheck on it: {child(['--plain', name], sanitizer=True)}")
+        lines.append(f"graphrunner: {'; '.join(child(['--checked', name]))}")
+        lines.append("")
+        print("\n".join(lines[-5:]), flush=True)
+    text = "\n".join(lines)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Models that are correct in eager mode but unsafe in a shared graph pool: the three reproductions of the
+Reliability issue, each with its fixed twin. The CUDA ops build on first use (tests only)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+import graphrunner as gr
+
+PLANES = 8  # entries per row the metadata kernel writes
+HERE = Path(__file__).parent
+
+
+@functools.lru_cache(None)
+def ops():
+    from torch.utils.cpp_extension import load
+
+    return load(name="graphrunner_hazard_ops", sources=[str(HERE / "hazard_ops.cu")], verbose=False)
+
+
+def capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def under_allocated(x):
+    """1. The graph path sizes per-row metadata for one entry per row; its kernel writes PLANES per row."""
+    rows = x.shape[0] if capturing() else x.shape[0] * PLANES
+    meta = torch.empty(rows, dtype=torch.int32, device=x.device)
+    return ops().planes_op(x, meta, PLANES)
+
+
+def under_allocated_fixed(x):
+    meta = torch.empty(x.shape[0] * PLANES, dtype=torch.int32, device=x.device)
+    return ops().planes_op(x, meta, PLANES)
+
+
+def stale_counter(x):
+    """2. The kernel resets its counter on exit, so the graph path skips zeroing a workspace it allocates
+    inside the call; in a shared pool other sizes' intermediates overwrite it between replays."""
+    h = x * 2
+    counter = torch.empty(2, dtype=torch.int32, device=x.device)
+    if not capturing():
+        counter.zero_()
+    return ops().counter_op(h, counter) + h
+
+
+def stale_counter_fixed(x):
+    h = x * 2
+    counter = gr.workspace("tests.stale_counter", 8, zero=True)
+    return ops().counter_op(h, counter) + h
+
+
+class CachedTable:
+    """3. A table cached on first use inside a capture: it lives in the pool and only the first captured
+    graph computes it; every other size reads whatever the memory holds when it replays."""
+
+    def __init__(self):
+        self.table = None
+
+    def __call__(self, x):
+        if capturing():
+            if self.table is None:
+                self.table = fill_table(torch.empty(x.shape[1], device=x.device))
+            table = self.table
+        else:
+            table = fill_table(torch.empty(x.shape[1], device=x.device))
+        return x + table
+
+
+def fill_table(t):
+    torch.arange(t.numel(), out=t)
+    return t.mul_(0.1).sin_().add_(2)
+
+
+def cached_table_fixed(x):
+    table = gr.workspace("tests.table", x.shape[1] * 4, init=lambda t: fill_table(t.view(torch.float32)))
+    return x + table.view(torch.float32)
+
+
+REPRODUCTIONS = {
+    "under-allocated metadata": (under_allocated, under_allocated_fixed),
+    "stale workspace counter": (stale_counter, stale_counter_fixed),
+    "capture-allocated cache": (CachedTable, cached_table_fixed),
+}
+SIZES = [1, 2, 4, 8, 16, 32, 64]
+WIDTH = 64
+INPUTS = {"x": gr.StaticInput((WIDTH,), torch.float32)}
+
+
+def make(name: str, fixed: bool = False):
+    buggy, good = REPRODUCTIONS[name]
+    fn = good if fixed else buggy
+    return fn() if isinstance(fn, type) else fn

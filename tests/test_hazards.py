@@ -1,0 +1,111 @@
+"""Shared-pool hazards: each reproduction is named by validate(), its fix passes, and the tools around it."""
+import warnings
+
+import pytest
+import torch
+
+import graphrunner as gr
+from conftest import gpu
+from ops import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
+
+pytestmark = gpu
+
+FINDINGS = {
+    "under-allocated metadata": r"graph of size (32|64) .*wrote out of bounds into output of size (64|32)",
+    "stale workspace counter": r"reads the \d+-byte buffer that the capture of size \d+ allocated",
+    "capture-allocated cache": r"reads allocation kept alive after the capture of size 64",
+}
+
+
+def runner_for(name, fixed=False, **kw):
+    runner = gr.GraphRunner(make(name, fixed), INPUTS, max_batch_size=max(SIZES), capture_sizes=SIZES, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner.capture()
+    return runner
+
+
+@pytest.mark.parametrize("name", list(REPRODUCTIONS))
+def test_validate_names_size_and_buffer(name):
+    runner = runner_for(name)
+    try:
+        with pytest.raises(gr.GraphHazardError, match=FINDINGS[name]) as found:
+            runner.validate(scrub=True, guard=True, steps_per_size=3)
+        assert found.value.size in SIZES and found.value.buffer
+        assert "gr.workspace" in str(found.value)
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("name", list(REPRODUCTIONS))
+def test_fixed_twin_passes(name):
+    runner = runner_for(name, fixed=True)
+    try:
+        report = runner.validate(scrub=True, guard=True, steps_per_size=3)
+        assert report.replays == 3 * len(SIZES)
+    finally:
+        runner.close()
+
+
+def test_findings_are_deterministic():
+    found = []
+    for _ in range(2):
+        runner = runner_for("under-allocated metadata")
+        with pytest.raises(gr.GraphHazardError) as info:
+            runner.validate(scrub=True, guard=True, steps_per_size=3, seed=7)
+        found.append((info.value.size, info.value.buffer, info.value.offset))
+        runner.close()
+    assert found[0] == found[1]
+
+
+def test_plain_shared_pool_runner_shows_the_corruption():
+    """Without the checks the under-allocated op gives right outputs while corrupting size 64's output."""
+    runner = runner_for("under-allocated metadata")
+    x64, x32 = torch.randn(64, WIDTH, device="cuda"), torch.randn(32, WIDTH, device="cuda")
+    out64 = runner(x=x64)
+    kept = out64.clone()
+    out32 = runner(x=x32)
+    torch.testing.assert_close(out32, under_allocated(x32))
+    torch.cuda.synchronize()
+    assert not torch.equal(runner.outputs[64], kept), "expected size 32 to overwrite size 64's live output"
+    runner.close()
+
+
+def test_capture_guard_warns_then_strict_raises():
+    runner = gr.GraphRunner(make("capture-allocated cache"), INPUTS, max_batch_size=64, capture_sizes=SIZES)
+    with pytest.warns(UserWarning, match="capture of size 64 left 1 allocation\\(s\\) alive"):
+        runner.capture()
+    runner.close()
+    strict = gr.GraphRunner(make("capture-allocated cache"), INPUTS, max_batch_size=64, capture_sizes=SIZES,
+                            strict=True, debug=True)
+    with pytest.raises(gr.GraphHazardError, match=r"(?s)left 1 allocation.*ops/__init__.py"):
+        strict.capture()
+    assert not strict.graphs
+
+
+def test_isolate_runs_the_check_in_a_child():
+    runner = runner_for("under-allocated metadata")
+    with pytest.raises(gr.GraphHazardError, match="wrote out of bounds"):
+        runner.validate(scrub=True, guard=True, isolate=True)
+    x = torch.randn(3, WIDTH, device="cuda")
+    torch.testing.assert_close(runner(x=x), under_allocated(x))  # our context is fine
+    runner.close()
+
+
+def test_isolate_needs_a_picklable_fn():
+    runner = gr.GraphRunner(lambda x: x * 2, INPUTS, max_batch_size=4)
+    runner.capture()
+    with pytest.raises(TypeError, match="fn must be picklable"):
+        runner.validate(isolate=True)
+    runner.close()
+
+
+def test_workspace_rules():
+    ws = gr.workspace("tests.rules", 64, zero=True)
+    assert ws.numel() == 64 and not ws.any()
+    with pytest.raises(gr.WorkspaceError, match="ask for the largest size at the first request"):
+        gr.workspace("tests.rules", 128)
+    g = gr.Graph()
+    with pytest.raises(gr.WorkspaceError, match="first requested inside a CUDA graph capture"):
+        with g.capture():
+            gr.workspace("tests.inside", 16)
