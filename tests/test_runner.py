@@ -227,6 +227,8 @@ def test_rng_in_fn_gives_fresh_values(model):
 
 def test_torch_compiled_fn(model):
     compiled = torch.compile(model, dynamic=True)
+    for size in (2, 4, 8):  # compile (and autotune) outside any capture: that work cannot be captured
+        compiled(**make_inputs(size))
     with gr.GraphRunner(compiled, INPUTS, max_batch_size=8, capture_sizes=[2, 4, 8]) as r:
         r.capture()
         for batch in (1, 3, 8):
