@@ -25,15 +25,25 @@ struct StaticTable {
 // Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value.
 // A replay with no fresh descriptor (a bare replay of the graph) leaves the static buffers as they are.
 __global__ void stage_inputs(HostRing* ring, unsigned long long* control, StaticTable table, long long size) {
+  // The descriptor lives in host memory: one thread per block reads it over PCIe (every thread reading it
+  // cost tens of microseconds), the others take it from shared memory.
+  __shared__ unsigned long long step;
+  __shared__ bool fresh;
+  __shared__ long long batch;
+  __shared__ const unsigned char* src;
   volatile unsigned long long* consumed = control;
-  const unsigned long long step = *consumed;
-  const volatile StepDesc* desc = &ring->slots[step % kRingSlots];
-  const bool fresh = desc->seq == step + 1;
+  if (threadIdx.x == 0) {
+    step = *consumed;
+    const volatile StepDesc* desc = &ring->slots[step % kRingSlots];
+    fresh = desc->seq == step + 1;
+    batch = fresh ? desc->batch : 0;
+    src = fresh ? static_cast<const unsigned char*>(desc->src[blockIdx.y]) : nullptr;
+  }
+  __syncthreads();
   if (fresh) {
     const int i = blockIdx.y;
     unsigned char* dst = table.dst[i];
-    const unsigned char* src = static_cast<const unsigned char*>(desc->src[i]);
-    const long long copy_bytes = desc->batch * table.row_bytes[i];
+    const long long copy_bytes = batch * table.row_bytes[i];
     const long long total = size * table.row_bytes[i];
     const bool src_aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
     const uint4 pad = table.pad[i];

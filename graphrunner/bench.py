@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import graphrunner as gr
 from graphrunner._native import _C
+from graphrunner.memory import alias
 from graphrunner.models import ATTENTION_BACKENDS, DecoderConfig, DecoderStep, random_step, step_inputs
 
 BATCHES = [1, 3, 8, 17, 64, 200, 256]
@@ -78,7 +79,9 @@ def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: L
             before = torch.cuda.memory_reserved()
             graph = gr.Graph()
             with graph.capture(pool=pool):
-                outputs.append(model(**{n: t[:size] for n, t in static.items()}))
+                out = model(**{n: t[:size] for n, t in static.items()})
+            outputs.append(alias(out))  # as GraphRunner does: outputs live until the next step only
+            del out
             graphs.append(graph)
             added.append(torch.cuda.memory_reserved() - before)
     total = torch.cuda.memory_reserved() - start

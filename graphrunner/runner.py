@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from graphrunner._native import _C, GraphStateError
 from graphrunner.graph import Graph, PoolLike, pool_id, require_cuda, side_stream
+from graphrunner.memory import alias
 from graphrunner.outputs import map_tensors
 from graphrunner.report import CaptureReport, SizeReport
 from graphrunner.schedule import capture_order, checked_capture_sizes
@@ -169,7 +170,9 @@ class GraphRunner:
             map_tensors(out, lambda name, t: _check_output(name, t, size))
         elapsed_ms = (time.perf_counter() - start) * 1000
         step.add_graph(size, graph)
-        self.graphs[size], self.outputs[size] = graph, out
+        # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
+        self.graphs[size], self.outputs[size] = graph, map_tensors(out, lambda _, t: alias(t))
+        del out
         return SizeReport(size, elapsed_ms, torch.cuda.memory_reserved(self.device) - reserved, graph.num_nodes)
 
     def _static_views(self, size: int) -> Dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 import graphrunner as gr
 
-PLANES = 8  # entries per row the metadata kernel writes
+PLANES = 16  # entries per row the metadata kernel writes
 HERE = Path(__file__).parent
 
 
@@ -85,7 +85,7 @@ REPRODUCTIONS = {
     "capture-allocated cache": (CachedTable, cached_table_fixed),
 }
 SIZES = [1, 2, 4, 8, 16, 32, 64]
-WIDTH = 64
+WIDTH = 8
 INPUTS = {"x": gr.StaticInput((WIDTH,), torch.float32)}
 
 
