@@ -79,6 +79,18 @@ void shared_tensors(S& state, c10::DeviceIndex device, at::TensorBase& seed, at:
   }
 }
 
+// torch 2.11 frees the shared tensors when its last graph unregisters; do the same when ours is the last.
+template <typename S>
+void drop_shared_tensors(S& state, const at::TensorBase& seed) {
+  if constexpr (!PerCaptureStates<S>::value) {
+    if (seed.defined() && seed.is_same(state.seed_extragraph_) && seed.use_count() == 2 &&
+        state.registered_graphs_.empty()) {
+      state.seed_extragraph_ = at::TensorBase();
+      state.offset_extragraph_ = at::TensorBase();
+    }
+  }
+}
+
 __global__ void write_philox_base(int64_t* seed_out, int64_t* offset_out, int64_t seed, int64_t offset) {
   *seed_out = seed;
   *offset_out = offset;
@@ -131,6 +143,10 @@ void GraphRng::before_replay(cudaStream_t stream) {
 
 void GraphRng::release() {
   end();
+  if (generator_.defined()) {
+    std::lock_guard<std::mutex> lock(generator_.mutex());
+    drop_shared_tensors(state_of(generator_), seed_);
+  }
   increment_ = 0;
   seed_ = at::TensorBase();
   offset_ = at::TensorBase();

@@ -256,12 +256,12 @@ class PoolView:
 
 
 def _step(runner: "GraphRunner", view: Optional[PoolView], size: int, inputs: Dict[str, torch.Tensor],
-          scrub: List[Block], guard: bool = False, word: int = SCRUB_WORD) -> Tuple[Any, Optional[list]]:
+          scrub: List[Block], guard: bool = False) -> Tuple[Any, Optional[list]]:
     """One checked replay: poison this size's outputs, scrub, copy what must not change, run, wait."""
     for t in named_tensors(runner.outputs[size]).values():
         poison(t)
     if view is not None:
-        view.scrub(scrub, word)
+        view.scrub(scrub)
     copies = view.guarded(size) if guard else None
     out = runner(**inputs)
     torch.cuda.synchronize(runner.device)
@@ -280,8 +280,13 @@ def _blame(runner: "GraphRunner", view: PoolView, size: int, inputs: Dict[str, t
     with two different patterns changes the output (scrubbed state persists, so "fails with the subset
     scrubbed" would not be a clean test)."""
     def reads(subset: List[Block]) -> bool:
-        outs = [named_tensors(map_tensors(_step(runner, view, size, inputs, subset, word=w)[0],
-                                          lambda _, t: t.clone())) for w in (SCRUB_WORD, 0)]
+        outs = []
+        for zero_subset in (False, True):
+            view.scrub(blocks)  # everything else scrubbed alike, so no stale copy of a result can hide a read
+            if zero_subset:
+                view.scrub(subset, word=0)
+            out = _step(runner, view, size, inputs, [])[0]
+            outs.append(named_tensors(map_tensors(out, lambda _, t: t.clone())))
         return any(not torch.equal(a.view(torch.uint8), outs[1][k].view(torch.uint8)) for k, a in outs[0].items())
 
     def bisect(candidates: List[Block]) -> Optional[Block]:
