@@ -52,24 +52,20 @@ def gpu_tag() -> str:
     return next((t for t in ("h100", "h200", "a100", "b200", "l40s") if t in name), name.split()[-1])
 
 
-def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], steps: List[Dict[str, torch.Tensor]],
-          n: int) -> Dict[str, tuple]:
-    """Median wall and host microseconds of one step per contender, synchronised after each step as a serving
-    loop is. Contenders take turns step by step, so host noise lands on all of them alike."""
-    wall = {name: [] for name in contenders}
-    host = {name: [] for name in contenders}
+def timed(fn: Callable[[Dict[str, torch.Tensor]], object], steps: List[Dict[str, torch.Tensor]], n: int):
+    """Median wall and host microseconds of one step, synchronised after each step as a serving loop is."""
+    wall, host = [], []
     for i in range(n + 10):
         s = steps[i % len(steps)]
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn(s)
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
-            if i >= 10:
-                host[name].append((t1 - t0) * 1e6)
-                wall[name].append((t2 - t0) * 1e6)
-    return {name: (statistics.median(wall[name]), statistics.median(host[name])) for name in contenders}
+        t0 = time.perf_counter()
+        fn(s)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if i >= 10:
+            host.append((t1 - t0) * 1e6)
+            wall.append((t2 - t0) * 1e6)
+    return statistics.median(wall), statistics.median(host)
 
 
 def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: List[int]):
@@ -146,7 +142,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         ours, theirs = runner.graphs[size], baseline.graphs[size]
         contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
-        times = timed(contenders, steps, args.steps)
+        times = {name: timed(fn, steps, args.steps) for name, fn in contenders.items()}
         floor = _C.launch_floor_us(ours, args.steps)
         row = {"batch": batch, "size": size, "floor_host_us": floor}
         for name, (wall, host) in times.items():
