@@ -218,7 +218,7 @@ def table(res: Dict[str, object]) -> str:
     for r in rows:
         cells = " ".join(f"{r[n + '_wall_us']:>11.1f} ({r[n + '_host_us']:>6.1f})" for n in names)
         out.append(f"{r['batch']:>5} {cells} {r['floor_host_us']:>7.1f}")
-    out += ["", f"trace of {len(res.get('_walk', [])) or 'random-walk'} steps/s: graphrunner "
+    out += ["", f"random-walk trace, steps/s: graphrunner "
             f"{res['trace_steps_s_run']:.0f}, common runner {res['trace_steps_s_baseline']:.0f}, "
             f"eager {res['trace_steps_s_eager']:.0f}",
             f"capture: graphrunner {res['capture_s_graphrunner']:.2f} s, common runner "

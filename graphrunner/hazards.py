@@ -348,7 +348,7 @@ def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False
                    for name, t in named_tensors(expected).items()}
             bad = {name: e for name, e in errors.items() if not e <= tol[name]}
             if bad:
-                raise _mismatch(runner, view, size, batch, inputs, expected, tol, bad, targets)
+                raise _mismatch(runner, view, size, batch, inputs, tol, bad, targets)
             report.max_error[size] = max([report.max_error.get(size, 0.0), *errors.values()])
     report.seconds = time.perf_counter() - start
     logger.info("graphrunner: %s", report)
@@ -356,7 +356,7 @@ def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False
 
 
 def _mismatch(runner: "GraphRunner", view: Optional[PoolView], size: int, batch: int,
-              inputs: Dict[str, torch.Tensor], expected: Any, tol: Dict[str, float], bad: Dict[str, float],
+              inputs: Dict[str, torch.Tensor], tol: Dict[str, float], bad: Dict[str, float],
               targets: List[Block]) -> GraphHazardError:
     name, err = next(iter(bad.items()))
     head = (f"the graph of size {size} (batch {batch}) gives {name} with relative error {err:.3g} against eager "

@@ -111,7 +111,7 @@ class GraphRunner:
     # -- capture ---------------------------------------------------------------------------------
     def capture(self) -> CaptureReport:
         """Warms up, then captures every size largest first into one pool. Returns a per-size report."""
-        if isinstance(self._step, _Unusable) and self._step is _CLOSED:
+        if self._step is _CLOSED:
             raise GraphStateError(_CLOSED.message)
         if self.graphs:
             raise GraphStateError("capture() already ran for this runner; close() it and build a new one "
