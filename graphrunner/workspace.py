@@ -48,7 +48,3 @@ def workspace(name: str, nbytes: int, *, zero: bool = False,
         view.zero_()
     return view
 
-
-def release_workspaces() -> None:
-    """Drops every workspace (for tests, or between unrelated models in one process)."""
-    _workspaces.clear()
