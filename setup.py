@@ -53,9 +53,9 @@ def choose_archs() -> str:
 
 
 def native_sources() -> list:
-    """The core's sources, one list shared with CMakeLists.txt, plus the Python bindings."""
+    """The core's sources, one list shared with CMakeLists.txt, plus the Python-facing ones."""
     listed = (ROOT / "csrc" / "sources.txt").read_text().split()
-    return listed + ["csrc/bindings.cpp"]
+    return listed + ["csrc/py_step.cpp", "csrc/bindings.cpp"]
 
 
 def extensions() -> list:

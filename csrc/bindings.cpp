@@ -10,7 +10,7 @@
 #include "graph.h"
 #include "inputs.h"
 #include "launch_floor.h"
-#include "step.h"
+#include "py_step.h"
 
 namespace py = pybind11;
 using namespace graphrunner;
@@ -24,61 +24,14 @@ cudaStreamCaptureMode capture_mode(const std::string& mode) {
   throw InputValueError("capture_error_mode must be 'global', 'thread_local' or 'relaxed', got '" + mode + "'");
 }
 
-// The checker plus its input names as Python strings, so a step looks each input up by hash.
-struct StepInputs {
-  std::shared_ptr<InputChecker> checker;
-  std::vector<py::object> names;
-
-  std::vector<at::Tensor> tensors(const py::dict& given) const {
-    const auto& specs = checker->specs();
-    std::vector<at::Tensor> out;
-    out.reserve(specs.size());
-    for (size_t i = 0; i < specs.size(); ++i) {
-      PyObject* obj = PyDict_GetItem(given.ptr(), names[i].ptr());
-      if (obj == nullptr) {
-        name_error(given);
-      }
-      if (!THPVariable_Check(obj)) {
-        throw InputTypeError("input '" + specs[i].name + "' is a " + Py_TYPE(obj)->tp_name +
-                             ", expected a torch.Tensor");
-      }
-      out.push_back(THPVariable_Unpack(obj));
-    }
-    if (static_cast<size_t>(PyDict_Size(given.ptr())) != specs.size()) {
-      name_error(given);
-    }
-    return out;
-  }
-
-  [[noreturn]] void name_error(const py::dict& given) const {
-    std::vector<std::string> keys;
-    for (auto item : given) {
-      keys.push_back(py::str(item.first));
-    }
-    checker->throw_name_error(keys);
-  }
-};
-
-struct PyStepRunner {
-  StepInputs inputs;
-  std::unique_ptr<StepRunner> runner;
-};
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "graphrunner native core: CUDA graph lifecycle and one-call step staging";
 
-  py::register_exception<CudaError>(m, "CudaError", PyExc_RuntimeError);
-  py::register_exception<StateError>(m, "GraphStateError", PyExc_RuntimeError);
+  add_exception_types(m);
   py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const InputTypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    } catch (const InputValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
+    if (p && !set_python_error(p)) std::rethrow_exception(p);
   });
 
   py::class_<Graph, std::shared_ptr<Graph>>(m, "Graph")
@@ -120,7 +73,7 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("specs"), py::arg("max_batch_size"), py::arg("fallback_eager"), py::arg("device"))
       .def("check", [](const StepInputs& s, const py::dict& given) {
-        auto tensors = s.tensors(given);
+        auto tensors = s.tensors(given.ptr());
         return s.checker->check(tensors);
       });
 
@@ -137,9 +90,11 @@ PYBIND11_MODULE(_C, m) {
            [](PyStepRunner& s, int64_t size, std::shared_ptr<Graph> graph) { s.runner->add_graph(size, graph); })
       .def("size_for", [](const PyStepRunner& s, int64_t batch) { return s.runner->size_for(batch); })
       .def("run", [](PyStepRunner& s, const py::dict& given) {
-        auto tensors = s.inputs.tensors(given);
+        auto tensors = s.inputs.tensors(given.ptr());
         return s.runner->run(tensors);
       });
+
+  m.add_object("StepCall", step_call_type());
 
   m.def("launch_floor_us", &launch_floor_us, py::arg("graph"), py::arg("steps"));
 }

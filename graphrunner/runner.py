@@ -58,12 +58,14 @@ def _in_distributed_run() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-class GraphRunner:
+class GraphRunner(_C.StepCall):
     """Runs `fn(**inputs)` through CUDA graphs captured at several batch sizes.
 
-    Each call pads the batch to the smallest captured size that holds it, stages the inputs and launches
-    the graph in one native call. Returned outputs are views into the graph's output memory, valid until
-    the next call (pass `clone_outputs=True` for copies). See README.md for the whole contract.
+    `runner(**inputs)` pads the batch to the smallest captured size that holds it, stages the inputs and
+    launches the graph in one native call: the base class, `_C.StepCall`, takes the call in C++ with no
+    Python frame. Returned outputs are views into the graph's output memory, valid until the next call
+    (pass `clone_outputs=True` for copies). `before_replay` and `clone_outputs` are fixed at construction.
+    See README.md for the whole contract.
     """
 
     def __init__(
@@ -141,6 +143,8 @@ class GraphRunner:
         self._outputs_for_batch = [None] + [self._sliced_outputs(b, step.size_for(b))
                                             for b in range(1, self.max_batch_size + 1)]
         self._step = step
+        if self.before_replay is None and not self.clone_outputs:
+            self._arm(step, self._outputs_for_batch)
         logger.info("graphrunner: %s", report.summary())
         return report
 
@@ -182,8 +186,8 @@ class GraphRunner:
         return map_tensors(self.outputs[size], lambda _, t: t[:batch]) if size else None
 
     # -- steps -----------------------------------------------------------------------------------
-    def __call__(self, **inputs: torch.Tensor) -> Any:
-        """Runs one step. Outputs are views valid until the next call unless clone_outputs=True."""
+    def _call_slow(self, **inputs: torch.Tensor) -> Any:
+        """One step where the native fast path does not apply: hooks, cloned outputs, no graphs."""
         if self.before_replay is not None:
             self._call_hook(inputs)
         batch = self._step.run(inputs)
@@ -229,6 +233,7 @@ class GraphRunner:
 
     def _release(self) -> None:
         graphs = list(self.graphs.values())
+        self._disarm()
         self._step = _NOT_CAPTURED
         self._forget_capture()
         for graph in graphs:

@@ -37,6 +37,12 @@ def test_call_before_capture_says_capture_first():
         runner(ids=torch.zeros(2, dtype=torch.long))
 
 
+def test_positional_inputs_are_refused_by_name():
+    runner = gr.GraphRunner(echo, IDS, max_batch_size=8)
+    with pytest.raises(TypeError, match=r"takes its inputs by name, e.g. runner\(input_ids=ids\), got 1 positional"):
+        runner(torch.zeros(2, dtype=torch.long))
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the error raised where no CUDA device exists")
 def test_capture_without_cuda_is_a_clear_error():
     runner = gr.GraphRunner(echo, IDS, max_batch_size=8)
