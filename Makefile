@@ -1,5 +1,6 @@
 # make test   installs what is missing, builds, runs the whole suite (GPU tests skip without a GPU)
-# make bench  the built-in benchmark on one GPU (ARGS="..." passes flags to python -m graphrunner.bench)
+# make bench  the built-in benchmark on one GPU (ATTN=flash-attn-4 picks the attention backend;
+#             ARGS="..." passes other flags to python -m graphrunner.bench)
 PYTHON ?= python3
 export CUDA_HOME ?= /usr/local/cuda
 TORCH_PIN ?= torch==2.14.1
@@ -17,8 +18,10 @@ build: deps
 test: build
 	$(PYTHON) -m pytest tests -ra -q
 
+ATTN ?= sdpa
+
 bench: build
-	$(PYTHON) -m graphrunner.bench $(ARGS)
+	$(PYTHON) -m graphrunner.bench --attn $(ATTN) $(ARGS)
 
 # The C++ lifecycle test against libtorch (needs a GPU to run).
 cpp-test: deps

@@ -2,7 +2,8 @@
 # Everything a GPU machine checks, in one go and offline: build, GPU test suite, C++ lifecycle test,
 # compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
 # the GPU) and, where $OUT is set (the device tool), are copied there too.
-#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests cpp sanitizer hazards bench (default: all)
+#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests cpp sanitizer hazards bench bench-fa4
+#   (default: all; the flash-attn 4 parts run where flash_attn.cute imports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -12,7 +13,8 @@ gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 results=benchmarks/results
 mkdir -p "$results"
-stages=${*:-build tests cpp sanitizer hazards bench}
+stages=${*:-build tests cpp sanitizer hazards bench bench-fa4}
+has_fa4=$(python3 -c "import flash_attn.cute" 2>/dev/null && echo yes)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -28,11 +30,16 @@ fi
 
 if has tests; then
   step "GPU test suite"
-  python3 -m pytest tests -ra -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
+  python3 -m pytest tests -rA -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  { echo "# pytest on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F)";
-    python3 -c "import torch; print('# torch', torch.__version__)";
-    grep -E "^(PASSED|FAILED|ERROR|SKIPPED|XFAIL)|passed|failed" /tmp/pytest.log | tail -40; } > "$results/gpu-tests-$gpu.txt"
+  header() { echo "# pytest on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F)";
+             python3 -c "import torch; print('# torch', torch.__version__)"; }
+  { header; grep -E "^(FAILED|ERROR|SKIPPED|XFAIL)|passed|failed" /tmp/pytest.log | tail -40; } > "$results/gpu-tests-$gpu.txt"
+  if [ -n "$has_fa4" ]; then
+    { header; python3 -c "import importlib.metadata as m; print('# flash-attn-4', m.version('flash-attn-4'))";
+      grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" /tmp/pytest.log | grep -iE "flash"; tail -1 /tmp/pytest.log; } \
+      > "$results/gpu-tests-$gpu-fa4.txt"
+  fi
 fi
 
 if has cpp; then
@@ -64,8 +71,13 @@ if has bench && [ -f graphrunner/bench.py ]; then
   python3 -m graphrunner.bench --out "$results" ${BENCH_ARGS:-} || status=1
 fi
 
-if [ -n "${OUT:-}" ]; then
-  cp "$results"/*"$gpu"* "$OUT"/ 2>/dev/null
+if has bench-fa4 && [ -n "$has_fa4" ]; then
+  step "benchmark, flash-attn 4"
+  python3 -m graphrunner.bench --attn flash-attn-4 --out "$results" || status=1
+fi
+
+if [ -n "${OUT:-}" ]; then  # one archive: the device tool brings back at most 8 files
+  tar czf "$OUT/results-$gpu.tgz" "$results"
 fi
 step "done, status $status"
 exit $status

@@ -1,4 +1,4 @@
-"""The three shared-pool hazard reproductions, side by side: what a plain shared-pool runner gets, what
+"""The shared-pool hazard reproductions (tests/ops/), side by side: what a plain shared-pool runner gets, what
 compute-sanitizer memcheck says about it, and what graphrunner's validate(scrub=True, guard=True) finds.
 
     python benchmarks/hazards.py --out benchmarks/results/hazards-h100.txt
@@ -21,20 +21,23 @@ def plain(name: str) -> None:
     """A plain shared-pool runner (benchmarks/common_runner.py): interleaved steps against eager."""
     import torch
     from common_runner import CommonRunner
-    from ops import SIZES, WIDTH, make
+    from graphrunner.hazards import random_inputs, relative_error
+    from ops import REPRODUCTIONS, SIZES, make
 
-    fn = make(name)
-    runner = CommonRunner(fn, {"x": torch.randn(max(SIZES), WIDTH, device="cuda")}, SIZES)
+    fn, inputs = make(name), REPRODUCTIONS[name].inputs
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    runner = CommonRunner(fn, random_inputs(inputs, max(SIZES), gen), SIZES)
     order = random.Random(0).choices(SIZES, k=40)
     wrong, worst = 0, 0.0
     for size in order:
-        x = torch.randn(size, WIDTH, device="cuda")
-        got, want = runner(x=x).clone(), fn(x)
-        err = ((got - want).norm() / want.norm()).item()
+        step = random_inputs(inputs, size, gen)
+        got = runner(**step).clone()
+        with torch.no_grad():
+            err = relative_error(got, fn(**step))
         worst = max(worst, err) if err == err else float("nan")
         wrong += not err <= 1e-5
-    big = runner(x=torch.randn(64, WIDTH, device="cuda")).clone()
-    runner(x=torch.randn(32, WIDTH, device="cuda"))
+    big = runner(**random_inputs(inputs, 64, gen)).clone()
+    runner(**random_inputs(inputs, 32, gen))
     torch.cuda.synchronize()
     clobbered = not torch.equal(runner.outputs[64], big)
     print(f"RESULT {wrong}/{len(order)} interleaved steps wrong (worst relative error {worst:.3g}); size 64's "
@@ -45,9 +48,10 @@ def checked(name: str) -> None:
     import torch
 
     import graphrunner as gr
-    from ops import INPUTS, SIZES, make
+    from ops import REPRODUCTIONS, SIZES, make
 
-    runner = gr.GraphRunner(make(name), INPUTS, max_batch_size=max(SIZES), capture_sizes=SIZES)
+    runner = gr.GraphRunner(make(name), REPRODUCTIONS[name].inputs, max_batch_size=max(SIZES),
+                            capture_sizes=SIZES)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         runner.capture()
@@ -64,7 +68,11 @@ def child(args, sanitizer=False):
     cmd = [sys.executable, __file__, *args]
     if sanitizer:
         cmd = ["compute-sanitizer", "--tool", "memcheck", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    limit = 300 if sanitizer else 600
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {limit} s" if sanitizer else [f"no answer within {limit} s"]
     text = proc.stdout + proc.stderr
     if sanitizer:
         summary = re.findall(r"ERROR SUMMARY: \d+ errors?", text)
@@ -95,8 +103,11 @@ def main() -> int:
 
     lines = [f"# Shared-pool hazard reproductions on {torch.cuda.get_device_name()}, torch {torch.__version__}",
              f"# sizes {SIZES} captured largest first into one pool; ops in tests/ops/ (correct in eager mode)", ""]
-    for name in REPRODUCTIONS:
+    for name, repro in REPRODUCTIONS.items():
         lines.append(f"## {name}")
+        if repro.missing():
+            lines += [f"skipped: {repro.missing()}", ""]
+            continue
         lines.append(f"plain shared-pool runner: {'; '.join(child(['--plain', name]))}")
         lines.append(f"compute-sanitizer memcheck on it: {child(['--plain', name], sanitizer=True)}")
         lines.append(f"graphrunner: {'; '.join(child(['--checked', name]))}")

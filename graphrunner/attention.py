@@ -1,15 +1,77 @@
-"""Attention backends beyond SDPA for the built-in decoder: flash-attn 4 (flash_attn.cute) and flash-attn 2."""
+"""Attention backends of the built-in decoder: SDPA (always there), flash-attn 4 and flash-attn 2.
+
+Every backend takes q [batch, heads, dim], one layer's KV cache and the step's `AttentionMeta`, and
+returns [batch, heads, dim]. A paged cache is [num_pages, page_size, heads, dim] with each row's pages
+listed in `meta.page_table`; a contiguous one (SDPA only) is [batch, heads, cache_len, dim].
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
 EXTRAS = {"flash-attn-4": ("flash_attn.cute", "pip install .[flash-attn-4]"),
-          "flash-attn": ("flash_attn", "pip install .[flash-attn]")}
+          "flash-attn": ("flash_attn.flash_attn_interface", "pip install .[flash-attn]")}
 
 
-def flash_attention_backend(name: str):
-    module, extra = EXTRAS[name]
-    try:
-        __import__(module)
-    except ImportError as exc:
-        raise ImportError(f"attention backend {name!r} needs the package that provides {module}: {extra}") from exc
-    raise NotImplementedError(f"attention backend {name!r} is not wired into the built-in decoder yet; "
-                              "use attention='sdpa'")
+@dataclass
+class AttentionMeta:
+    """What every layer's attention reads, computed once per step."""
+
+    seq_lens: torch.Tensor                # [batch] int32: keys each row attends to
+    page_table: Optional[torch.Tensor]    # [batch, pages_per_seq] int32, paged caches only
+    valid: Optional[torch.Tensor] = None  # [batch, cache_len] bool key mask, SDPA only
+
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMeta) -> torch.Tensor:
+    if meta.page_table is not None:  # gather each row's pages into [batch, heads, cache_len, dim]
+        k_cache = k_cache[meta.page_table].flatten(1, 2).transpose(1, 2)
+        v_cache = v_cache[meta.page_table].flatten(1, 2).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k_cache, v_cache, attn_mask=meta.valid[:, None, None, :])
+    return out[:, :, 0, :]
+
+
+def flash_attn_4_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMeta) -> torch.Tensor:
+    # Lengths and pages are read on the device (seqused_k, page_table), so one captured graph serves every
+    # length; the host-side bound comes from the page table's width, fixed per runner.
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out, _ = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=meta.seq_lens,
+                                    page_table=meta.page_table)
+    return out[:, 0]
+
+
+def flash_attn_2_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMeta) -> torch.Tensor:
+    from flash_attn import flash_attn_with_kvcache
+
+    out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=meta.seq_lens,
+                                  block_table=meta.page_table)
+    return out[:, 0]
+
+
+BACKENDS = {"sdpa": sdpa_attention, "flash-attn-4": flash_attn_4_attention, "flash-attn": flash_attn_2_attention}
+# Page size each backend gets by default: flash-attn 4 loads whole pages by TMA when a page is one key tile
+# (128); flash-attn 2's paged path needs multiples of 256; SDPA defaults to a contiguous cache (0).
+DEFAULT_PAGE_SIZE = {"sdpa": 0, "flash-attn-4": 128, "flash-attn": 256}
+
+
+def attention_backend(name: str) -> Attention:
+    """The backend called `name`; ImportError naming the extra to install when its package is missing."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention must be one of {tuple(BACKENDS)}, got {name!r}")
+    if name in EXTRAS:
+        module, install = EXTRAS[name]
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise ImportError(f"attention backend {name!r} needs the package that provides {module}: "
+                              f"{install}") from exc
+    return BACKENDS[name]

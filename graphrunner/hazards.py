@@ -19,7 +19,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -27,7 +27,7 @@ from graphrunner.memory import raw_bytes
 from graphrunner.outputs import map_tensors, named_tensors
 
 if TYPE_CHECKING:
-    from graphrunner.runner import GraphRunner
+    from graphrunner.runner import GraphRunner, StaticInput
 
 logger = logging.getLogger("graphrunner")
 
@@ -143,20 +143,20 @@ class ValidationReport:
                 f"(scrub={self.scrub}, guard={self.guard}), worst relative error {worst:.2e}")
 
 
-def random_inputs(runner: "GraphRunner", batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-    """Fresh inputs for one step, drawn from each StaticInput's range."""
+def random_inputs(inputs: Dict[str, "StaticInput"], batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Fresh inputs for one step on gen's device, each drawn from its StaticInput's range."""
     out = {}
-    for name, spec in runner.inputs.items():
+    for name, spec in inputs.items():
         shape = (batch, *spec.shape)
         if spec.dtype.is_floating_point:
             if spec.high is None:
-                t = torch.randn(shape, generator=gen, device=runner.device, dtype=torch.float32)
+                t = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
             else:
-                t = torch.rand(shape, generator=gen, device=runner.device) * (spec.high - spec.low) + spec.low
+                t = torch.rand(shape, generator=gen, device=gen.device) * (spec.high - spec.low) + spec.low
             out[name] = t.to(spec.dtype)
         else:
             high = spec.high if spec.high is not None else spec.low + 2
-            out[name] = torch.randint(int(spec.low), int(high), shape, generator=gen, device=runner.device,
+            out[name] = torch.randint(int(spec.low), int(high), shape, generator=gen, device=gen.device,
                                       dtype=torch.int64).to(spec.dtype)
     return out
 
@@ -307,13 +307,15 @@ def _blame(runner: "GraphRunner", view: PoolView, size: int, inputs: Dict[str, t
 
 
 def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
-             isolate: bool = False, seed: int = 0, rtol: Optional[float] = None) -> ValidationReport:
+             isolate: bool = False, seed: int = 0, rtol: Optional[float] = None,
+             make_inputs: Optional[Callable[[int, torch.Generator], Dict[str, torch.Tensor]]] = None,
+             ) -> ValidationReport:
     """See GraphRunner.validate."""
     if isolate:
         from graphrunner.isolate import validate_in_child
 
         return validate_in_child(runner, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed,
-                                 rtol=rtol)
+                                 rtol=rtol, make_inputs=make_inputs)
     if not runner.graphs:
         from graphrunner._native import GraphStateError
 
@@ -329,7 +331,7 @@ def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False
         for size in schedule:
             smaller = [s for s in runner.capture_sizes if s < size]
             batch = order.randint((smaller[-1] + 1) if smaller else 1, size)
-            inputs = random_inputs(runner, batch, gen)
+            inputs = make_inputs(batch, gen) if make_inputs is not None else random_inputs(runner.inputs, batch, gen)
             with torch.set_grad_enabled(not runner.no_grad):
                 expected = map_tensors(runner.fn(**inputs), lambda _, t: t.clone())
             targets = view.scrub_targets(size) if scrub else []

@@ -40,11 +40,13 @@ def _child(recipe: Dict[str, Any], options: Dict[str, Any], results: Any) -> Non
 
 def validate_in_child(runner: "GraphRunner", **options: Any) -> ValidationReport:
     recipe = _recipe(runner)
-    try:
-        pickle.dumps(recipe["fn"])
-    except Exception as exc:
-        raise TypeError("validate(isolate=True) rebuilds the runner in a child process, so fn must be picklable "
-                        f"(a module-level function or an nn.Module): {exc}") from exc
+    for name, value in (("fn", recipe["fn"]), ("make_inputs", options.get("make_inputs"))):
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            raise TypeError(f"validate(isolate=True) rebuilds the runner in a child process, so {name} must be "
+                            f"picklable (a module-level function, a functools.partial of one, or an nn.Module): "
+                            f"{exc}") from exc
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     child = ctx.Process(target=_child, args=(recipe, options, results), daemon=True)

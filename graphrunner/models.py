@@ -4,6 +4,11 @@ RMSNorm, fused QKV, rotary embedding, attention over a preallocated KV cache wit
 lengths, SwiGLU MLP, final norm and LM head. Launch-bound by default (8 layers, hidden 1024, 8 heads of
 128, a KV cache of 512 positions), so the host cost of a step is what a benchmark of it sees.
 
+The KV cache is contiguous per row (row i uses slot i) or paged (`page_size` > 0, as the flash-attn
+backends need): then `page_table` [batch, pages_per_seq] is a step input naming each row's pages, and
+page 0 is a scratch page that padding rows (page table padded with 0) write to. The cache starts
+random, so reading a wrong page shows in the output.
+
 Tensor parallel: with `tp_size > 1` QKV and gate/up are column-parallel, the output and down projections
 row-parallel, followed by an all-reduce through torch.distributed. Every rank draws the full weights
 from one seed and keeps its shard, so a TP=N model equals the TP=1 model built from the same seed.
@@ -16,9 +21,10 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from graphrunner.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
 from graphrunner.runner import StaticInput
 
-ATTENTION_BACKENDS = ("sdpa", "flash-attn-4", "flash-attn")
+ATTENTION_BACKENDS = tuple(BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -32,33 +38,64 @@ class DecoderConfig:
     cache_len: int = 512
     max_batch_size: int = 256
     attention: str = "sdpa"
+    page_size: Optional[int] = None  # None: the backend's default (attention.DEFAULT_PAGE_SIZE); 0: contiguous
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.page_size is None:
+            object.__setattr__(self, "page_size", DEFAULT_PAGE_SIZE[self.attention])
+        if self.page_size == 0 and self.attention != "sdpa":
+            raise ValueError(f"attention {self.attention!r} needs a paged KV cache: set page_size, e.g. "
+                             f"{DEFAULT_PAGE_SIZE[self.attention]}")
+        if self.page_size < 0 or (self.page_size and self.cache_len % self.page_size):
+            raise ValueError(f"page_size ({self.page_size}) must be 0 or divide cache_len ({self.cache_len})")
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size > 0
+
+    @property
+    def pages_per_seq(self) -> int:
+        return self.cache_len // self.page_size
+
+    @property
+    def num_pages(self) -> int:
+        """Every row's pages, plus page 0, the scratch page of padding rows."""
+        return self.max_batch_size * self.pages_per_seq + 1
+
 
 def step_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
-    """The decode step's inputs, with the ranges validate() draws from."""
-    return {"input_ids": StaticInput((), torch.long, pad=0, high=cfg.vocab),
-            "positions": StaticInput((), torch.long, pad=0, high=cfg.cache_len),
-            "seq_lens": StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len)}
+    """The decode step's inputs. Pass `make_inputs=functools.partial(random_step, cfg)` to validate(): a
+    paged step needs distinct pages per row, which independent draws per input cannot give."""
+    inputs = {"input_ids": StaticInput((), torch.long, pad=0, high=cfg.vocab),
+              "positions": StaticInput((), torch.long, pad=0, high=cfg.cache_len),
+              "seq_lens": StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len)}
+    if cfg.paged:
+        inputs["page_table"] = StaticInput((cfg.pages_per_seq,), torch.int32, pad=0, low=1, high=cfg.num_pages)
+    return inputs
 
 
 def random_step(cfg: DecoderConfig, batch: int, gen: Optional[torch.Generator] = None,
                 device: str = "cuda") -> Dict[str, torch.Tensor]:
-    """A valid decode step: each row's new token sits at position seq_len - 1."""
+    """A valid decode step: each row's new token sits at position seq_len - 1; rows own distinct pages."""
     seq_lens = torch.randint(1, cfg.cache_len + 1, (batch,), generator=gen, device=device, dtype=torch.int32)
-    return {"input_ids": torch.randint(0, cfg.vocab, (batch,), generator=gen, device=device),
+    step = {"input_ids": torch.randint(0, cfg.vocab, (batch,), generator=gen, device=device),
             "positions": (seq_lens - 1).long(), "seq_lens": seq_lens}
+    if cfg.paged:
+        pages = torch.randperm(cfg.num_pages - 1, generator=gen, device=device)[: batch * cfg.pages_per_seq] + 1
+        step["page_table"] = pages.view(batch, cfg.pages_per_seq).to(torch.int32)
+    return step
 
 
 class DecoderStep(torch.nn.Module):
-    """fn(input_ids, positions, seq_lens) -> logits [batch, vocab]; row i uses KV-cache slot i."""
+    """fn(input_ids, positions, seq_lens[, page_table]) -> logits [batch, vocab]."""
 
     def __init__(self, cfg: DecoderConfig = DecoderConfig(), device: str = "cuda", tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None) -> None:
         super().__init__()
-        if cfg.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
         if cfg.heads % tp_size or cfg.intermediate % tp_size:
             raise ValueError(f"heads ({cfg.heads}) and intermediate ({cfg.intermediate}) must divide by tp_size "
                              f"({tp_size})")
@@ -95,9 +132,17 @@ class DecoderStep(torch.nn.Module):
             self.layers.append(layer)
         self.final_norm = torch.nn.Parameter(torch.ones(h, device=device, dtype=cfg.dtype), requires_grad=False)
         self.lm_head = weight(cfg.vocab, h)
-        cache = (cfg.layers, cfg.max_batch_size, self.heads, cfg.cache_len, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(cache, device=device, dtype=cfg.dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache, device=device, dtype=cfg.dtype), persistent=False)
+        # Both layouts keep heads in one dim, so a TP rank keeps its heads of the one full random cache.
+        if cfg.paged:
+            cache, head_dim_index = (cfg.layers, cfg.num_pages, cfg.page_size, cfg.heads, cfg.head_dim), 3
+        else:
+            cache, head_dim_index = (cfg.layers, cfg.max_batch_size, cfg.heads, cfg.cache_len, cfg.head_dim), 2
+        cache_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        for name in ("k_cache", "v_cache"):
+            full = torch.randn(cache, generator=cache_gen, device=device, dtype=cfg.dtype)
+            shard = full.chunk(tp_size, head_dim_index)[tp_rank].contiguous()
+            del full
+            self.register_buffer(name, shard, persistent=False)
         inv_freq = 1.0 / (10000 ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("slots", torch.arange(cfg.max_batch_size, device=device), persistent=False)
@@ -108,19 +153,32 @@ class DecoderStep(torch.nn.Module):
             torch.distributed.all_reduce(x, group=self.tp_group)
         return x
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+                page_table: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg, batch = self.cfg, input_ids.shape[0]
-        slots = self.slots[:batch]
+        if cfg.paged != (page_table is not None):
+            raise ValueError("a paged decoder (page_size > 0) takes page_table, a contiguous one does not")
         angles = positions[:, None].float() * self.inv_freq
         cos, sin = angles.cos()[:, None, :].to(cfg.dtype), angles.sin()[:, None, :].to(cfg.dtype)
-        valid = self.cache_positions[None, :] < seq_lens[:, None]  # [batch, cache_len]
+        meta = AttentionMeta(seq_lens, page_table)
+        if cfg.attention == "sdpa":
+            meta.valid = self.cache_positions[None, :] < seq_lens[:, None]
+        if cfg.paged:  # the cache slot of each row's new token: its page, then its place in the page
+            page = page_table.gather(1, (positions // cfg.page_size)[:, None])[:, 0].long()
+            where = (page * cfg.page_size + positions % cfg.page_size,)
+        else:
+            where = (self.slots[:batch], slice(None), positions)
         x = self.embed[input_ids]
         for i, layer in enumerate(self.layers):
             q, k, v = (rms_norm(x, layer.norm1) @ layer.qkv.t()).view(batch, 3, self.heads, cfg.head_dim).unbind(1)
             q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-            self.k_cache[i, slots, :, positions] = k
-            self.v_cache[i, slots, :, positions] = v
-            attn = self.attend(q, self.k_cache[i, :batch], self.v_cache[i, :batch], valid, seq_lens)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            if cfg.paged:
+                k_cache.flatten(0, 1)[where], v_cache.flatten(0, 1)[where] = k, v
+            else:
+                k_cache[where], v_cache[where] = k, v
+                k_cache, v_cache = k_cache[:batch], v_cache[:batch]
+            attn = self.attend(q, k_cache, v_cache, meta)
             x = x + self._all_reduce(attn.reshape(batch, -1) @ layer.o.t())
             gate, up = (rms_norm(x, layer.norm2) @ layer.gate_up.t()).chunk(2, -1)
             x = x + self._all_reduce((F.silu(gate) * up) @ layer.down.t())
@@ -135,18 +193,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, -1)
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
-
-
-def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
-                   seq_lens: torch.Tensor) -> torch.Tensor:
-    """q [batch, heads, dim] against caches [batch, heads, cache_len, dim], masked past each row's length."""
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k_cache, v_cache, attn_mask=valid[:, None, None, :])
-    return out[:, :, 0, :]
-
-
-def attention_backend(name: str):
-    if name == "sdpa":
-        return sdpa_attention
-    from graphrunner.attention import flash_attention_backend
-
-    return flash_attention_backend(name)

@@ -210,17 +210,21 @@ class GraphRunner(_C.StepCall):
         return self._step.size_for(batch)
 
     def validate(self, steps_per_size: int = 2, scrub: bool = False, guard: bool = False, isolate: bool = False,
-                 seed: int = 0, rtol: Optional[float] = None) -> "hazards.ValidationReport":
+                 seed: int = 0, rtol: Optional[float] = None,
+                 make_inputs: Optional[Callable[[int, torch.Generator], Dict[str, torch.Tensor]]] = None,
+                 ) -> "hazards.ValidationReport":
         """Replays every size in random interleaved order on fresh random inputs against eager.
 
         scrub: fill the pool's free memory (and other sizes' kept-alive capture allocations) with a NaN /
         INT_MAX pattern before each replay; guard: fail on any write into memory another size owns, or
         into static input rows past the padded size. Raises GraphHazardError naming size and buffer.
+        make_inputs(batch, generator): one step's inputs, where inputs depend on each other (distinct
+        pages per row, say); by default each input is drawn alone from its StaticInput's range.
         """
         from graphrunner import hazards
 
         return hazards.validate(self, steps_per_size=steps_per_size, scrub=scrub, guard=guard, isolate=isolate,
-                                seed=seed, rtol=rtol)
+                                seed=seed, rtol=rtol, make_inputs=make_inputs)
 
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:

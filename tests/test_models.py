@@ -1,4 +1,6 @@
 """The built-in decoder step: correct on CPU, and through GraphRunner on a GPU."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -19,6 +21,49 @@ def test_decoder_rows_are_independent_on_cpu():
     part = model(**{k: v[:3] for k, v in step.items()})
     torch.testing.assert_close(full[:3], part, rtol=1e-5, atol=1e-5)
     assert full.shape == (6, cfg.vocab) and torch.isfinite(full).all()
+
+
+def test_paged_cache_gives_the_contiguous_cache_results_on_cpu():
+    tiny = dict(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=50, cache_len=64,
+                max_batch_size=8, dtype=torch.float32)
+    contiguous, paged = DecoderConfig(**tiny), DecoderConfig(**tiny, page_size=16)
+    rows, pages = DecoderStep(contiguous, device="cpu"), DecoderStep(paged, device="cpu")
+    step = random_step(paged, 6, torch.Generator().manual_seed(0), device="cpu")
+    table = step["page_table"].long()
+
+    def as_pages(cache):  # [layers, row, heads, cache_len, dim] -> the paged model's [layers, page, slot, heads, dim]
+        out = pages.k_cache.clone()
+        by_page = cache[:, :6].unflatten(3, (paged.pages_per_seq, paged.page_size)).permute(0, 1, 3, 4, 2, 5)
+        out[:, table] = by_page
+        return out
+
+    pages.k_cache.copy_(as_pages(rows.k_cache))
+    pages.v_cache.copy_(as_pages(rows.v_cache))
+    want = rows(**{k: v for k, v in step.items() if k != "page_table"})
+    torch.testing.assert_close(pages(**step), want, rtol=1e-5, atol=1e-5)
+    # The step's new keys and values landed in the same places of both layouts.
+    torch.testing.assert_close(pages.k_cache, as_pages(rows.k_cache))
+    torch.testing.assert_close(pages.v_cache, as_pages(rows.v_cache))
+
+
+def test_attention_choices_are_checked():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DecoderConfig(attention="xformers")
+    with pytest.raises(ValueError, match="needs a paged KV cache: set page_size, e.g. 128"):
+        DecoderConfig(attention="flash-attn-4", page_size=0)
+    with pytest.raises(ValueError, match="must be 0 or divide cache_len"):
+        DecoderConfig(page_size=100)
+    assert DecoderConfig(attention="flash-attn-4").page_size == 128
+    assert DecoderConfig(attention="flash-attn").page_size == 256
+    assert "page_table" in step_inputs(DecoderConfig(page_size=128))
+    assert "page_table" not in step_inputs(DecoderConfig())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_missing_flash_attn_names_the_extra():
+    with pytest.raises(ImportError, match=r"needs the package that provides flash_attn.cute: pip install .\[flash-attn-4\]"):
+        DecoderStep(DecoderConfig(attention="flash-attn-4", layers=1, hidden=64, heads=2, head_dim=32,
+                                  intermediate=64, vocab=10, max_batch_size=2), device="cpu")
 
 
 def test_tensor_parallel_shards_need_divisible_heads():

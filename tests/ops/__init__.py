@@ -1,13 +1,18 @@
 """Models that are correct in eager mode but unsafe in a shared graph pool: the three reproductions of the
-Reliability issue, each with its fixed twin. The CUDA ops build on first use (tests only)."""
+Reliability issue and one with flash-attn 4's paged decode, each with its fixed twin. The CUDA ops build
+on first use (tests only)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Dict, Optional
 
 import torch
 
 import graphrunner as gr
+from ops import paged
 
 PLANES = 16  # entries per row the metadata kernel writes
 HERE = Path(__file__).parent
@@ -79,17 +84,41 @@ def cached_table_fixed(x):
     return x + table.view(torch.float32)
 
 
-REPRODUCTIONS = {
-    "under-allocated metadata": (under_allocated, under_allocated_fixed),
-    "stale workspace counter": (stale_counter, stale_counter_fixed),
-    "capture-allocated cache": (CachedTable, cached_table_fixed),
-}
+@dataclass(frozen=True)
+class Reproduction:
+    buggy: Callable[[], Callable]  # each makes the step function
+    fixed: Callable[[], Callable]
+    inputs: Dict[str, gr.StaticInput]
+    needs: Optional[str] = None  # a module it needs, where not every machine has it
+
+    def missing(self) -> Optional[str]:
+        """Why it cannot run here, or None."""
+        if self.needs and not installed(self.needs):
+            return f"needs {self.needs}, which is not installed"
+        return None
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 SIZES = [1, 2, 4, 8, 16, 32, 64]
 WIDTH = 8
 INPUTS = {"x": gr.StaticInput((WIDTH,), torch.float32)}
 
+REPRODUCTIONS = {
+    "under-allocated metadata": Reproduction(lambda: under_allocated, lambda: under_allocated_fixed, INPUTS),
+    "stale workspace counter": Reproduction(lambda: stale_counter, lambda: stale_counter_fixed, INPUTS),
+    "capture-allocated cache": Reproduction(CachedTable, lambda: cached_table_fixed, INPUTS),
+    "under-allocated page table (flash-attn 4)": Reproduction(
+        lambda: paged.PagedDecode(fixed=False), lambda: paged.PagedDecode(fixed=True), paged.INPUTS,
+        needs="flash_attn.cute"),
+}
+
 
 def make(name: str, fixed: bool = False):
-    buggy, good = REPRODUCTIONS[name]
-    fn = good if fixed else buggy
-    return fn() if isinstance(fn, type) else fn
+    repro = REPRODUCTIONS[name]
+    return (repro.fixed if fixed else repro.buggy)()
