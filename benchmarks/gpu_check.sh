@@ -2,7 +2,7 @@
 # Everything a GPU machine checks, in one go and offline: build, GPU test suite, C++ lifecycle test,
 # compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
 # the GPU) and, where $OUT is set (the device tool), are copied there too.
-#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests cpp sanitizer hazards bench bench-fa4
+#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards bench bench-fa4
 #   (default: all; the flash-attn 4 parts run where flash_attn.cute imports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,11 +13,13 @@ gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 results=benchmarks/results
 mkdir -p "$results"
-stages=${*:-build tests cpp sanitizer hazards bench bench-fa4}
+stages=${*:-build tests tests-fa4 cpp sanitizer hazards bench bench-fa4}
 has_fa4=$(python3 -c "import flash_attn.cute" 2>/dev/null && echo yes)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo; echo "=== $* ($(date +%T))"; }
+header() { echo "# pytest on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F)";
+           python3 -c "import torch; print('# torch', torch.__version__)"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -30,16 +32,18 @@ fi
 
 if has tests; then
   step "GPU test suite"
-  python3 -m pytest tests -rA -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
+  python3 -m pytest tests -ra -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  header() { echo "# pytest on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F)";
-             python3 -c "import torch; print('# torch', torch.__version__)"; }
   { header; grep -E "^(FAILED|ERROR|SKIPPED|XFAIL)|passed|failed" /tmp/pytest.log | tail -40; } > "$results/gpu-tests-$gpu.txt"
-  if [ -n "$has_fa4" ]; then
-    { header; python3 -c "import importlib.metadata as m; print('# flash-attn-4', m.version('flash-attn-4'))";
-      grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" /tmp/pytest.log | grep -iE "flash"; tail -1 /tmp/pytest.log; } \
-      > "$results/gpu-tests-$gpu-fa4.txt"
-  fi
+fi
+
+if has tests-fa4 && [ -n "$has_fa4" ]; then
+  step "GPU tests with flash-attn 4"
+  python3 -m pytest tests -rA -q -p no:cacheprovider -k flash 2>&1 | tee /tmp/pytest-fa4.log
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  { header; python3 -c "import importlib.metadata as m; print('# flash-attn-4', m.version('flash-attn-4'))";
+    grep -E "^(PASSED|FAILED|ERROR|SKIPPED)" /tmp/pytest-fa4.log; tail -1 /tmp/pytest-fa4.log; } \
+    > "$results/gpu-tests-$gpu-fa4.txt"
 fi
 
 if has cpp; then
