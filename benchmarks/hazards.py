@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 
-def plain(name: str) -> None:
+def plain(name: str, fixed: bool = False) -> None:
     """A plain shared-pool runner (benchmarks/common_runner.py): interleaved steps against eager."""
     import torch
     from common_runner import CommonRunner
     from graphrunner.hazards import random_inputs, relative_error
     from ops import REPRODUCTIONS, SIZES, make
 
-    fn, inputs = make(name), REPRODUCTIONS[name].inputs
+    fn, inputs = make(name, fixed), REPRODUCTIONS[name].inputs
     gen = torch.Generator(device="cuda").manual_seed(0)
     runner = CommonRunner(fn, random_inputs(inputs, max(SIZES), gen), SIZES)
     order = random.Random(0).choices(SIZES, k=40)
@@ -53,10 +53,11 @@ def checked(name: str) -> None:
     runner = gr.GraphRunner(make(name), REPRODUCTIONS[name].inputs, max_batch_size=max(SIZES),
                             capture_sizes=SIZES)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", gr.CaptureGuardWarning)
         runner.capture()
     for w in caught:
-        print("RESULT capture guard:", str(w.message).splitlines()[0])
+        if issubclass(w.category, gr.CaptureGuardWarning):
+            print("RESULT capture guard:", str(w.message).splitlines()[0])
     try:
         report = runner.validate(scrub=True, guard=True, steps_per_size=3)
         print(f"RESULT validate passed: {report}")
@@ -92,7 +93,7 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.plain:
-        plain(args.plain)
+        plain(args.plain, args.fixed)
         return 0
     if args.checked:
         checked(args.checked)
@@ -109,7 +110,8 @@ def main() -> int:
             lines += [f"skipped: {repro.missing()}", ""]
             continue
         lines.append(f"plain shared-pool runner: {'; '.join(child(['--plain', name]))}")
-        lines.append(f"compute-sanitizer memcheck on it: {child(['--plain', name], sanitizer=True)}")
+        lines.append(f"compute-sanitizer memcheck on it: {child(['--plain', name], sanitizer=True)}; on its fixed "
+                     f"twin: {child(['--plain', name, '--fixed'], sanitizer=True)}")
         lines.append(f"graphrunner: {'; '.join(child(['--checked', name]))}")
         lines.append("")
         print("\n".join(lines[-5:]), flush=True)

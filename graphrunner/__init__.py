@@ -5,7 +5,7 @@ shared-pool memory bugs at start-up.
 """
 from graphrunner._native import CudaError, GraphStateError
 from graphrunner.graph import Graph
-from graphrunner.hazards import GraphHazardError, ValidationReport
+from graphrunner.hazards import CaptureGuardWarning, GraphHazardError, ValidationReport
 from graphrunner.report import CaptureReport, SizeReport
 from graphrunner.runner import GraphRunner, StaticInput
 from graphrunner.schedule import default_capture_sizes
@@ -14,6 +14,6 @@ from graphrunner.workspace import WorkspaceError, workspace
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureReport", "CudaError", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "SizeReport",
+    "CaptureGuardWarning", "CaptureReport", "CudaError", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "SizeReport",
     "StaticInput", "ValidationReport", "WorkspaceError", "default_capture_sizes", "workspace",
 ]

@@ -49,6 +49,10 @@ class GraphHazardError(RuntimeError):
         self.size, self.buffer, self.offset = size, buffer, offset
 
 
+class CaptureGuardWarning(UserWarning):
+    """A capture left an allocation alive in the shared pool (GraphRunner(strict=True) raises instead)."""
+
+
 @dataclass
 class Block:
     address: int
@@ -126,7 +130,7 @@ class CaptureGuard:
                    ("" if self.debug else "\n  (GraphRunner(debug=True) shows the Python stack of each)"))
         if self.strict:
             raise GraphHazardError(message, size=size, buffer="kept-alive allocation")
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, CaptureGuardWarning, stacklevel=2)
 
 
 @dataclass

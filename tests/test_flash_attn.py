@@ -1,7 +1,6 @@
 """flash-attn inside captured graphs: the built-in decoder's paged decode at every captured size."""
 import functools
 import random
-import warnings
 
 import pytest
 import torch
@@ -38,10 +37,9 @@ def paged_pair(request):
 @pytest.mark.parametrize("paged_pair", BACKENDS, indirect=True)
 def test_outputs_equal_sdpa_at_every_size_interleaved(paged_pair):
     cfg, model, reference = paged_pair
-    with gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size) as runner:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the capture guard: nothing lazily made inside a capture stays alive
-            runner.capture()
+    # strict: the capture guard raises if anything lazily made inside a capture stays alive in the pool
+    with gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size, strict=True) as runner:
+        runner.capture()
         schedule = [s for s in runner.capture_sizes for _ in range(2)]
         random.Random(0).shuffle(schedule)
         gen = torch.Generator(device="cuda").manual_seed(0)

@@ -83,7 +83,7 @@ def test_plain_shared_pool_runner_shows_the_corruption():
 
 def test_capture_guard_warns_then_strict_raises():
     runner = gr.GraphRunner(make("capture-allocated cache"), INPUTS, max_batch_size=64, capture_sizes=SIZES)
-    with pytest.warns(UserWarning, match="capture of size 64 left 1 allocation\\(s\\) alive"):
+    with pytest.warns(gr.CaptureGuardWarning, match="capture of size 64 left 1 allocation\\(s\\) alive"):
         runner.capture()
     runner.close()
     strict = gr.GraphRunner(make("capture-allocated cache"), INPUTS, max_batch_size=64, capture_sizes=SIZES,
