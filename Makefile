@@ -1,6 +1,6 @@
 # make test   installs what is missing, builds, runs the whole suite (GPU tests skip without a GPU)
-# make bench  the built-in benchmark on one GPU (ATTN=flash-attn-4 picks the attention backend;
-#             ARGS="..." passes other flags to python -m graphrunner.bench)
+# make bench  the built-in benchmark on one GPU (ATTN=flash-attn-4 picks the attention backend; TP=2
+#             runs it tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags)
 PYTHON ?= python3
 export CUDA_HOME ?= /usr/local/cuda
 TORCH_PIN ?= torch==2.14.1
@@ -19,9 +19,15 @@ test: build
 	$(PYTHON) -m pytest tests -ra -q
 
 ATTN ?= sdpa
+TP ?= 1
 
 bench: build
+ifeq ($(TP),1)
 	$(PYTHON) -m graphrunner.bench --attn $(ATTN) $(ARGS)
+else
+	NCCL_NVLS_ENABLE=0 $(PYTHON) -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner.bench \
+		--tp $(TP) --attn $(ATTN) $(ARGS)
+endif
 
 # The C++ lifecycle test against libtorch (needs a GPU to run).
 cpp-test: deps

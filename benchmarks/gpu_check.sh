@@ -2,7 +2,7 @@
 # Everything a GPU machine checks, in one go and offline: build, GPU test suite, C++ lifecycle test,
 # compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
 # the GPU) and, where $OUT is set (the device tool), are copied there too.
-#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards bench bench-fa4
+#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards bench bench-fa4 bench-tp
 #   (default: all; the flash-attn 4 parts run where flash_attn.cute imports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 results=benchmarks/results
 mkdir -p "$results"
-stages=${*:-build tests tests-fa4 cpp sanitizer hazards bench bench-fa4}
+stages=${*:-build tests tests-fa4 cpp sanitizer hazards bench bench-fa4 bench-tp}
 has_fa4=$(python3 -c "import flash_attn.cute" 2>/dev/null && echo yes)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -78,6 +78,18 @@ fi
 if has bench-fa4 && [ -n "$has_fa4" ]; then
   step "benchmark, flash-attn 4"
   python3 -m graphrunner.bench --attn flash-attn-4 --out "$results" || status=1
+fi
+
+if has bench-tp; then
+  gpus=$(nvidia-smi --list-gpus | wc -l)
+  if [ "$gpus" -ge 2 ]; then
+    step "benchmark, tensor parallel over $gpus GPUs"
+    make -s bench TP="$gpus" ARGS="--out $results" || status=1
+  else  # one GPU: the same path as a world of one, all-reduces captured, briefly
+    step "tensor-parallel path, world of one"
+    NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 1 -m graphrunner.bench --tp 1 \
+      --layers 2 --steps 50 --trace-steps 200 --name "${gpu}x1-smoke" --out "$results" || status=1
+  fi
 fi
 
 if [ -n "${OUT:-}" ]; then  # one archive: the device tool brings back at most 8 files

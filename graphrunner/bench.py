@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import graphrunner as gr
@@ -41,6 +43,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--cache-len", type=int, default=d.cache_len)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--attn", choices=ATTENTION_BACKENDS, default="sdpa")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one per GPU: run under "
+                   "torchrun --nproc-per-node N -m graphrunner.bench --tp N")
     p.add_argument("--steps", type=int, default=300, help="timed steps per contender and batch")
     p.add_argument("--trace-steps", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -101,14 +105,19 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     cfg = DecoderConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, head_dim=args.head_dim,
                         intermediate=args.intermediate, vocab=args.vocab, cache_len=args.cache_len,
                         max_batch_size=args.max_batch_size, attention=args.attn)
-    model = DecoderStep(cfg)
+    # Under --tp every rank runs every step below in the same order (the graphs hold NCCL all-reduces);
+    # the same seeds give every rank the same inputs.
+    group = dist.group.WORLD if dist.is_initialized() else None
+    rank = dist.get_rank() if group is not None else 0
+    model = DecoderStep(cfg, tp_rank=rank, tp_size=args.tp, tp_group=group)
     sizes = gr.default_capture_sizes(cfg.max_batch_size)
     gen = torch.Generator(device="cuda").manual_seed(0)
     example = random_step(cfg, cfg.max_batch_size, gen)
     res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "cuda": torch.version.cuda, "attention": cfg.attention, "layers": cfg.layers,
-                              "hidden": cfg.hidden, "capture_sizes": len(sizes)}
-    bar = tqdm(total=6, desc="bench", unit="stage", file=sys.stderr)
+                              "hidden": cfg.hidden, "capture_sizes": len(sizes), "tp": args.tp,
+                              "distributed": dist.is_initialized(), "_rank": rank}
+    bar = tqdm(total=6, desc="bench", unit="stage", file=sys.stderr, disable=rank != 0)
 
     def make_runner() -> gr.GraphRunner:
         runner = gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size)
@@ -214,7 +223,8 @@ def table(res: Dict[str, object]) -> str:
     rows = res["_rows"]
     names = ["eager", "baseline", "graphrunner", "bare", "torch_replay"]
     out = [f"{res['gpu']}, torch {res['torch']}, {res['layers']} layers, hidden {res['hidden']}, "
-           f"attention {res['attention']}", "",
+           f"attention {res['attention']}" + (f", tensor parallel over {res['tp']} GPUs (NCCL)"
+                                              if res["distributed"] else ""), "",
            "step wall us (host us), synchronised per step; floor = C++ cudaGraphLaunch loop, host us",
            f"{'batch':>5} " + " ".join(f"{n:>20}" for n in names) + f" {'floor':>7}"]
     for r in rows:
@@ -262,14 +272,44 @@ def plot(res: Dict[str, object], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def init_tensor_parallel(tp: int) -> None:
+    """One process per GPU, started by torchrun; NCCL with NVLink multicast off unless asked for. Under
+    torchrun, --tp 1 runs a world of one with its all-reduces captured."""
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit(f"--tp {tp} runs one process per GPU: torchrun --nproc-per-node {tp} -m graphrunner.bench "
+                         f"--tp {tp}")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    if dist.get_world_size() != tp:
+        raise SystemExit(f"--tp {tp} needs {tp} processes, torchrun started {dist.get_world_size()}")
+
+
 def main(argv: List[str] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         print("graphrunner.bench needs a CUDA GPU; torch.cuda.is_available() is False on this machine.",
               file=sys.stderr)
         return 2
-    res = run(args)
-    name = args.name or gpu_tag() + ("" if args.attn == "sdpa" else f"-{args.attn}")
+    distributed = args.tp > 1 or "LOCAL_RANK" in os.environ
+    if distributed:
+        init_tensor_parallel(args.tp)
+    try:
+        res = run(args)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if res["_rank"] != 0:  # rank 0 reports for every rank
+        return 0
+    return write_results(args, res)
+
+
+def write_results(args: argparse.Namespace, res: Dict[str, object]) -> int:
+    tp = f"x{args.tp}" if res["distributed"] else ""
+    name = args.name or gpu_tag() + tp + ("" if args.attn == "sdpa" else f"-{args.attn}")
+    if res["distributed"]:  # the headline numbers again, under names that say how many ranks
+        res.update({f"tp{args.tp}_{key}": res[key] for key in HEADLINE_KEYS})
     args.out.mkdir(parents=True, exist_ok=True)
     report = table(res)
     print(report)
@@ -278,7 +318,7 @@ def main(argv: List[str] = None) -> int:
     flat = {k: v for k, v in res.items() if not k.startswith("_")}
     (args.out / f"bench-{name}.json").write_text(json.dumps(flat, indent=1, sort_keys=True) + "\n")
     if args.attn in BACKEND_KEY_PREFIX and args.name is None:
-        add_backend_keys(args.out / f"bench-{gpu_tag()}.json", BACKEND_KEY_PREFIX[args.attn], flat)
+        add_backend_keys(args.out / f"bench-{gpu_tag()}{tp}.json", BACKEND_KEY_PREFIX[args.attn], flat)
     return 0
 
 

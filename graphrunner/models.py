@@ -9,9 +9,10 @@ backends need): then `page_table` [batch, pages_per_seq] is a step input naming 
 page 0 is a scratch page that padding rows (page table padded with 0) write to. The cache starts
 random, so reading a wrong page shows in the output.
 
-Tensor parallel: with `tp_size > 1` QKV and gate/up are column-parallel, the output and down projections
-row-parallel, followed by an all-reduce through torch.distributed. Every rank draws the full weights
-from one seed and keeps its shard, so a TP=N model equals the TP=1 model built from the same seed.
+Tensor parallel: with `tp_size > 1` QKV and gate/up are column-parallel, the output and down
+projections row-parallel, each followed by an all-reduce through torch.distributed (NCCL on GPUs). Every
+rank draws the full weights and cache from one seed and keeps its shard, so a TP=N model equals the
+TP=1 model built from the same seed.
 """
 from __future__ import annotations
 
@@ -99,6 +100,10 @@ class DecoderStep(torch.nn.Module):
         if cfg.heads % tp_size or cfg.intermediate % tp_size:
             raise ValueError(f"heads ({cfg.heads}) and intermediate ({cfg.intermediate}) must divide by tp_size "
                              f"({tp_size})")
+        # The all-reduces run over tp_group: the whole world by default when tp_size > 1; a group passed with
+        # tp_size=1 runs them on one GPU too (a world of one), as the single-GPU tests do.
+        if tp_group is None and tp_size > 1:
+            tp_group = torch.distributed.group.WORLD
         self.cfg, self.tp_size, self.tp_group = cfg, tp_size, tp_group
         self.heads = cfg.heads // tp_size
         self.attend = attention_backend(cfg.attention)
@@ -149,7 +154,7 @@ class DecoderStep(torch.nn.Module):
         self.register_buffer("cache_positions", torch.arange(cfg.cache_len, device=device), persistent=False)
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size > 1:
+        if self.tp_group is not None:
             torch.distributed.all_reduce(x, group=self.tp_group)
         return x
 

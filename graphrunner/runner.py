@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
+from graphrunner import distributed
 from graphrunner._native import _C, GraphStateError
 from graphrunner.graph import Graph, PoolLike, pool_id, require_cuda, side_stream
 from graphrunner.memory import alias
@@ -54,10 +55,6 @@ _NOT_CAPTURED = _Unusable("GraphRunner.capture() has not run yet; call runner.ca
 _CLOSED = _Unusable("this GraphRunner is closed; build a new one (and capture it) to run more steps")
 
 
-def _in_distributed_run() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 class GraphRunner(_C.StepCall):
     """Runs `fn(**inputs)` through CUDA graphs captured at several batch sizes.
 
@@ -85,6 +82,7 @@ class GraphRunner(_C.StepCall):
         capture_error_mode: str = "global",
         strict: bool = False,
         debug: bool = False,
+        collective_timeout_s: float = 300.0,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
@@ -103,6 +101,7 @@ class GraphRunner(_C.StepCall):
         self.warmup, self.fallback, self.no_grad = warmup, fallback, no_grad
         self.on_capture, self.before_replay, self.clone_outputs = on_capture, before_replay, clone_outputs
         self.capture_error_mode, self.strict, self.debug = capture_error_mode, strict, debug
+        self.collective_timeout_s = collective_timeout_s
         self.device = torch.device("cuda", _device_index(device))
         self._pool_arg = pool
         specs = [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in self.inputs.items()]
@@ -127,25 +126,36 @@ class GraphRunner(_C.StepCall):
             raise
 
     def _capture_all(self) -> CaptureReport:
-        from graphrunner import hazards
-
         self.static_inputs = {n: torch.full((self.max_batch_size, *s.shape), s.pad, dtype=s.dtype,
                                             device=self.device) for n, s in self.inputs.items()}
         step = _C.StepRunner(self._inputs, list(self.static_inputs.values()), self.capture_sizes)
         self.pool = pool_id(self._pool_arg) if self._pool_arg is not None else torch.cuda.graph_pool_handle()
         self._stream = side_stream(self.device)
-        report = CaptureReport(warmup_ms=self._warm_up())
-        guard = hazards.CaptureGuard(self, strict=self.strict, debug=self.debug)
-        show = sys.stderr.isatty() and not (_in_distributed_run() and torch.distributed.get_rank() != 0)
-        for size in tqdm(self.capture_order, desc="capturing", unit="size", disable=not show):
-            with guard.watch(size):
-                report.sizes.append(self._capture_one(step, size))
+        # In a distributed run every rank captures the same sizes in the same order, and each stage ends
+        # with every rank's outcome, so one rank's failure stops all of them (graphrunner/distributed.py).
+        report = self._capture_sizes(step, distributed.agreement(self.collective_timeout_s))
         self._outputs_for_batch = [None] + [self._sliced_outputs(b, step.size_for(b))
                                             for b in range(1, self.max_batch_size + 1)]
         self._step = step
         if self.before_replay is None and not self.clone_outputs:
             self._arm(step, self._outputs_for_batch)
-        logger.info("graphrunner: %s", report.summary())
+        if distributed.is_rank_zero():
+            logger.info("graphrunner: %s", report.summary())
+        return report
+
+    def _capture_sizes(self, step: Any, ranks: Any) -> CaptureReport:
+        from graphrunner import hazards
+
+        ranks.same_everywhere("capture_order", self.capture_order)
+        report = CaptureReport(rank=ranks.rank)
+        with ranks.stage("warm-up"):
+            report.warmup_ms = self._warm_up()
+        guard = hazards.CaptureGuard(self, strict=self.strict, debug=self.debug)
+        show = sys.stderr.isatty() and distributed.is_rank_zero()
+        for size in tqdm(self.capture_order, desc="capturing", unit="size", disable=not show):
+            with ranks.stage(f"capture of size {size}"), guard.watch(size):
+                report.sizes.append(self._capture_one(step, size))
+        report.ranks = ranks.exchange("capture reports", value=report) if ranks.world > 1 else []
         return report
 
     def _warm_up(self) -> float:
@@ -157,9 +167,7 @@ class GraphRunner(_C.StepCall):
             for _ in range(self.warmup):
                 self.fn(**self._static_views(largest))
         self._stream.synchronize()
-        torch.cuda.synchronize(self.device)
-        if _in_distributed_run():
-            torch.distributed.barrier()
+        torch.cuda.synchronize(self.device)  # in a distributed run, the warm-up stage's exchange is the barrier
         return (time.perf_counter() - start) * 1000
 
     def _capture_one(self, step: Any, size: int) -> SizeReport:

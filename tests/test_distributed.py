@@ -1,0 +1,69 @@
+"""Ranks agreeing on each capture stage, over gloo on the CPU: two processes, no GPU needed."""
+import socket
+import time
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from graphrunner.distributed import DistributedCaptureError, RankAgreement, SoloAgreement
+
+TIMEOUT_S = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expect_error(match: str, fn, *args):
+    try:
+        fn(*args)
+    except DistributedCaptureError as exc:
+        assert match in str(exc), f"{match!r} not in {exc}"
+        return exc
+    raise AssertionError(f"expected DistributedCaptureError matching {match!r}")
+
+
+def fail_on_rank_one(ranks: RankAgreement):
+    with ranks.stage("capture of size 64"):
+        if ranks.rank == 1:
+            raise ValueError("boom")
+
+
+def agree_across_two_ranks(rank: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ranks = RankAgreement(TIMEOUT_S)
+    assert ranks.exchange("reports", value=f"report of {rank}") == ["report of 0", "report of 1"]
+    with ranks.stage("warm-up"):
+        pass
+    ranks.same_everywhere("capture_order", [8, 4, 2, 1])
+
+    found = expect_error("capture of size 64 failed on 1 of 2 ranks, so every rank stops: rank 1: ValueError: boom",
+                         fail_on_rank_one, ranks)
+    assert isinstance(found.__cause__, ValueError) == (rank == 1)
+
+    expect_error("ranks disagree on capture_order: rank 0: [8, 1]; rank 1: [8, 2]", ranks.same_everywhere,
+                 "capture_order", [8, rank + 1])
+
+    # A rank that never reports (dead or hung): the other one raises within the timeout.
+    if rank == 0:
+        start = time.monotonic()
+        expect_error(f"capture of size 8: no word from rank(s) 1 within {TIMEOUT_S:g} s", ranks.exchange,
+                     "capture of size 8")
+        assert time.monotonic() - start < TIMEOUT_S + 10
+
+
+def test_every_rank_raises_when_one_fails():
+    mp.spawn(agree_across_two_ranks, args=(free_port(),), nprocs=2, join=True)
+
+
+def test_a_single_process_agrees_with_itself():
+    solo = SoloAgreement()
+    with solo.stage("warm-up"):
+        pass
+    assert solo.exchange("reports", value=3) == [3]
+    with pytest.raises(ValueError, match="boom"):
+        with solo.stage("capture of size 1"):
+            raise ValueError("boom")
