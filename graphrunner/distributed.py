@@ -49,6 +49,7 @@ class RankAgreement:
         exchange = next(self.exchanges)
         keys = [f"{self.prefix}{exchange}/{r}" for r in range(self.world)]
         self.store.set(keys[self.rank], pickle.dumps(mine))
+        default_timeout = self.store.timeout  # the store is shared: its own timeout goes back afterwards
         self.store.set_timeout(timedelta(seconds=self.timeout_s))
         try:
             self.store.wait(keys)
@@ -57,6 +58,8 @@ class RankAgreement:
             raise DistributedCaptureError(
                 f"{stage}: no word from rank(s) {', '.join(map(str, silent))} within {self.timeout_s:g} s; they may "
                 f"have died or hung (GraphRunner(collective_timeout_s=...) sets this limit)") from error or exc
+        finally:
+            self.store.set_timeout(default_timeout)
         everyone = [pickle.loads(self.store.get(key)) for key in keys]
         failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(everyone) if e is not None]
         if failed:

@@ -35,7 +35,9 @@ def fail_on_rank_one(ranks: RankAgreement):
 def agree_across_two_ranks(rank: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ranks = RankAgreement(TIMEOUT_S)
+    store_timeout = ranks.store.timeout
     assert ranks.exchange("reports", value=f"report of {rank}") == ["report of 0", "report of 1"]
+    assert ranks.store.timeout == store_timeout  # the shared store keeps its own timeout
     with ranks.stage("warm-up"):
         pass
     ranks.same_everywhere("capture_order", [8, 4, 2, 1])
