@@ -1,6 +1,7 @@
 """`GraphRunner`: one step function captured at many batch sizes, largest first, into one pool."""
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -152,9 +153,18 @@ class GraphRunner(_C.StepCall):
             report.warmup_ms = self._warm_up()
         guard = hazards.CaptureGuard(self, strict=self.strict, debug=self.debug)
         show = sys.stderr.isatty() and distributed.is_rank_zero()
-        for size in tqdm(self.capture_order, desc="capturing", unit="size", disable=not show):
-            with ranks.stage(f"capture of size {size}"), guard.watch(size):
-                report.sizes.append(self._capture_one(step, size))
+        # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which
+        # both reorders the pool and hides what a capture kept alive from the guard. One collection first.
+        gc.collect()
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for size in tqdm(self.capture_order, desc="capturing", unit="size", disable=not show):
+                with ranks.stage(f"capture of size {size}"), guard.watch(size):
+                    report.sizes.append(self._capture_one(step, size))
+        finally:
+            if gc_enabled:
+                gc.enable()
         report.ranks = ranks.exchange("capture reports", value=report) if ranks.world > 1 else []
         return report
 
