@@ -1,8 +1,17 @@
+import socket
+
 import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (this machine has none; CI never has one)")
+
+
+def free_port() -> int:
+    """A TCP port on localhost nobody listens on, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,20 +1,14 @@
-"""Ranks agreeing on each capture stage, over gloo on the CPU: two processes, no GPU needed."""
-import socket
+"""Ranks agreeing on each capture stage: two processes in a gloo process group on the CPU, no GPU needed."""
 import time
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from graphrunner.distributed import DistributedCaptureError, RankAgreement, SoloAgreement
 
 TIMEOUT_S = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expect_error(match: str, fn, *args):

@@ -6,7 +6,6 @@ NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 """
 import functools
 import os
-import socket
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import graphrunner as gr
-from conftest import gpu
+from conftest import free_port, gpu
 from graphrunner.distributed import DistributedCaptureError
 from graphrunner.models import DecoderConfig, DecoderStep, random_step, step_inputs
 
@@ -27,12 +26,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 CFG = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                     page_size=16, max_batch_size=256)
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (this machine has fewer)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
