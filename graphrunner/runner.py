@@ -156,8 +156,8 @@ class GraphRunner(_C.StepCall):
         guard = hazards.CaptureGuard(self, strict=self.strict, debug=self.debug)
         show = sys.stderr.isatty() and distributed.is_rank_zero()
         # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which
-        # both reorders the pool and hides what a capture kept alive from the guard. (No collection
-        # before either: torch.cuda.graph's per-capture gc.collect() is most of its capture time.)
+        # both reorders the pool and hides what a capture kept alive from the guard. No collection
+        # beforehand: the guard does not need one, and a full collection costs capture time.
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
