@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,20 +57,36 @@ def gpu_tag() -> str:
     return next((t for t in ("h100", "h200", "a100", "b200", "l40s") if t in name), name.split()[-1])
 
 
-def timed(fn: Callable[[Dict[str, torch.Tensor]], object], steps: List[Dict[str, torch.Tensor]], n: int):
-    """Median wall and host microseconds of one step, synchronised after each step as a serving loop is."""
-    wall, host = [], []
-    for i in range(n + 10):
-        s = steps[i % len(steps)]
-        t0 = time.perf_counter()
-        fn(s)
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        if i >= 10:
-            host.append((t1 - t0) * 1e6)
-            wall.append((t2 - t0) * 1e6)
-    return statistics.median(wall), statistics.median(host)
+ROUNDS = 5  # contenders take turns in this many blocks
+BLOCK_WARMUP = 5  # untimed steps at the start of each block, after another contender ran
+
+
+def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], steps: List[Dict[str, torch.Tensor]],
+          n: int, floor: Callable[[int], float]) -> Tuple[Dict[str, Tuple[float, float]], float]:
+    """Median wall and host microseconds of one step per contender, synchronised after each step as a
+    serving loop is, and the median of `floor(steps)` (a C++ launch loop that times itself).
+
+    The contenders take turns in ROUNDS blocks of n / ROUNDS steps, so whatever drifts on the machine
+    during the run (clocks, neighbours) falls on every contender alike; blocks, not single steps, so that
+    no contender runs on caches another one just evicted."""
+    wall: Dict[str, List[float]] = {name: [] for name in contenders}
+    host: Dict[str, List[float]] = {name: [] for name in contenders}
+    floors: List[float] = []
+    for _ in range(ROUNDS):
+        for name, fn in contenders.items():
+            for i in range(BLOCK_WARMUP + n // ROUNDS):
+                s = steps[i % len(steps)]
+                t0 = time.perf_counter()
+                fn(s)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                if i >= BLOCK_WARMUP:
+                    host[name].append((t1 - t0) * 1e6)
+                    wall[name].append((t2 - t0) * 1e6)
+        floors.append(floor(n // ROUNDS))
+    medians = {name: (statistics.median(wall[name]), statistics.median(host[name])) for name in contenders}
+    return medians, statistics.median(floors)
 
 
 def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: List[int]):
@@ -152,8 +168,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         ours, theirs = runner.graphs[size], baseline.graphs[size]
         contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
-        times = {name: timed(fn, steps, args.steps) for name, fn in contenders.items()}
-        floor = _C.launch_floor_us(ours, args.steps)
+        times, floor = timed(contenders, steps, args.steps, lambda k: _C.launch_floor_us(ours, k))
         row = {"batch": batch, "size": size, "floor_host_us": floor}
         for name, (wall, host) in times.items():
             row[f"{name}_wall_us"], row[f"{name}_host_us"] = wall, host
