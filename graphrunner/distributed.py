@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import pickle
 from datetime import timedelta
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Union
 
 import torch.distributed as dist
 
@@ -38,6 +38,8 @@ class RankAgreement:
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s, self.rank, self.world = timeout_s, dist.get_rank(), dist.get_world_size()
+        # torch exposes the default group's store only through this private name (stable since 1.x);
+        # the store is what every rank already rendezvoused through.
         self.store = dist.distributed_c10d._get_default_store()
         self.prefix = f"graphrunner/capture{next(_captures)}/"
         self.exchanges = itertools.count()
@@ -101,6 +103,9 @@ class SoloAgreement:
         pass
 
 
-def agreement(timeout_s: float):
+Agreement = Union[RankAgreement, SoloAgreement]
+
+
+def agreement(timeout_s: float) -> Agreement:
     """A RankAgreement in a distributed run, else a SoloAgreement."""
     return RankAgreement(timeout_s) if in_distributed_run() else SoloAgreement()

@@ -146,7 +146,7 @@ class GraphRunner(_C.StepCall):
             logger.info("graphrunner: %s", report.summary())
         return report
 
-    def _capture_sizes(self, step: Any, ranks: Any) -> CaptureReport:
+    def _capture_sizes(self, step: Any, ranks: distributed.Agreement) -> CaptureReport:
         from graphrunner import hazards
 
         ranks.same_everywhere("capture_order", self.capture_order)
