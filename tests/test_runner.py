@@ -204,6 +204,20 @@ def test_clone_outputs_survive_the_next_call(model):
         torch.testing.assert_close(a["logits"], model(**a_in)["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_steps_without_hooks_never_enter_python(model):
+    """The native fast path is armed at capture: a step never looks up the Python fallback."""
+    with gr.GraphRunner(model, INPUTS, max_batch_size=8) as r:
+        r.capture()
+        r._call_slow = None  # a step that went through Python would now raise TypeError
+        step = make_inputs(5)
+        torch.testing.assert_close(r(**step)["logits"], model(**step)["logits"], rtol=1e-4, atol=1e-4)
+    with gr.GraphRunner(model, INPUTS, max_batch_size=8, clone_outputs=True) as slow:
+        slow.capture()
+        slow._call_slow = None
+        with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+            slow(**make_inputs(5))
+
+
 def test_validate_passes(runner):
     report = runner.validate(steps_per_size=2)
     assert report.replays == 2 * len(runner.capture_sizes)
