@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import graphrunner as gr
 from conftest import free_port, gpu
 from graphrunner.distributed import DistributedCaptureError
+from graphrunner.hazards import relative_error
 from graphrunner.models import DecoderConfig, DecoderStep, random_step, step_inputs
 
 pytestmark = gpu
@@ -26,10 +27,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 CFG = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                     page_size=16, max_batch_size=256)
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (this machine has fewer)")
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 class CountingDecoder(DecoderStep):
