@@ -324,7 +324,7 @@ def write_results(args: argparse.Namespace, res: Dict[str, object]) -> int:
     tp = f"x{args.tp}" if res["distributed"] else ""
     name = args.name or gpu_tag() + tp + ("" if args.attn == "sdpa" else f"-{args.attn}")
     if res["distributed"]:  # the headline numbers again, under names that say how many ranks
-        res.update({f"tp{args.tp}_{key}": res[key] for key in HEADLINE_KEYS})
+        res.update(headline(f"tp{args.tp}", res))
     args.out.mkdir(parents=True, exist_ok=True)
     report = table(res)
     print(report)
@@ -342,9 +342,13 @@ BACKEND_KEY_PREFIX = {"flash-attn-4": "fa4", "flash-attn": "fa2"}
 HEADLINE_KEYS = ("eager_vs_run_bs1", "run_vs_bare_bs1", "trace_steps_s_run")
 
 
+def headline(prefix: str, res: Dict[str, object]) -> Dict[str, object]:
+    return {f"{prefix}_{key}": res[key] for key in HEADLINE_KEYS}
+
+
 def add_backend_keys(path: Path, prefix: str, res: Dict[str, object]) -> None:
     main = json.loads(path.read_text()) if path.exists() else {}
-    main.update({f"{prefix}_{key}": res[key] for key in HEADLINE_KEYS})
+    main.update(headline(prefix, res))
     path.write_text(json.dumps(main, indent=1, sort_keys=True) + "\n")
 
 
