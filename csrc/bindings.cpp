@@ -73,8 +73,8 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("specs"), py::arg("max_batch_size"), py::arg("fallback_eager"), py::arg("device"))
       .def("check", [](const StepInputs& s, const py::dict& given) {
-        auto tensors = s.tensors(given.ptr());
-        return s.checker->check(tensors);
+        BorrowedTensors slots;
+        return s.checker->check(s.borrow(given.ptr(), slots));
       });
 
   py::class_<PyStepRunner>(m, "StepRunner")
@@ -88,13 +88,16 @@ PYBIND11_MODULE(_C, m) {
       .def("stage", [](PyStepRunner& s, int64_t size) { s.runner->stage(size); })
       .def("add_graph",
            [](PyStepRunner& s, int64_t size, std::shared_ptr<Graph> graph) { s.runner->add_graph(size, graph); })
-      .def("size_for", [](const PyStepRunner& s, int64_t batch) { return s.runner->size_for(batch); })
-      .def("run", [](PyStepRunner& s, const py::dict& given) {
-        auto tensors = s.inputs.tensors(given.ptr());
-        return s.runner->run(tensors);
-      });
+      .def("size_for", [](const PyStepRunner& s, int64_t batch) { return s.runner->size_for(batch); });
 
   m.add_object("StepCall", step_call_type());
 
   m.def("launch_floor_us", &launch_floor_us, py::arg("graph"), py::arg("steps"));
+  m.def(
+      "step_loop_us",
+      [](PyStepRunner& s, const py::dict& given, int steps) {
+        BorrowedTensors slots;
+        return step_loop_us(*s.runner, s.inputs.borrow(given.ptr(), slots), steps);
+      },
+      py::arg("step"), py::arg("inputs"), py::arg("steps"));
 }

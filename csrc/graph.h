@@ -3,6 +3,7 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/Device.h>
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <string>
@@ -47,6 +48,7 @@ class Graph {
 
  private:
   void instantiate(cudaStream_t stream);
+  void launch(cudaStream_t stream);
   void release_pool() noexcept;
 
   const bool keep_graph_;
@@ -56,6 +58,7 @@ class Graph {
   c10::CaptureId_t capture_id_ = 0;
   PoolId pool_{0, 0};
   c10::DeviceIndex device_ = -1;
+  CUcontext context_ = nullptr;  // the device's context, which replay() finds current on a serving thread
   size_t num_nodes_ = 0;
   bool capturing_ = false;
   bool holds_pool_ = false;

@@ -60,9 +60,14 @@ int64_t InputSpec::row_bytes() const {
 
 InputChecker::InputChecker(std::vector<InputSpec> specs, int64_t max_batch_size, bool fallback_eager,
                            c10::DeviceIndex device)
-    : specs_(std::move(specs)), max_batch_size_(max_batch_size), fallback_eager_(fallback_eager), device_(device) {}
+    : specs_(std::move(specs)), max_batch_size_(max_batch_size), fallback_eager_(fallback_eager), device_(device) {
+  if (specs_.empty() || specs_.size() > kMaxInputs) {
+    throw InputValueError("a runner takes 1 to " + std::to_string(kMaxInputs) + " inputs, got " +
+                          std::to_string(specs_.size()));
+  }
+}
 
-int64_t InputChecker::check_one(size_t i, at::Tensor& t) const {
+int64_t InputChecker::check_one(size_t i, const at::Tensor& t) const {
   const InputSpec& spec = specs_[i];
   if (!t.defined()) {
     throw InputTypeError("input '" + spec.name + "' is an undefined tensor; pass a tensor of dtype " +
@@ -82,10 +87,10 @@ int64_t InputChecker::check_one(size_t i, at::Tensor& t) const {
   return sizes[0];
 }
 
-int64_t InputChecker::check(std::vector<at::Tensor>& inputs) const {
+int64_t InputChecker::check(StepTensors inputs) const {
   int64_t batch = -1;
   for (size_t i = 0; i < specs_.size(); ++i) {
-    int64_t rows = check_one(i, inputs[i]);
+    int64_t rows = check_one(i, *inputs[i]);
     if (batch < 0) {
       batch = rows;
     } else if (rows != batch) {
@@ -98,19 +103,13 @@ int64_t InputChecker::check(std::vector<at::Tensor>& inputs) const {
     throw InputValueError("batch size 0: every input has 0 rows; skip the step instead of running it");
   }
   for (size_t i = 0; i < specs_.size(); ++i) {
-    at::Tensor& t = inputs[i];
+    const at::Tensor& t = *inputs[i];
     if (!t.is_cuda() || t.get_device() != device_) {
       throw InputValueError("input '" + specs_[i].name + "' is on " + t.device().str() + ", expected cuda:" +
                             std::to_string(device_) + "; move it with .to('cuda:" + std::to_string(device_) + "')");
     }
-    if (!t.is_contiguous()) {
-      t = t.contiguous();
-    }
   }
-  if (batch > max_batch_size_) {
-    if (fallback_eager_) {
-      return -1;
-    }
+  if (batch > max_batch_size_ && !fallback_eager_) {
     throw InputValueError("batch size " + std::to_string(batch) + " is above max_batch_size " +
                           std::to_string(max_batch_size_) +
                           "; raise max_batch_size (and capture again) or use fallback='eager'");

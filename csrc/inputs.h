@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <array>
 #include <cstdint>
@@ -11,6 +12,12 @@
 #include <vector>
 
 namespace graphrunner {
+
+constexpr size_t kMaxInputs = 16;
+
+// One step's inputs in spec order, borrowed from the caller for the length of the call: no copies and
+// no reference counting on the per-step path.
+using StepTensors = c10::ArrayRef<const at::Tensor*>;
 
 struct InputSpec {
   std::string name;
@@ -26,10 +33,9 @@ class InputChecker {
   InputChecker(std::vector<InputSpec> specs, int64_t max_batch_size, bool fallback_eager,
                c10::DeviceIndex device);
 
-  // Checks one step's inputs, given in spec order, and returns the batch size, or -1 when the batch
-  // is above max_batch_size and the fallback is eager. Non-contiguous inputs are replaced by
-  // contiguous copies, which the caller keeps alive until the step is launched.
-  int64_t check(std::vector<at::Tensor>& inputs) const;
+  // Checks one step's inputs and returns the batch size. A batch above max_batch_size is returned
+  // when the fallback is eager (the step then runs eagerly) and raises otherwise.
+  int64_t check(StepTensors inputs) const;
   // Raises the error for a call whose input names are not exactly the spec's.
   [[noreturn]] void throw_name_error(const std::vector<std::string>& given) const;
 
@@ -38,7 +44,7 @@ class InputChecker {
   c10::DeviceIndex device() const { return device_; }
 
  private:
-  int64_t check_one(size_t i, at::Tensor& t) const;
+  int64_t check_one(size_t i, const at::Tensor& t) const;
 
   std::vector<InputSpec> specs_;
   int64_t max_batch_size_;

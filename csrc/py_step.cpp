@@ -43,9 +43,11 @@ void set_any_python_error() {
 
 struct StepCallObject {
   PyObject_HEAD
-  PyObject* step;        // the Python StepRunner while the fast path is armed, else NULL
-  PyObject* outputs;     // list: item b is what a step of batch b returns
-  PyStepRunner* runner;  // step's C++ side
+  PyObject* step;           // the Python StepRunner while armed, else NULL
+  PyObject* outputs;        // list: item b is what a step of batch b returns
+  PyObject* before_replay;  // hook(batch, size) called before each step, or NULL
+  PyObject* finish;         // finish(outputs) makes the returned value (cloned outputs), or NULL
+  PyStepRunner* runner;     // step's C++ side
 };
 
 StepCallObject* as_step_call(PyObject* self) { return reinterpret_cast<StepCallObject*>(self); }
@@ -60,6 +62,9 @@ PyObject* call_method(PyObject* self, const char* name, PyObject* args, PyObject
   return result;
 }
 
+// The step itself. The inputs are checked before anything else runs, so a bad call leaves nothing
+// half-done; the hook runs after the checks and before the descriptor is written, so a hook that raises
+// leaves the runner as it was.
 PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
   if (PyTuple_GET_SIZE(args) != 0) {
     PyErr_Format(PyExc_TypeError,
@@ -70,16 +75,36 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
   }
   StepCallObject* self = as_step_call(self_obj);
   if (self->runner == nullptr) {
-    return call_method(self_obj, "_call_slow", args, kwargs);
+    return call_method(self_obj, "_call_unarmed", args, kwargs);
   }
   try {
-    auto tensors = self->runner->inputs.tensors(kwargs);
-    const int64_t batch = self->runner->runner->run(tensors);
-    if (batch < 0) {
+    BorrowedTensors slots;
+    const StepTensors inputs = self->runner->inputs.borrow(kwargs, slots);
+    StepRunner& runner = *self->runner->runner;
+    const int64_t batch = runner.checker().check(inputs);
+    const int64_t size = runner.size_for(batch);
+    if (self->before_replay != nullptr) {
+      // The hook is Python code: it could close the runner, so hold the step runner across it.
+      py::object step = py::reinterpret_borrow<py::object>(self->step);
+      PyObject* done = PyObject_CallFunction(self->before_replay, "LL", static_cast<long long>(batch),
+                                             static_cast<long long>(size));
+      if (done == nullptr) {
+        return nullptr;
+      }
+      Py_DECREF(done);
+      if (self->step != step.ptr()) {
+        throw StateError("before_replay closed this GraphRunner during the step; close it after the step");
+      }
+    }
+    if (size == 0) {
       py::tuple eager_args = py::make_tuple(py::reinterpret_borrow<py::dict>(kwargs));
       return call_method(self_obj, "_run_eager", eager_args.ptr(), nullptr);
     }
+    runner.launch(batch, inputs);
     PyObject* out = PyList_GET_ITEM(self->outputs, batch);
+    if (self->finish != nullptr) {
+      return PyObject_CallOneArg(self->finish, out);
+    }
     Py_INCREF(out);
     return out;
   } catch (...) {
@@ -93,6 +118,8 @@ int step_call_clear(PyObject* self_obj) {
   self->runner = nullptr;
   Py_CLEAR(self->step);
   Py_CLEAR(self->outputs);
+  Py_CLEAR(self->before_replay);
+  Py_CLEAR(self->finish);
   return 0;
 }
 
@@ -100,6 +127,8 @@ int step_call_traverse(PyObject* self_obj, visitproc visit, void* arg) {
   StepCallObject* self = as_step_call(self_obj);
   Py_VISIT(self->step);
   Py_VISIT(self->outputs);
+  Py_VISIT(self->before_replay);
+  Py_VISIT(self->finish);
   return 0;
 }
 
@@ -109,11 +138,24 @@ void step_call_dealloc(PyObject* self) {
   Py_TYPE(self)->tp_free(self);
 }
 
-// _arm(step, outputs): every later call with no hook runs in C++ against `step`, returning outputs[batch].
+PyObject* callable_or_null(PyObject* obj, const char* what) {
+  if (obj == Py_None) {
+    return nullptr;
+  }
+  if (!PyCallable_Check(obj)) {
+    throw InputTypeError(std::string("_arm(): ") + what + " must be callable or None");
+  }
+  Py_INCREF(obj);
+  return obj;
+}
+
+// _arm(step, outputs, before_replay, finish): every later call runs in C++ against `step`.
 PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
   PyObject* step = nullptr;
   PyObject* outputs = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!", &step, &PyList_Type, &outputs)) {
+  PyObject* before_replay = nullptr;
+  PyObject* finish = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!OO", &step, &PyList_Type, &outputs, &before_replay, &finish)) {
     return nullptr;
   }
   try {
@@ -121,12 +163,22 @@ PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
     if (PyList_GET_SIZE(outputs) != runner->runner->checker().max_batch_size() + 1) {
       throw InputValueError("_arm() needs one output entry per batch 0..max_batch_size");
     }
+    PyObject* hook = callable_or_null(before_replay, "before_replay");
+    PyObject* finisher = nullptr;
+    try {
+      finisher = callable_or_null(finish, "finish");
+    } catch (...) {
+      Py_XDECREF(hook);
+      throw;
+    }
     step_call_clear(self_obj);
     StepCallObject* self = as_step_call(self_obj);
     Py_INCREF(step);
     Py_INCREF(outputs);
     self->step = step;
     self->outputs = outputs;
+    self->before_replay = hook;
+    self->finish = finisher;
     self->runner = runner;
   } catch (...) {
     set_any_python_error();
@@ -141,8 +193,9 @@ PyObject* step_call_disarm(PyObject* self_obj, PyObject*) {
 }
 
 PyMethodDef step_call_methods[] = {
-    {"_arm", step_call_arm, METH_VARARGS, "Route calls to the native fast path: _arm(step_runner, outputs)."},
-    {"_disarm", step_call_disarm, METH_NOARGS, "Route every call to _call_slow()."},
+    {"_arm", step_call_arm, METH_VARARGS,
+     "Run calls natively: _arm(step_runner, outputs, before_replay or None, finish or None)."},
+    {"_disarm", step_call_disarm, METH_NOARGS, "Send every call to _call_unarmed()."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -165,25 +218,23 @@ PyTypeObject step_call_type_object = make_step_call_type();
 
 }  // namespace
 
-std::vector<at::Tensor> StepInputs::tensors(PyObject* given) const {
-  const auto& specs = checker->specs();
-  if (given == nullptr || static_cast<size_t>(PyDict_GET_SIZE(given)) != specs.size()) {
+StepTensors StepInputs::borrow(PyObject* given, BorrowedTensors& slots) const {
+  const size_t count = checker->specs().size();
+  if (given == nullptr || static_cast<size_t>(PyDict_GET_SIZE(given)) != count) {
     throw_name_error(*checker, given);
   }
-  std::vector<at::Tensor> out;
-  out.reserve(specs.size());
-  for (size_t i = 0; i < specs.size(); ++i) {
+  for (size_t i = 0; i < count; ++i) {
     PyObject* obj = PyDict_GetItem(given, names[i].ptr());
     if (obj == nullptr) {
       throw_name_error(*checker, given);
     }
     if (!THPVariable_Check(obj)) {
-      throw InputTypeError("input '" + specs[i].name + "' is a " + Py_TYPE(obj)->tp_name +
+      throw InputTypeError("input '" + checker->specs()[i].name + "' is a " + Py_TYPE(obj)->tp_name +
                            ", expected a torch.Tensor");
     }
-    out.push_back(THPVariable_Unpack(obj));
+    slots[i] = &THPVariable_Unpack(obj);
   }
-  return out;
+  return StepTensors(slots.data(), count);
 }
 
 void add_exception_types(py::module_& module) {

@@ -2,12 +2,14 @@
 // and StepCall, the type whose instances Python calls once per step.
 //
 // GraphRunner (Python) subclasses StepCall, so `runner(**inputs)` enters C++ through the type's tp_call
-// slot: no Python frame and no pybind11 dispatch on the hot path. Anything the fast path does not cover
-// (hooks, cloned outputs, a runner not yet captured) goes to the Python method `_call_slow`.
+// slot: no Python frame and no pybind11 dispatch on the hot path. Python runs only where the user asked
+// for it (the before_replay hook, cloned outputs) or where no graph fits (an eager step, `_run_eager`);
+// a runner not captured yet, or closed, sends every call to the Python method `_call_unarmed`.
 #pragma once
 
 #include <torch/extension.h>
 
+#include <array>
 #include <exception>
 #include <memory>
 #include <vector>
@@ -20,13 +22,16 @@ namespace graphrunner {
 // pybind11 builds its module with hidden visibility; types holding Python objects must match it.
 #define GR_PYTHON_FACING __attribute__((visibility("hidden")))
 
+using BorrowedTensors = std::array<const at::Tensor*, kMaxInputs>;
+
 // The checker plus its input names as Python strings, so a step looks each input up by hash.
 struct GR_PYTHON_FACING StepInputs {
   std::shared_ptr<InputChecker> checker;
   std::vector<pybind11::object> names;
 
-  // The given inputs in spec order; raises TypeError naming a missing, extra or non-tensor input.
-  std::vector<at::Tensor> tensors(PyObject* given) const;
+  // The tensors of the dict `given` in spec order, in `slots`; valid while `given` holds them. Raises
+  // TypeError naming a missing, extra or non-tensor input.
+  StepTensors borrow(PyObject* given, BorrowedTensors& slots) const;
 };
 
 struct GR_PYTHON_FACING PyStepRunner {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <string>
 
 #include "errors.h"
 
@@ -83,11 +84,6 @@ __global__ void stage_inputs(HostRing* ring, unsigned long long* control, Static
 StepRunner::StepRunner(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers,
                        std::vector<int64_t> capture_sizes)
     : checker_(std::move(checker)), static_buffers_(std::move(static_buffers)) {
-  const auto& specs = checker_->specs();
-  if (specs.empty() || specs.size() > kMaxInputs) {
-    throw InputValueError("a runner takes 1 to " + std::to_string(kMaxInputs) + " inputs, got " +
-                          std::to_string(specs.size()));
-  }
   const int64_t max_batch = checker_->max_batch_size();
   size_for_batch_.assign(max_batch + 1, 0);
   graph_for_batch_.resize(max_batch + 1);
@@ -145,10 +141,17 @@ void StepRunner::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
   }
 }
 
-int64_t StepRunner::run(std::vector<at::Tensor>& inputs) {
-  const int64_t batch = checker_->check(inputs);
-  if (batch < 0 || !graph_for_batch_[batch]) {
-    return -1;
+void StepRunner::launch(int64_t batch, StepTensors inputs) {
+  if (size_for(batch) == 0 || !graph_for_batch_[batch]) {
+    throw StateError("no captured graph holds batch " + std::to_string(batch) + "; run this step eagerly");
+  }
+  // A non-contiguous input is staged from a contiguous copy made on the graph's stream: when the copy
+  // is freed on return, the allocator reuses its memory only for work queued behind this graph.
+  at::Tensor copies[kMaxInputs];
+  const void* src[kMaxInputs];
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor& t = *inputs[i];
+    src[i] = t.is_contiguous() ? t.const_data_ptr() : (copies[i] = t.contiguous()).const_data_ptr();
   }
   const unsigned long long step = issued_;
   // Back-pressure: never overwrite a descriptor the GPU has not consumed yet.
@@ -156,9 +159,7 @@ int64_t StepRunner::run(std::vector<at::Tensor>& inputs) {
   }
   StepDesc& desc = ring_->slots[step % kRingSlots];
   desc.batch = batch;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    desc.src[i] = inputs[i].const_data_ptr();
-  }
+  std::memcpy(desc.src, src, inputs.size() * sizeof(const void*));
   std::atomic_thread_fence(std::memory_order_release);
   *reinterpret_cast<volatile unsigned long long*>(&desc.seq) = step + 1;
   try {
@@ -168,7 +169,6 @@ int64_t StepRunner::run(std::vector<at::Tensor>& inputs) {
     throw;
   }
   issued_ = step + 1;
-  return batch;
 }
 
 }  // namespace graphrunner

@@ -18,7 +18,6 @@
 
 namespace graphrunner {
 
-constexpr int kMaxInputs = 16;
 constexpr int kRingSlots = 64;
 
 struct StepDesc {
@@ -44,10 +43,10 @@ class StepRunner {
   // Inside the capture of `size`: records the staging kernel as the graph's first node.
   void stage(int64_t size);
   void add_graph(int64_t size, std::shared_ptr<Graph> graph);
-  // Runs one step; returns the batch size, or -1 when the caller must run the step eagerly.
-  int64_t run(std::vector<at::Tensor>& inputs);
-  // The captured size a batch runs at (0 when none fits).
+  // The captured size a batch runs at (0 when none fits: the step runs eagerly).
   int64_t size_for(int64_t batch) const;
+  // Stages `batch` rows of checked inputs and launches the graph of size_for(batch).
+  void launch(int64_t batch, StepTensors inputs);
   const InputChecker& checker() const { return *checker_; }
 
  private:

@@ -2,7 +2,8 @@
 
 Contenders: eager; the common runner (torch.cuda.CUDAGraph per size, copy_ staging, benchmarks/
 common_runner.py); bare replay of graphrunner's graph through Graph.replay(), of the common runner's graph
-through torch.cuda.CUDAGraph.replay(), and a C++ loop of cudaGraphLaunch; graphrunner itself.
+through torch.cuda.CUDAGraph.replay(); graphrunner itself; and two C++ loops that time the host side with
+no Python: cudaGraphLaunch of the same graph (the floor) and graphrunner's whole native step.
 Writes bench-<gpu>.json and bench-<gpu>.png; ratios are taken side by side in this one run.
 """
 from __future__ import annotations
@@ -62,16 +63,19 @@ BLOCK_WARMUP = 5  # untimed steps at the start of each block, after another cont
 
 
 def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], steps: List[Dict[str, torch.Tensor]],
-          n: int, floor: Callable[[int], float]) -> Tuple[Dict[str, Tuple[float, float]], float]:
+          n: int, loops: Dict[str, Callable[[int], float]]) -> Tuple[Dict[str, Tuple[float, float]], Dict[str, float]]:
     """Median wall and host microseconds of one step per contender, synchronised after each step as a
-    serving loop is, and the median of `floor(steps)` (a C++ launch loop that times itself).
+    serving loop is, and the median of each C++ reference loop's `loop(steps)` (loops that time themselves).
 
     The contenders take turns in ROUNDS blocks of n / ROUNDS steps, so whatever drifts on the machine
     during the run (clocks, neighbours) falls on every contender alike; blocks, not single steps, so that
-    no contender runs on caches another one just evicted."""
+    no contender runs on caches another one just evicted. Each step waits for the current stream, as the
+    C++ loops do and as a serving loop waiting for its step's output does: a whole-device synchronize
+    made the next launch's host time both slower and bimodal on the H100."""
     wall: Dict[str, List[float]] = {name: [] for name in contenders}
     host: Dict[str, List[float]] = {name: [] for name in contenders}
-    floors: List[float] = []
+    loop_us: Dict[str, List[float]] = {name: [] for name in loops}
+    stream = torch.cuda.current_stream()
     for _ in range(ROUNDS):
         for name, fn in contenders.items():
             for i in range(BLOCK_WARMUP + n // ROUNDS):
@@ -79,14 +83,15 @@ def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], st
                 t0 = time.perf_counter()
                 fn(s)
                 t1 = time.perf_counter()
-                torch.cuda.synchronize()
+                stream.synchronize()
                 t2 = time.perf_counter()
                 if i >= BLOCK_WARMUP:
                     host[name].append((t1 - t0) * 1e6)
                     wall[name].append((t2 - t0) * 1e6)
-        floors.append(floor(n // ROUNDS))
+        for name, loop in loops.items():
+            loop_us[name].append(loop(n // ROUNDS))
     medians = {name: (statistics.median(wall[name]), statistics.median(host[name])) for name in contenders}
-    return medians, statistics.median(floors)
+    return medians, {name: statistics.median(us) for name, us in loop_us.items()}
 
 
 def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: List[int]):
@@ -168,8 +173,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         ours, theirs = runner.graphs[size], baseline.graphs[size]
         contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
-        times, floor = timed(contenders, steps, args.steps, lambda k: _C.launch_floor_us(ours, k))
-        row = {"batch": batch, "size": size, "floor_host_us": floor}
+        loops = {"floor": lambda k: _C.launch_floor_us(ours, k),
+                 "native": lambda k: _C.step_loop_us(runner._step, steps[0], k)}
+        times, loop_us = timed(contenders, steps, args.steps, loops)
+        row = {"batch": batch, "size": size, "floor_host_us": loop_us["floor"], "native_host_us": loop_us["native"]}
         for name, (wall, host) in times.items():
             row[f"{name}_wall_us"], row[f"{name}_host_us"] = wall, host
         rows.append(row)
@@ -186,7 +193,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         "bare_host_us_bs1": bs1["bare_host_us"], "torch_replay_host_us_bs1": bs1["torch_replay_host_us"],
         "run_host_vs_bare_bs1": bs1["graphrunner_host_us"] / bs1["bare_host_us"],
         "bare_host_vs_torch_replay_bs1": bs1["bare_host_us"] / bs1["torch_replay_host_us"],
-        "launch_floor_us": bs1["floor_host_us"],
+        "launch_floor_us": bs1["floor_host_us"], "native_step_us_bs1": bs1["native_host_us"],
         "run_host_vs_floor_bs1": bs1["graphrunner_host_us"] / bs1["floor_host_us"],
         "eager_vs_run_bs1": bs1["eager_wall_us"] / bs1["graphrunner_wall_us"],
     })
@@ -197,10 +204,11 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         batch = min(cfg.max_batch_size, max(1, batch + int(torch.randint(-8, 9, (1,), generator=order))))
         walk.append(random_step(cfg, batch, gen))
     for name, fn in {"run": lambda s: runner(**s), "baseline": lambda s: baseline(**s), "eager": eager}.items():
+        stream = torch.cuda.current_stream()
         t0 = time.perf_counter()
         for s in walk:
             fn(s)
-            torch.cuda.synchronize()
+            stream.synchronize()
         res[f"trace_steps_s_{name}"] = len(walk) / (time.perf_counter() - t0)
     bar.update()
 
@@ -240,11 +248,12 @@ def table(res: Dict[str, object]) -> str:
     out = [f"{res['gpu']}, torch {res['torch']}, {res['layers']} layers, hidden {res['hidden']}, "
            f"attention {res['attention']}" + (f", tensor parallel over {res['tp']} GPUs (NCCL)"
                                               if res["distributed"] else ""), "",
-           "step wall us (host us), synchronised per step; floor = C++ cudaGraphLaunch loop, host us",
-           f"{'batch':>5} " + " ".join(f"{n:>20}" for n in names) + f" {'floor':>7}"]
+           "step wall us (host us), synchronised per step; C++ loops, host us: floor = cudaGraphLaunch, "
+           "native = graphrunner's whole native step",
+           f"{'batch':>5} " + " ".join(f"{n:>20}" for n in names) + f" {'floor':>7} {'native':>7}"]
     for r in rows:
         cells = " ".join(f"{r[n + '_wall_us']:>11.1f} ({r[n + '_host_us']:>6.1f})" for n in names)
-        out.append(f"{r['batch']:>5} {cells} {r['floor_host_us']:>7.1f}")
+        out.append(f"{r['batch']:>5} {cells} {r['floor_host_us']:>7.1f} {r['native_host_us']:>7.1f}")
     out += ["", f"random-walk trace, steps/s: graphrunner "
             f"{res['trace_steps_s_run']:.0f}, common runner {res['trace_steps_s_baseline']:.0f}, "
             f"eager {res['trace_steps_s_eager']:.0f}",
@@ -277,6 +286,7 @@ def plot(res: Dict[str, object], path: Path) -> None:
         axes[1].plot([r["batch"] for r in rows], [r[name + "_wall_us"] for r in rows], marker="o", label=name)
         axes[2].plot([r["batch"] for r in rows], [r[name + "_host_us"] for r in rows], marker="o", label=name)
     axes[2].plot([r["batch"] for r in rows], [r["floor_host_us"] for r in rows], "k--", label="cudaGraphLaunch (C++)")
+    axes[2].plot([r["batch"] for r in rows], [r["native_host_us"] for r in rows], "k:", label="native step (C++)")
     axes[1].set(title="step wall time", xlabel="batch", ylabel="us", xscale="log", yscale="log")
     axes[2].set(title="host time per step", xlabel="batch", ylabel="us", xscale="log", yscale="log")
     for ax in axes:

@@ -46,10 +46,8 @@ class _Unusable:
     def __init__(self, message: str) -> None:
         self.message = message
 
-    def run(self, inputs: Dict[str, torch.Tensor]) -> int:
+    def size_for(self, batch: int) -> int:
         raise GraphStateError(self.message)
-
-    size_for = run
 
 
 _NOT_CAPTURED = _Unusable("GraphRunner.capture() has not run yet; call runner.capture() before the first step")
@@ -61,7 +59,7 @@ class GraphRunner(_C.StepCall):
 
     `runner(**inputs)` pads the batch to the smallest captured size that holds it, stages the inputs and
     launches the graph in one native call: the base class, `_C.StepCall`, takes the call in C++ with no
-    Python frame. Returned outputs are views into the graph's output memory, valid until the next call
+    Python frame (Python runs only for the hooks, `clone_outputs` and eager steps). Returned outputs are views into the graph's output memory, valid until the next call
     (pass `clone_outputs=True` for copies). `before_replay` and `clone_outputs` are fixed at construction.
     In a torch.distributed run every rank builds its own runner with the same sizes; `capture()` then
     stops on every rank if one fails, and waits at most `collective_timeout_s` for a silent rank.
@@ -140,8 +138,7 @@ class GraphRunner(_C.StepCall):
         self._outputs_for_batch = [None] + [self._sliced_outputs(b, step.size_for(b))
                                             for b in range(1, self.max_batch_size + 1)]
         self._step = step
-        if self.before_replay is None and not self.clone_outputs:
-            self._arm(step, self._outputs_for_batch)
+        self._arm(step, self._outputs_for_batch, self.before_replay, _clone if self.clone_outputs else None)
         if distributed.is_rank_zero():
             logger.info("graphrunner: %s", report.summary())
         return report
@@ -206,20 +203,9 @@ class GraphRunner(_C.StepCall):
         return map_tensors(self.outputs[size], lambda _, t: t[:batch]) if size else None
 
     # -- steps -----------------------------------------------------------------------------------
-    def _call_slow(self, **inputs: torch.Tensor) -> Any:
-        """One step where the native fast path does not apply: hooks, cloned outputs, no graphs."""
-        if self.before_replay is not None:
-            self._call_hook(inputs)
-        batch = self._step.run(inputs)
-        if batch < 0:
-            return self._run_eager(inputs)
-        out = self._outputs_for_batch[batch]
-        return map_tensors(out, lambda _, t: t.clone()) if self.clone_outputs else out
-
-    def _call_hook(self, inputs: Dict[str, torch.Tensor]) -> None:
-        batch = self._inputs.check(inputs)
-        size = self._step.size_for(batch) if batch > 0 else 0
-        self.before_replay(batch if batch > 0 else _rows(inputs), size)
+    def _call_unarmed(self, **inputs: torch.Tensor) -> Any:
+        """A step before capture() or after close(): the native path is not armed, so say why."""
+        raise GraphStateError(self._step.message)
 
     def _run_eager(self, inputs: Dict[str, torch.Tensor]) -> Any:
         with torch.set_grad_enabled(not self.no_grad):
@@ -283,9 +269,8 @@ def _check_output(name: str, t: torch.Tensor, size: int) -> torch.Tensor:
     return t
 
 
-def _rows(inputs: Dict[str, torch.Tensor]) -> int:
-    first = next(iter(inputs.values()), None)
-    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 0
+def _clone(out: Any) -> Any:
+    return map_tensors(out, lambda _, t: t.clone())
 
 
 def _device_index(device: Optional[Union[int, str, torch.device]]) -> int:

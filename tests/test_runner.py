@@ -1,5 +1,6 @@
 """GraphRunner on a GPU: every batch against eager, structures, fallback, errors, hooks, memory."""
 import gc
+import threading
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_host_may_run_ahead_of_the_gpu(runner, model):
     steps = [make_inputs(b) for b in [3, 64, 1, 17, 40, 2] * 30]
     outs = [gr_out["logits"].clone() for gr_out in (runner(**s) for s in steps)]
     for s, got in zip(steps, outs):
+        torch.testing.assert_close(got, model(**s)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_steps_from_a_new_thread(runner, model):
+    """A thread that never touched CUDA has no current context: the replay takes the runtime's path there,
+    which sets the context up, and later steps on that thread take the driver's."""
+    steps = [make_inputs(b) for b in (6, 6, 33)]
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(runner(**s)["logits"].clone() for s in steps))
+    worker.start()
+    worker.join()
+    assert len(results) == len(steps)
+    for s, got in zip(steps, results):
         torch.testing.assert_close(got, model(**s)["logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -185,14 +199,36 @@ def test_fn_returning_non_tensor_is_refused(model):
 
 def test_hooks_see_sizes_in_order(model):
     seen_capture, seen_replay = [], []
-    r = gr.GraphRunner(model, INPUTS, max_batch_size=16, on_capture=seen_capture.append,
+    r = gr.GraphRunner(model, INPUTS, max_batch_size=16, capture_sizes=[4, 8, 12], on_capture=seen_capture.append,
                        before_replay=lambda b, s: seen_replay.append((b, s)))
     r.capture()
     assert seen_capture == r.capture_order
-    r(**make_inputs(5))
-    r(**make_inputs(13))
-    assert seen_replay == [(5, 8), (13, 16)]
+    for batch in (5, 12, 14, 20):  # 14: no captured size holds it; 20: above max_batch_size; both eager
+        inputs = make_inputs(batch)
+        torch.testing.assert_close(r(**inputs)["logits"], model(**inputs)["logits"], rtol=1e-4, atol=1e-4)
+    assert seen_replay == [(5, 8), (12, 12), (14, 0), (20, 0)]
     r.close()
+
+
+def test_hook_errors_leave_the_runner_usable(model):
+    def hook(batch, size):
+        if batch == 3:
+            raise RuntimeError("hook failed at batch 3")
+        if batch == 4:
+            r.close()
+
+    r = gr.GraphRunner(model, INPUTS, max_batch_size=8, before_replay=hook)
+    r.capture()
+    good = make_inputs(5)
+    want = model(**good)["logits"]
+    poison_outputs(r)
+    with pytest.raises(RuntimeError, match="hook failed at batch 3"):
+        r(**make_inputs(3))
+    torch.testing.assert_close(r(**good)["logits"], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(gr.GraphStateError, match="before_replay closed this GraphRunner during the step"):
+        r(**make_inputs(4))
+    with pytest.raises(gr.GraphStateError, match="closed"):
+        r(**good)
 
 
 def test_clone_outputs_survive_the_next_call(model):
@@ -204,18 +240,21 @@ def test_clone_outputs_survive_the_next_call(model):
         torch.testing.assert_close(a["logits"], model(**a_in)["logits"], rtol=1e-4, atol=1e-4)
 
 
-def test_steps_without_hooks_never_enter_python(model):
-    """The native fast path is armed at capture: a step never looks up the Python fallback."""
-    with gr.GraphRunner(model, INPUTS, max_batch_size=8) as r:
+def test_captured_steps_never_enter_python(model):
+    """Once captured, every call is taken natively, hooks and clone_outputs included: the Python method for
+    an unarmed runner (not captured, or closed) is looked up only then."""
+    seen = []
+    with gr.GraphRunner(model, INPUTS, max_batch_size=8, clone_outputs=True,
+                        before_replay=lambda b, s: seen.append((b, s))) as r:
         r.capture()
-        r._call_slow = None  # a step that went through Python would now raise TypeError
+        r._call_unarmed = None  # a step that went through Python would now raise TypeError
         step = make_inputs(5)
-        torch.testing.assert_close(r(**step)["logits"], model(**step)["logits"], rtol=1e-4, atol=1e-4)
-    with gr.GraphRunner(model, INPUTS, max_batch_size=8, clone_outputs=True) as slow:
-        slow.capture()
-        slow._call_slow = None
-        with pytest.raises(TypeError, match="'NoneType' object is not callable"):
-            slow(**make_inputs(5))
+        got = r(**step)
+        torch.testing.assert_close(got["logits"], model(**step)["logits"], rtol=1e-4, atol=1e-4)
+        assert got["logits"].data_ptr() != r.outputs[8]["logits"].data_ptr()  # a clone, not a view
+        assert seen == [(5, 8)]
+    with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+        r(**make_inputs(5))
 
 
 def test_validate_passes(runner):
