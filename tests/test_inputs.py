@@ -70,3 +70,13 @@ def test_pad_bytes_follow_dtype():
     assert gr.StaticInput((), torch.int32, pad=1).pad_bytes() == b"\x01\x00\x00\x00"
     assert list(gr.StaticInput((), torch.float16, pad=1.0).pad_bytes()) == torch.tensor([1.0], dtype=torch.float16) \
         .view(torch.uint8).tolist()
+
+
+def test_input_count_is_bounded():
+    """The staging descriptor holds up to 16 source pointers; more inputs are refused when the runner is built."""
+    specs = [(f"x{i}", [], torch.long, b"\0") for i in range(17)]
+    with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
+        _C.StepInputs(specs, 8, True, 0)
+    with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
+        gr.GraphRunner(lambda **kw: kw["x0"], {f"x{i}": gr.StaticInput((), torch.long) for i in range(17)},
+                       max_batch_size=8)
