@@ -21,7 +21,8 @@ _captures = itertools.count()  # every rank captures in the same order, so this 
 
 
 class DistributedCaptureError(RuntimeError):
-    """A stage of the capture failed on some rank; raised on every rank, naming the ranks and their errors."""
+    """A stage of capture() or a step of validate() failed on some rank; raised on every rank, naming the
+    ranks and their errors (the failing rank's own error is the `__cause__` there)."""
 
 
 def in_distributed_run() -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 
 import torch
 
+from graphrunner import distributed
 from graphrunner.memory import raw_bytes
 from graphrunner.outputs import map_tensors, named_tensors
 
@@ -330,43 +331,60 @@ def validate(runner: "GraphRunner", steps_per_size: int = 2, scrub: bool = False
     order.shuffle(schedule)
     view = PoolView(runner) if (scrub or guard) else None
     report = ValidationReport(scrub=scrub, guard=guard)
+    # In a distributed run every rank replays the same schedule (same seed), and each step ends with every
+    # rank's outcome: a hazard on one rank stops all of them, instead of leaving the others waiting in
+    # the next graph's collectives. For the same reason the buffer is not bisected there (see _mismatch).
+    ranks = distributed.agreement(runner.collective_timeout_s)
     start = time.perf_counter()
     with torch.cuda.device(runner.device):
-        for size in schedule:
+        for step, size in enumerate(schedule):
             smaller = [s for s in runner.capture_sizes if s < size]
             batch = order.randint((smaller[-1] + 1) if smaller else 1, size)
             inputs = make_inputs(batch, gen) if make_inputs is not None else random_inputs(runner.inputs, batch, gen)
-            with torch.set_grad_enabled(not runner.no_grad):
-                expected = map_tensors(runner.fn(**inputs), lambda _, t: t.clone())
-            targets = view.scrub_targets(size) if scrub else []
-            try:
-                out, copies = _step(runner, view, size, inputs, targets, guard)
-            except RuntimeError as exc:
-                raise GraphHazardError(
-                    f"the graph of size {size} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or "
-                    f"{STATE_FIX}. This process's CUDA context may be lost: validate(isolate=True) runs the check "
-                    "in a child process instead.", size=size) from exc
+            with ranks.stage(f"validate step {step} (size {size}, batch {batch})"):
+                errors = _checked_step(runner, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1)
             report.replays += 1
-            if guard:
-                view.check_guarded(copies, size, batch)
-            errors = _errors(out, expected)
-            tol = {name: rtol if rtol is not None else default_rtol(t.dtype)
-                   for name, t in named_tensors(expected).items()}
-            bad = {name: e for name, e in errors.items() if not e <= tol[name]}
-            if bad:
-                raise _mismatch(runner, view, size, batch, inputs, tol, bad, targets)
             report.max_error[size] = max([report.max_error.get(size, 0.0), *errors.values()])
     report.seconds = time.perf_counter() - start
     logger.info("graphrunner: %s", report)
     return report
 
 
+def _checked_step(runner: "GraphRunner", view: Optional[PoolView], size: int, batch: int,
+                  inputs: Dict[str, torch.Tensor], scrub: bool, guard: bool, rtol: Optional[float],
+                  bisect: bool) -> Dict[str, float]:
+    """One validated replay against eager; returns each output's error, or raises GraphHazardError."""
+    with torch.set_grad_enabled(not runner.no_grad):
+        expected = map_tensors(runner.fn(**inputs), lambda _, t: t.clone())
+    targets = view.scrub_targets(size) if scrub else []
+    try:
+        out, copies = _step(runner, view, size, inputs, targets, guard)
+    except RuntimeError as exc:
+        raise GraphHazardError(
+            f"the graph of size {size} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or "
+            f"{STATE_FIX}. This process's CUDA context may be lost: validate(isolate=True) runs the check "
+            "in a child process instead.", size=size) from exc
+    if guard:
+        view.check_guarded(copies, size, batch)
+    errors = _errors(out, expected)
+    tol = {name: rtol if rtol is not None else default_rtol(t.dtype) for name, t in named_tensors(expected).items()}
+    bad = {name: e for name, e in errors.items() if not e <= tol[name]}
+    if bad:
+        raise _mismatch(runner, view, size, batch, inputs, tol, bad, targets, bisect)
+    return errors
+
+
 def _mismatch(runner: "GraphRunner", view: Optional[PoolView], size: int, batch: int,
               inputs: Dict[str, torch.Tensor], tol: Dict[str, float], bad: Dict[str, float],
-              targets: List[Block]) -> GraphHazardError:
+              targets: List[Block], bisect: bool) -> GraphHazardError:
     name, err = next(iter(bad.items()))
     head = (f"the graph of size {size} (batch {batch}) gives {name} with relative error {err:.3g} against eager "
             f"(tolerance {tol[name]:.1g})")
+    if view is not None and targets and not bisect:
+        return GraphHazardError(
+            f"{head} with the pool's free memory scrubbed. The buffer is not bisected in a distributed run: that "
+            "takes replays on this rank alone, whose collectives the other ranks would never join; validate a "
+            f"world of one to name it. Likely {STATE_FIX}.", size=size, buffer=name)
     if view is not None and targets:
         culprit = _blame(runner, view, size, inputs, targets)
         if culprit is not None:

@@ -3,9 +3,12 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import graphrunner as gr
-from conftest import gpu
+from conftest import free_port, gpu
+from graphrunner.distributed import DistributedCaptureError
 from ops import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
 
 pytestmark = gpu
@@ -119,3 +122,25 @@ def test_workspace_rules():
     with pytest.raises(gr.WorkspaceError, match="first requested inside a CUDA graph capture"):
         with g.capture():
             gr.workspace("tests.inside", 16)
+
+
+def validate_on_two_ranks(rank: int, port: int) -> None:
+    # Two processes on one GPU: the group (gloo) serves only the outcome exchanges; rank 1 has the hazard.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        runner = runner_for("stale workspace counter", fixed=rank == 0, collective_timeout_s=60)
+        with pytest.raises(DistributedCaptureError, match=r"validate step \d+ \(size \d+, batch \d+\) failed on 1 of "
+                                                          r"2 ranks.*rank 1: GraphHazardError: the graph of size") \
+                as found:
+            runner.validate(scrub=True, guard=True, steps_per_size=3)
+        assert "not bisected in a distributed run" in str(found.value)
+        assert isinstance(found.value.__cause__, gr.GraphHazardError) == (rank == 1)
+        runner.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_hazard_on_one_rank_stops_every_rank():
+    """validate() in a distributed run: each step ends with every rank's outcome, so the rank without the
+    hazard raises too instead of replaying on into graphs whose collectives the other rank never joins."""
+    mp.spawn(validate_on_two_ranks, args=(free_port(),), nprocs=2, join=True)
