@@ -4,6 +4,7 @@ Capture every batch size largest first into one pool, replay any batch with one 
 shared-pool memory bugs at start-up.
 """
 from graphrunner._native import CudaError, GraphStateError
+from graphrunner.distributed import DistributedCaptureError
 from graphrunner.graph import Graph
 from graphrunner.hazards import CaptureGuardWarning, GraphHazardError, ValidationReport
 from graphrunner.report import CaptureReport, SizeReport
@@ -14,6 +15,7 @@ from graphrunner.workspace import WorkspaceError, workspace
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureGuardWarning", "CaptureReport", "CudaError", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "SizeReport",
-    "StaticInput", "ValidationReport", "WorkspaceError", "default_capture_sizes", "workspace",
+    "CaptureGuardWarning", "CaptureReport", "CudaError", "DistributedCaptureError", "Graph", "GraphHazardError",
+    "GraphRunner", "GraphStateError", "SizeReport", "StaticInput", "ValidationReport", "WorkspaceError",
+    "default_capture_sizes", "workspace",
 ]
