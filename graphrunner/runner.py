@@ -59,8 +59,9 @@ class GraphRunner(_C.StepCall):
 
     `runner(**inputs)` pads the batch to the smallest captured size that holds it, stages the inputs and
     launches the graph in one native call: the base class, `_C.StepCall`, takes the call in C++ with no
-    Python frame (Python runs only for the hooks, `clone_outputs` and eager steps). Returned outputs are views into the graph's output memory, valid until the next call
-    (pass `clone_outputs=True` for copies). `before_replay` and `clone_outputs` are fixed at construction.
+    Python frame (Python runs only for `before_replay`, `clone_outputs` and eager steps). Returned outputs
+    are views into the graph's output memory, valid until the next call (pass `clone_outputs=True` for
+    copies). `before_replay` and `clone_outputs` are fixed at construction.
     In a torch.distributed run every rank builds its own runner with the same sizes; `capture()` then
     stops on every rank if one fails, and waits at most `collective_timeout_s` for a silent rank.
     See README.md for the whole contract.

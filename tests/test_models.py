@@ -62,7 +62,8 @@ def test_attention_choices_are_checked():
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_missing_flash_attn_names_the_extra():
-    with pytest.raises(ImportError, match=r"needs the package that provides flash_attn.cute: pip install .\[flash-attn-4\]"):
+    with pytest.raises(ImportError,
+                       match=r"needs the package that provides flash_attn.cute: pip install .\[flash-attn-4\]"):
         DecoderStep(DecoderConfig(attention="flash-attn-4", layers=1, hidden=64, heads=2, head_dim=32,
                                   intermediate=64, vocab=10, max_batch_size=2), device="cpu")
 
