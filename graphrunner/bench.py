@@ -203,8 +203,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     for _ in range(args.trace_steps):
         batch = min(cfg.max_batch_size, max(1, batch + int(torch.randint(-8, 9, (1,), generator=order))))
         walk.append(random_step(cfg, batch, gen))
+    stream = torch.cuda.current_stream()
     for name, fn in {"run": lambda s: runner(**s), "baseline": lambda s: baseline(**s), "eager": eager}.items():
-        stream = torch.cuda.current_stream()
         t0 = time.perf_counter()
         for s in walk:
             fn(s)

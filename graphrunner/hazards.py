@@ -25,7 +25,7 @@ import torch
 
 from graphrunner import distributed
 from graphrunner.memory import raw_bytes
-from graphrunner.outputs import map_tensors, named_tensors
+from graphrunner.outputs import clone_tensors, map_tensors, named_tensors
 
 if TYPE_CHECKING:
     from graphrunner.runner import GraphRunner, StaticInput
@@ -291,7 +291,7 @@ def _blame(runner: "GraphRunner", view: PoolView, size: int, inputs: Dict[str, t
             if zero_subset:
                 view.scrub(subset, word=0)
             out = _step(runner, view, size, inputs, [])[0]
-            outs.append(named_tensors(map_tensors(out, lambda _, t: t.clone())))
+            outs.append(named_tensors(clone_tensors(out)))
         return any(not torch.equal(a.view(torch.uint8), outs[1][k].view(torch.uint8)) for k, a in outs[0].items())
 
     def bisect(candidates: List[Block]) -> Optional[Block]:
@@ -355,7 +355,7 @@ def _checked_step(runner: "GraphRunner", view: Optional[PoolView], size: int, ba
                   bisect: bool) -> Dict[str, float]:
     """One validated replay against eager; returns each output's error, or raises GraphHazardError."""
     with torch.set_grad_enabled(not runner.no_grad):
-        expected = map_tensors(runner.fn(**inputs), lambda _, t: t.clone())
+        expected = clone_tensors(runner.fn(**inputs))
     targets = view.scrub_targets(size) if scrub else []
     try:
         out, copies = _step(runner, view, size, inputs, targets, guard)

@@ -20,6 +20,11 @@ def map_tensors(out: Any, fn: Callable[[str, torch.Tensor], torch.Tensor], where
     )
 
 
+def clone_tensors(out: Any) -> Any:
+    """A copy of every tensor of `out`, in the same structure."""
+    return map_tensors(out, lambda _, t: t.clone())
+
+
 def named_tensors(out: Any) -> Dict[str, torch.Tensor]:
     """Every tensor of `out` by its place in the structure ("output", "output[0]", "output['logits']")."""
     found: Dict[str, torch.Tensor] = {}

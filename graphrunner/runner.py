@@ -15,7 +15,7 @@ from graphrunner import distributed
 from graphrunner._native import _C, GraphStateError
 from graphrunner.graph import Graph, PoolLike, pool_id, require_cuda, side_stream
 from graphrunner.memory import alias
-from graphrunner.outputs import map_tensors
+from graphrunner.outputs import clone_tensors, map_tensors
 from graphrunner.report import CaptureReport, SizeReport
 from graphrunner.schedule import capture_order, checked_capture_sizes
 
@@ -139,7 +139,7 @@ class GraphRunner(_C.StepCall):
         self._outputs_for_batch = [None] + [self._sliced_outputs(b, step.size_for(b))
                                             for b in range(1, self.max_batch_size + 1)]
         self._step = step
-        self._arm(step, self._outputs_for_batch, self.before_replay, _clone if self.clone_outputs else None)
+        self._arm(step, self._outputs_for_batch, self.before_replay, clone_tensors if self.clone_outputs else None)
         if distributed.is_rank_zero():
             logger.info("graphrunner: %s", report.summary())
         return report
@@ -268,10 +268,6 @@ def _check_output(name: str, t: torch.Tensor, size: int) -> torch.Tensor:
         raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at batch size {size}; every output "
                          "needs the batch in dim 0")
     return t
-
-
-def _clone(out: Any) -> Any:
-    return map_tensors(out, lambda _, t: t.clone())
 
 
 def _device_index(device: Optional[Union[int, str, torch.device]]) -> int:
