@@ -25,7 +25,7 @@ import torch
 
 from graphrunner import distributed
 from graphrunner.memory import raw_bytes
-from graphrunner.outputs import clone_tensors, map_tensors, named_tensors
+from graphrunner.outputs import clone_tensors, named_tensors
 
 if TYPE_CHECKING:
     from graphrunner.runner import GraphRunner, StaticInput
