@@ -1,18 +1,24 @@
 """Builds graphrunner and its native core, graphrunner._C, with torch's C++ extension tools and ninja.
 
+    pip install setuptools wheel ninja pybind11     # once, in the environment that has torch
     pip install --no-build-isolation .
 
-CUDA is found through CUDA_HOME, else CUDA_PATH, else /usr/local/cuda, else where torch guesses. GPU architectures come from
-TORCH_CUDA_ARCH_LIST when set, else from the visible GPU, else DEFAULT_ARCHS.
+CUDA is found through CUDA_HOME, else CUDA_PATH, else /usr/local/cuda, else where torch guesses. GPU architectures
+come from TORCH_CUDA_ARCH_LIST when set, else from the visible GPU, else DEFAULT_ARCHS (with PTX for newer GPUs).
+MAX_JOBS caps parallel compile jobs. Package metadata is in pyproject.toml.
 """
 import os
+import re
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+# Release builds: no debug info (it made the module 20 MB), and none of pybind11's visibility notes.
+CXX_FLAGS = ["-O3", "-g0", "-Wno-attributes"]
+NVCC_FLAGS = ["-O3", "-Xcompiler", "-g0"]
 
 
 def fail(message: str) -> None:
@@ -52,10 +58,23 @@ def choose_archs() -> str:
     return DEFAULT_ARCHS
 
 
-def native_sources() -> list:
-    """The core's sources, one list shared with CMakeLists.txt, plus the Python-facing ones."""
-    listed = (ROOT / "csrc" / "sources.txt").read_text().split()
-    return listed + ["csrc/py_step.cpp", "csrc/bindings.cpp"]
+def library_headers(cuda_home: str) -> list:
+    """Headers of the CUDA libraries torch's own headers include (cuBLAS, cuSPARSE): a slim toolkit lacks
+    them, and then the copies pip's nvidia packages carry for torch serve."""
+    if (Path(cuda_home) / "include" / "cusparse.h").exists():
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = sorted({str(p.parent) for root in nvidia.__path__ for p in Path(root).glob("*/include/cusparse.h")})
+    return found
+
+
+def torch_requirement() -> str:
+    """The extension loads only with the torch release it was compiled against."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return f"torch=={major}.{minor}.*"
 
 
 def extensions() -> list:
@@ -63,31 +82,21 @@ def extensions() -> list:
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     os.environ["TORCH_CUDA_ARCH_LIST"] = choose_archs()
+    flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}
+    headers = library_headers(cuda_home)
+    core = (ROOT / "csrc" / "sources.txt").read_text().split()  # one list, shared with CMakeLists.txt
     return [
-        cpp_extension.CUDAExtension(
-            name="graphrunner._C",
-            sources=native_sources(),
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-        )
+        cpp_extension.CUDAExtension(name="graphrunner._C", sources=core + ["csrc/py_step.cpp", "csrc/bindings.cpp"],
+                                    include_dirs=headers, extra_compile_args=flags, extra_link_args=["-s"]),
+        # The benchmark's C++ launch loop: built for the workloads, never linked into the core.
+        cpp_extension.CUDAExtension(name="graphrunner.workloads._launch_floor",
+                                    sources=["graphrunner/workloads/launch_floor.cpp"],
+                                    extra_compile_args=flags, extra_link_args=["-s"]),
     ]
 
 
 setup(
-    name="graphrunner",
-    version="0.1.0",
-    description="Run LLM serving steps through CUDA graphs sharing one PyTorch pool, with the least host time",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["graphrunner", "graphrunner.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "tqdm"],
-    extras_require={
-        "plot": ["matplotlib"],
-        "test": ["pytest", "matplotlib"],
-        "flash-attn-4": ["flash-attn-4"],
-        "flash-attn": ["flash-attn"],
-    },
+    install_requires=[torch_requirement(), "tqdm"],
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
 )

@@ -1,5 +1,6 @@
-// The Python face of the native core: conversions and exception mapping only.
+// The Python face of the native core: conversions, docstrings and exception mapping only.
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include <pybind11/stl.h>
 
@@ -9,8 +10,11 @@
 #include "errors.h"
 #include "graph.h"
 #include "inputs.h"
-#include "launch_floor.h"
+#include "launcher.h"
+#include "node_scan.h"
 #include "py_step.h"
+#include "sizes.h"
+#include "workspaces.h"
 
 namespace py = pybind11;
 using namespace graphrunner;
@@ -24,80 +28,126 @@ cudaStreamCaptureMode capture_mode(const std::string& mode) {
   throw InputValueError("capture_error_mode must be 'global', 'thread_local' or 'relaxed', got '" + mode + "'");
 }
 
+using SpecTuple = std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes>;
+
+PyInputChecker make_checker(const std::vector<SpecTuple>& specs, int64_t max_batch_size, bool fallback_eager,
+                            int device) {
+  PyInputChecker out;
+  std::vector<InputSpec> parsed;
+  for (const auto& [name, row_shape, dtype, pad] : specs) {
+    std::string pattern = pad;
+    if (pattern.empty()) {
+      throw InputValueError("input '" + name + "': the pad pattern is empty");
+    }
+    InputSpec spec{name, row_shape, dtype, {}};
+    for (size_t j = 0; j < 16; ++j) {
+      spec.pad_pattern[j] = static_cast<uint8_t>(pattern[j % pattern.size()]);
+    }
+    parsed.push_back(std::move(spec));
+    out.names.push_back(py::str(name));
+  }
+  out.checker = std::make_shared<InputChecker>(std::move(parsed), max_batch_size, fallback_eager,
+                                               static_cast<c10::DeviceIndex>(device));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "graphrunner native core: CUDA graph lifecycle and one-call step staging";
+  m.doc() = "graphrunner's native core: CUDA graph lifecycle, one-call step staging, capture audit";
+  // The torch whose headers this module was compiled against: its C++ ABI is the only one it loads with.
+  m.attr("TORCH_VERSION") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
 
   add_exception_types(m);
   py::register_exception_translator([](std::exception_ptr p) {
     if (p && !set_python_error(p)) std::rethrow_exception(p);
   });
 
-  py::class_<Graph, std::shared_ptr<Graph>>(m, "Graph")
+  py::class_<Graph, std::shared_ptr<Graph>>(m, "Graph", "One CUDA graph's life: capture, instantiate, replay, reset.")
       .def(py::init<bool>(), py::arg("keep_graph") = false)
-      .def("capture_begin",
-           [](Graph& g, PoolId pool, const std::string& mode) { g.capture_begin(pool, capture_mode(mode)); },
-           py::arg("pool") = PoolId{0, 0}, py::arg("capture_error_mode") = "global")
-      .def("capture_end", &Graph::capture_end)
-      .def("abort_capture", &Graph::abort_capture)
-      .def("replay", &Graph::replay)
-      .def("reset", &Graph::reset)
-      .def("debug_dump", &Graph::debug_dump, py::arg("path"))
+      .def(
+          "capture_begin",
+          [](Graph& g, PoolId pool, const std::string& mode) { g.capture_begin(pool, capture_mode(mode)); },
+          py::arg("pool") = PoolId{0, 0}, py::arg("capture_error_mode") = "global",
+          "Starts capturing the current stream into `pool` ((0, 0): a new pool).")
+      .def("capture_end", &Graph::capture_end, "Ends the capture, instantiates and uploads the graph.")
+      .def("abort_capture", &Graph::abort_capture, "Drops a capture that failed part-way; safe when not capturing.")
+      .def("replay", &Graph::replay, "Launches the graph on the current stream of its device.")
+      .def("reset", &Graph::reset, "Destroys the graph and gives back its hold on the pool.")
+      .def("debug_dump", &Graph::debug_dump, py::arg("path"), "Writes the graph as DOT (needs keep_graph=True).")
+      .def(
+          "scan",
+          [](const Graph& g) {
+            py::list out;
+            for (const auto& node : g.scan()) {
+              out.append(py::make_tuple(node.kind, node.name, node.words));
+            }
+            return out;
+          },
+          "Every kernel, memset and memcpy node as (kind, name, [(offset, word), ...]) (needs keep_graph=True).")
       .def_property_readonly("captured", &Graph::captured)
       .def_property_readonly("capturing", &Graph::capturing)
       .def_property_readonly("pool", &Graph::pool)
       .def_property_readonly("device", [](const Graph& g) { return static_cast<int>(g.device()); })
       .def_property_readonly("num_nodes", &Graph::num_nodes)
       .def_property_readonly("uses_rng", &Graph::uses_rng)
-      .def_property_readonly("footprint", &Graph::footprint);
+      .def_property_readonly("exec_handle", [](const Graph& g) { return reinterpret_cast<uintptr_t>(g.exec()); },
+                             "The cudaGraphExec_t as an int (for benchmarks' own launch loops).")
+      .def_property_readonly("footprint", &Graph::footprint, "What the capture allocated: [(address, bytes)].")
+      .def_property_readonly("owned_memory", &Graph::owned_memory,
+                             "Memory outside the pool the graph's machinery reads: [(address, bytes)].");
 
-  py::class_<StepInputs>(m, "StepInputs")
-      .def(py::init([](const std::vector<std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes>>&
-                           specs,
-                       int64_t max_batch_size, bool fallback_eager, int device) {
-             StepInputs out;
-             std::vector<InputSpec> parsed;
-             for (const auto& [name, row_shape, dtype, pad] : specs) {
-               std::string pattern = pad;
-               InputSpec spec{name, row_shape, dtype, {}};
-               for (size_t j = 0; j < 16; ++j) {
-                 spec.pad_pattern[j] = static_cast<uint8_t>(pattern[j % pattern.size()]);
-               }
-               parsed.push_back(std::move(spec));
-               out.names.push_back(py::str(name));
-             }
-             out.checker = std::make_shared<InputChecker>(std::move(parsed), max_batch_size, fallback_eager,
-                                                          static_cast<c10::DeviceIndex>(device));
-             return out;
-           }),
-           py::arg("specs"), py::arg("max_batch_size"), py::arg("fallback_eager"), py::arg("device"))
-      .def("check", [](const StepInputs& s, const py::dict& given) {
-        BorrowedTensors slots;
-        return s.checker->check(s.borrow(given.ptr(), slots));
-      });
+  py::class_<SizeTable>(m, "SizeTable", "Which captured size a batch runs at.")
+      .def(py::init<std::vector<int64_t>, int64_t>(), py::arg("capture_sizes"), py::arg("max_batch_size"))
+      .def("size_for", &SizeTable::size_for, py::arg("batch"),
+           "The smallest captured size that holds `batch` rows; 0 when none does.")
+      .def_property_readonly("sizes", &SizeTable::sizes);
 
-  py::class_<PyStepRunner>(m, "StepRunner")
-      .def(py::init([](const StepInputs& inputs, std::vector<at::Tensor> static_buffers,
-                       std::vector<int64_t> capture_sizes) {
-             auto runner = std::make_unique<StepRunner>(inputs.checker, std::move(static_buffers),
-                                                        std::move(capture_sizes));
-             return PyStepRunner{inputs, std::move(runner)};
+  py::class_<PyInputChecker>(m, "InputChecker", "Checks one step's inputs against the runner's specs.")
+      .def(py::init(&make_checker), py::arg("specs"), py::arg("max_batch_size"), py::arg("fallback_eager"),
+           py::arg("device"))
+      .def(
+          "check",
+          [](const PyInputChecker& s, const py::dict& given) {
+            InputSlots slots;
+            return s.checker->check(s.borrow(given.ptr(), slots));
+          },
+          py::arg("inputs"), "The batch size of the dict `inputs`; raises naming the input and the fix.");
+
+  py::class_<PyLauncher>(m, "Launcher", "Stages a step's inputs and launches the graph of its size.")
+      .def(py::init([](const PyInputChecker& inputs, std::vector<at::Tensor> static_buffers, const SizeTable& sizes) {
+             return PyLauncher{inputs, std::make_unique<Launcher>(inputs.checker, std::move(static_buffers), sizes)};
            }),
-           py::arg("inputs"), py::arg("static_buffers"), py::arg("capture_sizes"))
-      .def("stage", [](PyStepRunner& s, int64_t size) { s.runner->stage(size); })
-      .def("add_graph",
-           [](PyStepRunner& s, int64_t size, std::shared_ptr<Graph> graph) { s.runner->add_graph(size, graph); })
-      .def("size_for", [](const PyStepRunner& s, int64_t batch) { return s.runner->size_for(batch); });
+           py::arg("inputs"), py::arg("static_buffers"), py::arg("sizes"))
+      .def("stage", [](PyLauncher& s, int64_t size) { s.launcher->stage(size); }, py::arg("size"),
+           "Inside the capture of `size`: records the staging kernel.")
+      .def(
+          "add_graph", [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
+          py::arg("size"), py::arg("graph"))
+      .def_property_readonly("owned_memory", [](const PyLauncher& s) { return s.launcher->owned_memory(); },
+                             "Memory the staging kernel reads besides the static buffers: [(address, bytes, what)].");
+
+  py::class_<WorkspaceHold, std::shared_ptr<WorkspaceHold>>(
+      m, "WorkspaceHold", "Library workspaces taken over from torch's caches, kept alive until release().")
+      .def(py::init<>())
+      .def(
+          "take", [](WorkspaceHold& h, uintptr_t stream) { return h.take(reinterpret_cast<cudaStream_t>(stream)); },
+          py::arg("stream"), "Moves torch's cached cuBLAS/cuBLASLt workspaces of `stream` into the hold.")
+      .def_property_readonly("held",
+                             [](const WorkspaceHold& h) {
+                               py::list out;
+                               for (const auto& w : h.held()) out.append(py::make_tuple(w.library, w.address, w.bytes));
+                               return out;
+                             },
+                             "[(library, address, bytes)]")
+      .def("release", &WorkspaceHold::release, "Frees what is held.");
 
   m.add_object("StepCall", step_call_type());
 
-  m.def("launch_floor_us", &launch_floor_us, py::arg("graph"), py::arg("steps"));
   m.def(
-      "step_loop_us",
-      [](PyStepRunner& s, const py::dict& given, int steps) {
-        BorrowedTensors slots;
-        return step_loop_us(*s.runner, s.inputs.borrow(given.ptr(), slots), steps);
-      },
-      py::arg("step"), py::arg("inputs"), py::arg("steps"));
+      "private_stream", [](int device) { return reinterpret_cast<uintptr_t>(private_stream(device)); },
+      py::arg("device"), "The raw stream graphrunner alone captures on for `device`, as an int.");
+  m.def("address_kind", &address_kind, py::arg("address"),
+        "What CUDA says an address is: 'device', 'host', 'managed' or ''.");
 }

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "driver.h"
 #include "errors.h"
 
 namespace graphrunner {
@@ -27,44 +28,6 @@ void mark_capture(A* alloc, c10::DeviceIndex device, bool begin) {
   if constexpr (HasCaptureMarks<A>::value) {
     begin ? alloc->markCaptureBegin(device) : alloc->markCaptureEnd(device);
   }
-}
-
-// The two driver calls of a replay. At a few microseconds a step, what the runtime adds over them is a
-// measurable part of it: a device guard (two cudaGetDevice calls, about 0.4 us on an H100 host) and
-// cudaGraphLaunch's own checks. Null where the driver does not give them out.
-struct DriverCalls {
-  CUresult (*current_context)(CUcontext*) = nullptr;
-  CUresult (*graph_launch)(CUgraphExec, CUstream) = nullptr;
-};
-
-template <typename Fn>
-Fn driver_entry_point(const char* symbol) {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult found;
-#if CUDART_VERSION >= 12050
-  const cudaError_t err = cudaGetDriverEntryPointByVersion(symbol, &fn, 12000, cudaEnableDefault, &found);
-#else  // toolkits before 12.5 have only the unversioned lookup
-  const cudaError_t err = cudaGetDriverEntryPoint(symbol, &fn, cudaEnableDefault, &found);
-#endif
-  if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-    (void)cudaGetLastError();
-    return nullptr;
-  }
-  return reinterpret_cast<Fn>(fn);
-}
-
-const DriverCalls& driver() {
-  static const DriverCalls calls{
-      driver_entry_point<CUresult (*)(CUcontext*)>("cuCtxGetCurrent"),
-      driver_entry_point<CUresult (*)(CUgraphExec, CUstream)>("cuGraphLaunch"),
-  };
-  return calls;
-}
-
-CUcontext current_context() {
-  CUcontext ctx = nullptr;
-  const auto get = driver().current_context;
-  return get != nullptr && get(&ctx) == CUDA_SUCCESS ? ctx : nullptr;
 }
 
 }  // namespace
@@ -134,11 +97,8 @@ void Graph::capture_end() {
   }
   cudaGraph_t graph = nullptr;
   cudaError_t err = cudaStreamEndCapture(capture_stream_, &graph);
-  capturing_ = false;
   footprint_ = end_footprint(capture_stream_);
-  mark_capture(allocator::get(), device_, false);
-  allocator::endAllocateToPool(device_, pool_);
-  rng_.end();
+  finish_capture();
   if (err != cudaSuccess || graph == nullptr) {
     if (graph != nullptr) {
       cudaGraphDestroy(graph);
@@ -178,13 +138,17 @@ void Graph::abort_capture() noexcept {
     cudaGraphDestroy(partial);
   }
   (void)cudaGetLastError();
-  capturing_ = false;
   end_footprint(capture_stream_);
+  finish_capture();
+  rng_.release();
+  release_pool();
+}
+
+void Graph::finish_capture() noexcept {
+  capturing_ = false;
   mark_capture(allocator::get(), device_, false);
   allocator::endAllocateToPool(device_, pool_);
   rng_.end();
-  rng_.release();
-  release_pool();
 }
 
 void Graph::replay() {
@@ -194,7 +158,7 @@ void Graph::replay() {
   }
   // A serving thread replays with the graph's device current: no guard needed, and none built. Any other
   // thread (another device current, or no context yet) takes the runtime's path under a device guard.
-  if (context_ != nullptr && driver().graph_launch != nullptr && current_context() == context_) {
+  if (context_ != nullptr && current_context() == context_) {
     launch(c10::cuda::getCurrentCUDAStream(device_).stream());
     return;
   }
@@ -242,10 +206,20 @@ void Graph::release_pool() noexcept {
   }
 }
 
-void Graph::debug_dump(const std::string& path) const {
+void Graph::require_graph(const char* what) const {
   if (graph_ == nullptr) {
-    throw StateError("debug_dump() needs the cudaGraph_t: construct the graph with keep_graph=True and capture it");
+    throw StateError(std::string(what) + " needs the cudaGraph_t: construct the graph with keep_graph=True and "
+                     "capture it");
   }
+}
+
+std::vector<NodeWords> Graph::scan() const {
+  require_graph("scan()");
+  return scan_nodes(graph_);
+}
+
+void Graph::debug_dump(const std::string& path) const {
+  require_graph("debug_dump()");
   GR_CUDA_CHECK(cudaGraphDebugDotPrint(graph_, path.c_str(), cudaGraphDebugDotFlagsVerbose));
 }
 

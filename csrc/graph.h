@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "footprint.h"
+#include "node_scan.h"
 #include "rng.h"
 
 namespace graphrunner {
@@ -44,12 +45,20 @@ class Graph {
   cudaGraphExec_t exec() const { return exec_; }
   // What this graph's capture allocated in the pool (address, bytes), in allocation order.
   const std::vector<AddressRange>& footprint() const { return footprint_; }
+  // Memory the graph's own machinery reads besides the pool (the RNG's seed and offset): (address, bytes).
+  std::vector<AddressRange> owned_memory() const { return rng_.owned_memory(); }
+  // What every node hands the GPU (see node_scan.h); needs keep_graph=true.
+  std::vector<NodeWords> scan() const;
   void debug_dump(const std::string& path) const;
 
  private:
   void instantiate(cudaStream_t stream);
+  // What capture_end() and abort_capture() both do once the stream's capture has ended: stop the
+  // footprint, pool routing and RNG capture state.
+  void finish_capture() noexcept;
   void launch(cudaStream_t stream);
   void release_pool() noexcept;
+  void require_graph(const char* what) const;
 
   const bool keep_graph_;
   cudaGraph_t graph_ = nullptr;

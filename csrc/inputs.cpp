@@ -87,7 +87,7 @@ int64_t InputChecker::check_one(size_t i, const at::Tensor& t) const {
   return sizes[0];
 }
 
-int64_t InputChecker::check(StepTensors inputs) const {
+int64_t InputChecker::check(BorrowedInputs inputs) const {
   int64_t batch = -1;
   for (size_t i = 0; i < specs_.size(); ++i) {
     int64_t rows = check_one(i, *inputs[i]);

@@ -17,7 +17,7 @@ constexpr size_t kMaxInputs = 16;
 
 // One step's inputs in spec order, borrowed from the caller for the length of the call: no copies and
 // no reference counting on the per-step path.
-using StepTensors = c10::ArrayRef<const at::Tensor*>;
+using BorrowedInputs = c10::ArrayRef<const at::Tensor*>;
 
 struct InputSpec {
   std::string name;
@@ -35,7 +35,7 @@ class InputChecker {
 
   // Checks one step's inputs and returns the batch size. A batch above max_batch_size is returned
   // when the fallback is eager (the step then runs eagerly) and raises otherwise.
-  int64_t check(StepTensors inputs) const;
+  int64_t check(BorrowedInputs inputs) const;
   // Raises the error for a call whose input names are not exactly the spec's.
   [[noreturn]] void throw_name_error(const std::vector<std::string>& given) const;
 

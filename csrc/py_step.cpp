@@ -43,24 +43,16 @@ void set_any_python_error() {
 
 struct StepCallObject {
   PyObject_HEAD
-  PyObject* step;           // the Python StepRunner while armed, else NULL
+  PyObject* launcher;       // the Python Launcher while armed, else NULL
   PyObject* outputs;        // list: item b is what a step of batch b returns
   PyObject* before_replay;  // hook(batch, size) called before each step, or NULL
   PyObject* finish;         // finish(outputs) makes the returned value (cloned outputs), or NULL
-  PyStepRunner* runner;     // step's C++ side
+  PyObject* eager;          // eager(**inputs): a step no captured graph holds
+  PyObject* unarmed;        // unarmed(**inputs): every call while not armed, or NULL before the first _disarm
+  PyLauncher* native;       // launcher's C++ side; NULL = not armed
 };
 
 StepCallObject* as_step_call(PyObject* self) { return reinterpret_cast<StepCallObject*>(self); }
-
-PyObject* call_method(PyObject* self, const char* name, PyObject* args, PyObject* kwargs) {
-  PyObject* method = PyObject_GetAttrString(self, name);
-  if (method == nullptr) {
-    return nullptr;
-  }
-  PyObject* result = PyObject_Call(method, args, kwargs);
-  Py_DECREF(method);
-  return result;
-}
 
 // The step itself. The inputs are checked before anything else runs, so a bad call leaves nothing
 // half-done; the hook runs after the checks and before the descriptor is written, so a hook that raises
@@ -74,33 +66,36 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     return nullptr;
   }
   StepCallObject* self = as_step_call(self_obj);
-  if (self->runner == nullptr) {
-    return call_method(self_obj, "_call_unarmed", args, kwargs);
+  if (self->native == nullptr) {
+    if (self->unarmed == nullptr) {
+      PyErr_SetString(state_error_type, "this runner was never set up: GraphRunner.__init__ did not run");
+      return nullptr;
+    }
+    return PyObject_Call(self->unarmed, args, kwargs);
   }
   try {
-    BorrowedTensors slots;
-    const StepTensors inputs = self->runner->inputs.borrow(kwargs, slots);
-    StepRunner& runner = *self->runner->runner;
-    const int64_t batch = runner.checker().check(inputs);
-    const int64_t size = runner.size_for(batch);
+    InputSlots slots;
+    const BorrowedInputs inputs = self->native->inputs.borrow(kwargs, slots);
+    Launcher& launcher = *self->native->launcher;
+    const int64_t batch = launcher.checker().check(inputs);
+    const int64_t size = launcher.sizes().size_for(batch);
     if (self->before_replay != nullptr) {
-      // The hook is Python code: it could close the runner, so hold the step runner across it.
-      py::object step = py::reinterpret_borrow<py::object>(self->step);
+      // The hook is Python code: it could close the runner, so hold the launcher across it.
+      py::object held = py::reinterpret_borrow<py::object>(self->launcher);
       PyObject* done = PyObject_CallFunction(self->before_replay, "LL", static_cast<long long>(batch),
                                              static_cast<long long>(size));
       if (done == nullptr) {
         return nullptr;
       }
       Py_DECREF(done);
-      if (self->step != step.ptr()) {
+      if (self->launcher != held.ptr()) {
         throw StateError("before_replay closed this GraphRunner during the step; close it after the step");
       }
     }
     if (size == 0) {
-      py::tuple eager_args = py::make_tuple(py::reinterpret_borrow<py::dict>(kwargs));
-      return call_method(self_obj, "_run_eager", eager_args.ptr(), nullptr);
+      return PyObject_Call(self->eager, args, kwargs);
     }
-    runner.launch(batch, inputs);
+    launcher.launch(batch, inputs);
     PyObject* out = PyList_GET_ITEM(self->outputs, batch);
     if (self->finish != nullptr) {
       return PyObject_CallOneArg(self->finish, out);
@@ -113,22 +108,30 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
   }
 }
 
-int step_call_clear(PyObject* self_obj) {
-  StepCallObject* self = as_step_call(self_obj);
-  self->runner = nullptr;
-  Py_CLEAR(self->step);
+void clear_armed(StepCallObject* self) {
+  self->native = nullptr;
+  Py_CLEAR(self->launcher);
   Py_CLEAR(self->outputs);
   Py_CLEAR(self->before_replay);
   Py_CLEAR(self->finish);
+  Py_CLEAR(self->eager);
+}
+
+int step_call_clear(PyObject* self_obj) {
+  StepCallObject* self = as_step_call(self_obj);
+  clear_armed(self);
+  Py_CLEAR(self->unarmed);
   return 0;
 }
 
 int step_call_traverse(PyObject* self_obj, visitproc visit, void* arg) {
   StepCallObject* self = as_step_call(self_obj);
-  Py_VISIT(self->step);
+  Py_VISIT(self->launcher);
   Py_VISIT(self->outputs);
   Py_VISIT(self->before_replay);
   Py_VISIT(self->finish);
+  Py_VISIT(self->eager);
+  Py_VISIT(self->unarmed);
   return 0;
 }
 
@@ -138,48 +141,47 @@ void step_call_dealloc(PyObject* self) {
   Py_TYPE(self)->tp_free(self);
 }
 
-PyObject* callable_or_null(PyObject* obj, const char* what) {
-  if (obj == Py_None) {
+// A new reference to `obj`, or NULL for None when `optional`; raises TypeError naming `what` otherwise.
+PyObject* callable_ref(PyObject* obj, const char* what, bool optional) {
+  if (optional && obj == Py_None) {
     return nullptr;
   }
   if (!PyCallable_Check(obj)) {
-    throw InputTypeError(std::string("_arm(): ") + what + " must be callable or None");
+    throw InputTypeError(std::string(what) + " must be callable" + (optional ? " or None" : ""));
   }
   Py_INCREF(obj);
   return obj;
 }
 
-// _arm(step, outputs, before_replay, finish): every later call runs in C++ against `step`.
+// _arm(launcher, outputs, before_replay, finish, eager): every later call runs in C++ against `launcher`.
 PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
-  PyObject* step = nullptr;
+  PyObject* launcher = nullptr;
   PyObject* outputs = nullptr;
   PyObject* before_replay = nullptr;
   PyObject* finish = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!OO", &step, &PyList_Type, &outputs, &before_replay, &finish)) {
+  PyObject* eager = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!OOO", &launcher, &PyList_Type, &outputs, &before_replay, &finish, &eager)) {
     return nullptr;
   }
   try {
-    PyStepRunner* runner = py::cast<PyStepRunner*>(py::handle(step));
-    if (PyList_GET_SIZE(outputs) != runner->runner->checker().max_batch_size() + 1) {
+    PyLauncher* native = py::cast<PyLauncher*>(py::handle(launcher));
+    if (PyList_GET_SIZE(outputs) != native->launcher->sizes().max_batch_size() + 1) {
       throw InputValueError("_arm() needs one output entry per batch 0..max_batch_size");
     }
-    PyObject* hook = callable_or_null(before_replay, "before_replay");
-    PyObject* finisher = nullptr;
-    try {
-      finisher = callable_or_null(finish, "finish");
-    } catch (...) {
-      Py_XDECREF(hook);
-      throw;
-    }
-    step_call_clear(self_obj);
+    // Take every reference first, so a bad argument leaves the object as it was.
+    py::object hook = py::reinterpret_steal<py::object>(callable_ref(before_replay, "before_replay", true));
+    py::object finisher = py::reinterpret_steal<py::object>(callable_ref(finish, "finish", true));
+    py::object eager_ref = py::reinterpret_steal<py::object>(callable_ref(eager, "eager", false));
     StepCallObject* self = as_step_call(self_obj);
-    Py_INCREF(step);
+    clear_armed(self);
+    Py_INCREF(launcher);
     Py_INCREF(outputs);
-    self->step = step;
+    self->launcher = launcher;
     self->outputs = outputs;
-    self->before_replay = hook;
-    self->finish = finisher;
-    self->runner = runner;
+    self->before_replay = hook ? hook.release().ptr() : nullptr;
+    self->finish = finisher ? finisher.release().ptr() : nullptr;
+    self->eager = eager_ref.release().ptr();
+    self->native = native;
   } catch (...) {
     set_any_python_error();
     return nullptr;
@@ -187,15 +189,24 @@ PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-PyObject* step_call_disarm(PyObject* self_obj, PyObject*) {
-  step_call_clear(self_obj);
+// _disarm(unarmed): every later call goes to unarmed(**inputs).
+PyObject* step_call_disarm(PyObject* self_obj, PyObject* unarmed) {
+  try {
+    PyObject* ref = callable_ref(unarmed, "unarmed", false);
+    StepCallObject* self = as_step_call(self_obj);
+    clear_armed(self);
+    Py_XSETREF(self->unarmed, ref);
+  } catch (...) {
+    set_any_python_error();
+    return nullptr;
+  }
   Py_RETURN_NONE;
 }
 
 PyMethodDef step_call_methods[] = {
     {"_arm", step_call_arm, METH_VARARGS,
-     "Run calls natively: _arm(step_runner, outputs, before_replay or None, finish or None)."},
-    {"_disarm", step_call_disarm, METH_NOARGS, "Send every call to _call_unarmed()."},
+     "_arm(launcher, outputs, before_replay or None, finish or None, eager): run every call natively."},
+    {"_disarm", step_call_disarm, METH_O, "_disarm(unarmed): send every call to unarmed(**inputs)."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -218,7 +229,7 @@ PyTypeObject step_call_type_object = make_step_call_type();
 
 }  // namespace
 
-StepTensors StepInputs::borrow(PyObject* given, BorrowedTensors& slots) const {
+BorrowedInputs PyInputChecker::borrow(PyObject* given, InputSlots& slots) const {
   const size_t count = checker->specs().size();
   if (given == nullptr || static_cast<size_t>(PyDict_GET_SIZE(given)) != count) {
     throw_name_error(*checker, given);
@@ -234,7 +245,7 @@ StepTensors StepInputs::borrow(PyObject* given, BorrowedTensors& slots) const {
     }
     slots[i] = &THPVariable_Unpack(obj);
   }
-  return StepTensors(slots.data(), count);
+  return BorrowedInputs(slots.data(), count);
 }
 
 void add_exception_types(py::module_& module) {

@@ -1,10 +1,11 @@
-// The Python face of one serving step: inputs looked up by name, the step runner as Python holds it,
+// The Python face of one serving step: inputs looked up by name, the launcher as Python holds it,
 // and StepCall, the type whose instances Python calls once per step.
 //
 // GraphRunner (Python) subclasses StepCall, so `runner(**inputs)` enters C++ through the type's tp_call
 // slot: no Python frame and no pybind11 dispatch on the hot path. Python runs only where the user asked
-// for it (the before_replay hook, cloned outputs) or where no graph fits (an eager step, `_run_eager`);
-// a runner not captured yet, or closed, sends every call to the Python method `_call_unarmed`.
+// for it (the before_replay hook, cloned outputs) or through the two callables the runner hands over:
+// `eager(**inputs)` where no graph fits, and `unarmed(**inputs)` for every call while the runner is not
+// armed (not captured yet, or closed).
 #pragma once
 
 #include <torch/extension.h>
@@ -15,28 +16,29 @@
 #include <vector>
 
 #include "inputs.h"
-#include "step.h"
+#include "launcher.h"
 
 namespace graphrunner {
 
 // pybind11 builds its module with hidden visibility; types holding Python objects must match it.
 #define GR_PYTHON_FACING __attribute__((visibility("hidden")))
 
-using BorrowedTensors = std::array<const at::Tensor*, kMaxInputs>;
+// Storage for one step's borrowed inputs.
+using InputSlots = std::array<const at::Tensor*, kMaxInputs>;
 
 // The checker plus its input names as Python strings, so a step looks each input up by hash.
-struct GR_PYTHON_FACING StepInputs {
+struct GR_PYTHON_FACING PyInputChecker {
   std::shared_ptr<InputChecker> checker;
   std::vector<pybind11::object> names;
 
   // The tensors of the dict `given` in spec order, in `slots`; valid while `given` holds them. Raises
   // TypeError naming a missing, extra or non-tensor input.
-  StepTensors borrow(PyObject* given, BorrowedTensors& slots) const;
+  BorrowedInputs borrow(PyObject* given, InputSlots& slots) const;
 };
 
-struct GR_PYTHON_FACING PyStepRunner {
-  StepInputs inputs;
-  std::unique_ptr<StepRunner> runner;
+struct GR_PYTHON_FACING PyLauncher {
+  PyInputChecker inputs;
+  std::unique_ptr<Launcher> launcher;
 };
 
 // Creates graphrunner's Python exception types (CudaError, GraphStateError) in `module`.

@@ -141,6 +141,14 @@ void GraphRng::before_replay(cudaStream_t stream) {
   GR_CUDA_CHECK(cudaGetLastError());
 }
 
+std::vector<AddressRange> GraphRng::owned_memory() const {
+  if (!seed_.defined()) {
+    return {};
+  }
+  return {{reinterpret_cast<uint64_t>(seed_.data_ptr()), seed_.nbytes()},
+          {reinterpret_cast<uint64_t>(offset_.data_ptr()), offset_.nbytes()}};
+}
+
 void GraphRng::release() {
   end();
   if (generator_.defined()) {

@@ -14,6 +14,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
+
+#include "footprint.h"
 
 namespace graphrunner {
 
@@ -29,6 +32,8 @@ class GraphRng {
   // Costs one tiny kernel, and only for graphs that drew random numbers.
   void before_replay(cudaStream_t stream);
   bool uses_rng() const { return increment_ != 0; }
+  // The seed and offset tensors the captured kernels read (address, bytes); empty before prepare().
+  std::vector<AddressRange> owned_memory() const;
   void release();
 
  private:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -11,7 +11,7 @@ from graphrunner._native import _C
 PoolId = Tuple[int, int]
 PoolLike = Union[None, PoolId, "torch.cuda.MemPool", "Graph"]
 
-_side_streams: dict = {}
+_capture_streams: Dict[int, torch.cuda.ExternalStream] = {}
 
 
 def require_cuda() -> None:
@@ -39,12 +39,18 @@ def pool_id(pool: PoolLike) -> PoolId:
     )
 
 
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream graphs capture on by default: one side stream per device, never the legacy default stream."""
-    index = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
+def capture_stream(device: Union[int, torch.device]) -> torch.cuda.ExternalStream:
+    """The stream graphs capture on by default: one per device that only graphrunner uses.
+
+    torch hands its pooled streams out round-robin, so a `torch.cuda.Stream()` may be the very stream a torch
+    graph or other code uses, and torch caches cuBLAS workspaces per stream: a private stream keeps the
+    workspaces our captures use apart from everyone else's (see csrc/workspaces.h).
+    """
+    index = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _capture_streams:
+        _capture_streams[index] = torch.cuda.ExternalStream(_C.private_stream(index), device=index)
+    return _capture_streams[index]
 
 
 class Graph(_C.Graph):
@@ -55,10 +61,12 @@ class Graph(_C.Graph):
     ...     y = x * 2
     >>> g.replay()          # on the current stream; y holds the result
 
-    `keep_graph=True` keeps the cudaGraph_t after instantiation, for `debug_dump(path)` (DOT).
     """
 
     def __init__(self, keep_graph: bool = False) -> None:
+        """Args:
+            keep_graph: keep the cudaGraph_t after instantiation, for `debug_dump()` and `scan()`.
+        """
         super().__init__(keep_graph)
 
     @contextlib.contextmanager
@@ -68,13 +76,18 @@ class Graph(_C.Graph):
         stream: Optional[torch.cuda.Stream] = None,
         capture_error_mode: str = "global",
     ) -> Iterator["Graph"]:
-        """Captures the work issued inside the block on `stream` (default: a side stream).
+        """Captures the work issued inside the block on `stream`.
 
-        Allocations made by the captured work go to `pool`; a new pool when None. If the block raises,
-        the capture is aborted, the pool hold is given back and the stream is usable again.
+        Args:
+            pool: the allocator pool the captured work allocates from: a pool id, a `torch.cuda.MemPool` or
+                another `Graph` (to share its pool); None makes a new pool.
+            stream: the stream to capture on; None takes graphrunner's own stream for the current device.
+            capture_error_mode: CUDA's stream capture mode: "global", "thread_local" or "relaxed".
+
+        If the block raises, the capture is aborted, the pool hold is given back and the stream is usable again.
         """
         require_cuda()
-        stream = stream if stream is not None else side_stream(torch.device("cuda"))
+        stream = stream if stream is not None else capture_stream(torch.cuda.current_device())
         # The capture stream must see everything issued before the capture on the caller's stream.
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):

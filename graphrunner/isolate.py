@@ -1,35 +1,26 @@
 """`validate(isolate=True)`: run the hazard checks in a child process.
 
-A graph that faults (an illegal address from a stale index, say) poisons the CUDA context of the process
-that replays it. The child rebuilds the runner from the same recipe, captures and validates it, and
-reports back; the caller's context survives whatever the child meets.
+A graph that faults (an illegal address from a stale index, say) poisons the CUDA context of the process that
+replays it. The child builds a runner from the same frozen spec, captures and validates it, and reports back;
+the caller's context survives whatever the child meets.
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Callable, Dict
 
 import torch.multiprocessing as mp
 
-from graphrunner.hazards import GraphHazardError, ValidationReport
-
-if TYPE_CHECKING:
-    from graphrunner.runner import GraphRunner
+from graphrunner.capture_guard import GraphHazardError
+from graphrunner.validate import ValidationReport
 
 CHILD_TIMEOUT_S = 600
 
 
-def _recipe(runner: "GraphRunner") -> Dict[str, Any]:
-    return dict(fn=runner.fn, inputs=runner.inputs, max_batch_size=runner.max_batch_size,
-                capture_sizes=runner.capture_sizes, warmup=runner.warmup, fallback=runner.fallback,
-                no_grad=runner.no_grad, device=runner.device, capture_error_mode=runner.capture_error_mode)
-
-
-def _child(recipe: Dict[str, Any], options: Dict[str, Any], results: Any) -> None:
-    from graphrunner.runner import GraphRunner
-
+def _child(build: Callable[[Any], Any], spec: Any, options: Dict[str, Any], results: Any) -> None:
     try:
-        runner = GraphRunner(**recipe)
+        runner = build(spec)
         runner.capture()
         results.put(("ok", runner.validate(**options)))
     except GraphHazardError as exc:
@@ -38,9 +29,16 @@ def _child(recipe: Dict[str, Any], options: Dict[str, Any], results: Any) -> Non
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def validate_in_child(runner: "GraphRunner", **options: Any) -> ValidationReport:
-    recipe = _recipe(runner)
-    for name, value in (("fn", recipe["fn"]), ("make_inputs", options.get("make_inputs"))):
+def validate_in_child(build: Callable[[Any], Any], spec: Any, **options: Any) -> ValidationReport:
+    """Builds `build(spec)` in a spawned child, captures it and returns its `validate(**options)`.
+
+    Args:
+        build: makes the runner from the spec (GraphRunner.from_spec); it must be picklable.
+        spec: the runner's RunnerSpec, without its pool (a pool id means nothing in another process).
+        options: validate()'s keyword arguments.
+    """
+    for name, value in [*((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec)),
+                        ("make_inputs", options.get("make_inputs"))]:
         try:
             pickle.dumps(value)
         except Exception as exc:
@@ -49,7 +47,7 @@ def validate_in_child(runner: "GraphRunner", **options: Any) -> ValidationReport
                             f"{exc}") from exc
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    child = ctx.Process(target=_child, args=(recipe, options, results), daemon=True)
+    child = ctx.Process(target=_child, args=(build, spec, options, results), daemon=True)
     child.start()
     try:
         kind, payload = results.get(timeout=CHILD_TIMEOUT_S)

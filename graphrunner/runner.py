@@ -1,78 +1,98 @@
-"""`GraphRunner`: one step function captured at many batch sizes, largest first, into one pool."""
+"""`GraphRunner`: one step function captured at many batch sizes, largest first, into one pool; and
+`capture_all`, which captures several runners of one pool together."""
 from __future__ import annotations
 
+import enum
 import gc
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
 from graphrunner import distributed
 from graphrunner._native import _C, GraphStateError
-from graphrunner.graph import Graph, PoolLike, pool_id, require_cuda, side_stream
+from graphrunner.audit import AuditReport, audit
+from graphrunner.capture_guard import CaptureGuard
+from graphrunner.graph import Graph, PoolLike, capture_stream, pool_id, require_cuda
+from graphrunner.inputs import StaticInput
+from graphrunner.isolate import validate_in_child
 from graphrunner.memory import alias
 from graphrunner.outputs import clone_tensors, map_tensors
-from graphrunner.report import CaptureReport, SizeReport
-from graphrunner.schedule import capture_order, checked_capture_sizes
+from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
+from graphrunner.spec import RunnerSpec, checked_spec
+from graphrunner.validate import MakeInputs, Target, ValidationReport, validate
+from graphrunner.workspace import workspace_tensors
 
 logger = logging.getLogger("graphrunner")
 
 
-@dataclass(frozen=True)
-class StaticInput:
-    """One input of the step: its per-row shape, dtype, and the value padding rows get.
+class RunnerState(enum.Enum):
+    """Where a GraphRunner is in its life."""
 
-    `low`/`high` bound the random values `validate()` draws for it (integers in [low, high), floats
-    uniform in [low, high); floats are standard normal when `high` is None).
-    """
-
-    shape: Tuple[int, ...]
-    dtype: torch.dtype
-    pad: Union[int, float, bool] = 0
-    low: float = 0
-    high: Optional[float] = None
-
-    def pad_bytes(self) -> bytes:
-        return bytes(torch.tensor([self.pad], dtype=self.dtype).view(torch.uint8).tolist())
+    UNARMED = "unarmed"  # built (or a capture failed): steps raise until capture() succeeds
+    ARMED = "armed"      # captured: every step runs natively
+    CLOSED = "closed"    # graphs destroyed: steps, capture() and validate() raise
 
 
-class _Unusable:
-    """Stands in for the native step runner before capture and after close: every call says why."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def size_for(self, batch: int) -> int:
-        raise GraphStateError(self.message)
-
-
-_NOT_CAPTURED = _Unusable("GraphRunner.capture() has not run yet; call runner.capture() before the first step")
-_CLOSED = _Unusable("this GraphRunner is closed; build a new one (and capture it) to run more steps")
+_REFUSALS = {
+    RunnerState.UNARMED: "GraphRunner.capture() has not run yet; call runner.capture() before the first step",
+    RunnerState.CLOSED: "this GraphRunner is closed; build a new one (and capture it) to run more steps",
+}
 
 
 class GraphRunner(_C.StepCall):
     """Runs `fn(**inputs)` through CUDA graphs captured at several batch sizes.
 
     `runner(**inputs)` pads the batch to the smallest captured size that holds it, stages the inputs and
-    launches the graph in one native call: the base class, `_C.StepCall`, takes the call in C++ with no
-    Python frame (Python runs only for `before_replay`, `clone_outputs` and eager steps). Returned outputs
-    are views into the graph's output memory, valid until the next call (pass `clone_outputs=True` for
-    copies). `before_replay` and `clone_outputs` are fixed at construction.
-    In a torch.distributed run every rank builds its own runner with the same sizes; `capture()` then
-    stops on every rank if one fails, and waits at most `collective_timeout_s` for a silent rank.
-    See README.md for the whole contract.
+    launches that size's graph in one native call (the base class, `_C.StepCall`, takes the call in C++ with
+    no Python frame). It returns views into the graph's output memory, valid until the next step of any
+    runner in the pool (pass `clone_outputs=True` for copies).
+
+    Args:
+        fn: the step function (or nn.Module), called as fn(**inputs) with one tensor per input, each with the
+            batch in dim 0. It returns a tensor, or a tuple, list or dict of tensors, each with the batch in
+            dim 0. It must not mix rows: padding rows must not change real rows.
+        inputs: name -> gr.StaticInput: each input's per-row shape, dtype and pad value.
+        max_batch_size: the largest batch a step may have (1..8192). Default: the largest of capture_sizes.
+        capture_sizes: the batch sizes to capture; default gr.default_capture_sizes(max_batch_size).
+        pool: the allocator pool to capture into: a pool id (torch.cuda.graph_pool_handle()), a
+            torch.cuda.MemPool or a gr.Graph; None makes a new one. Runners of one pool capture together
+            with gr.capture_all() and must never replay concurrently on different streams.
+        warmup: eager runs of fn at the largest size before the first capture (lazy workspaces, handles and
+            compiled kernels are made then, outside the pool).
+        fallback: "eager" runs batches above max_batch_size eagerly; "error" raises ValueError for them.
+        on_capture: on_capture(size), called before each size is captured.
+        before_replay: before_replay(batch, size), called before each step, after its inputs are checked;
+            size is 0 for a step that runs eagerly.
+        clone_outputs: return copies instead of views into graph memory.
+        no_grad: run fn (captured and eager) with autograd off.
+        device: the GPU (an index, "cuda:N" or a torch.device); default the current device.
+        capture_error_mode: CUDA's stream capture mode: "global", "thread_local" or "relaxed".
+        strict: raise GraphHazardError (instead of warning) when a capture leaves an allocation alive in
+            the pool.
+        debug: record the Python stack of each allocation made while capturing, for the capture guard's
+            messages.
+        collective_timeout_s: in a torch.distributed run, how long capture() and validate() wait for a
+            silent rank before raising on every rank.
+        keep: tensors and modules the graphs use that the runner should treat (and keep alive) as
+            long-lived: the audit does not report them as borrowed.
+        name: the runner's name in reports and hazard messages (useful with several runners in a pool).
+        verbose: print the capture report and show a progress bar; default from the GRAPHRUNNER_VERBOSE
+            environment variable ("1" turns it on). The report is always logged to the "graphrunner"
+            logger at INFO.
     """
 
     def __init__(
         self,
         fn: Callable[..., Any],
         inputs: Dict[str, StaticInput],
-        max_batch_size: int,
+        max_batch_size: Optional[int] = None,
         capture_sizes: Optional[Sequence[int]] = None,
+        *,
         pool: PoolLike = None,
         warmup: int = 1,
         fallback: str = "eager",
@@ -85,176 +105,177 @@ class GraphRunner(_C.StepCall):
         strict: bool = False,
         debug: bool = False,
         collective_timeout_s: float = 300.0,
+        keep: Sequence[Union[torch.Tensor, torch.nn.Module]] = (),
+        name: Optional[str] = None,
+        verbose: Optional[bool] = None,
     ) -> None:
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if not isinstance(inputs, dict) or not inputs:
-            raise TypeError("inputs must be a non-empty dict of name -> gr.StaticInput")
-        for name, spec in inputs.items():
-            if not isinstance(spec, StaticInput):
-                raise TypeError(f"inputs[{name!r}] must be a gr.StaticInput, got {type(spec).__name__}")
-        if fallback not in ("eager", "error"):
-            raise ValueError(f"fallback must be 'eager' or 'error', got {fallback!r}")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-        self.capture_sizes: List[int] = checked_capture_sizes(capture_sizes, max_batch_size)
-        self.capture_order: List[int] = capture_order(self.capture_sizes)
-        self.fn, self.inputs, self.max_batch_size = fn, dict(inputs), max_batch_size
-        self.warmup, self.fallback, self.no_grad = warmup, fallback, no_grad
-        self.on_capture, self.before_replay, self.clone_outputs = on_capture, before_replay, clone_outputs
-        self.capture_error_mode, self.strict, self.debug = capture_error_mode, strict, debug
-        self.collective_timeout_s = collective_timeout_s
-        self.device = torch.device("cuda", _device_index(device))
-        self._pool_arg = pool
-        specs = [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in self.inputs.items()]
-        self._inputs = _C.StepInputs(specs, max_batch_size, fallback == "eager", self.device.index)
-        self._step: Any = _NOT_CAPTURED
-        self._forget_capture()
+        if verbose is None:
+            verbose = os.environ.get("GRAPHRUNNER_VERBOSE", "") not in ("", "0")
+        spec = checked_spec(fn, inputs, max_batch_size, capture_sizes, pool=pool, warmup=warmup, fallback=fallback,
+                            on_capture=on_capture, before_replay=before_replay, clone_outputs=clone_outputs,
+                            no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
+                            debug=debug, collective_timeout_s=collective_timeout_s, keep=list(keep), name=name,
+                            verbose=verbose)
+        self._setup(spec)
+
+    @classmethod
+    def from_spec(cls, spec: RunnerSpec) -> "GraphRunner":
+        """A runner built from a checked spec (as the isolated validation child builds its own).
+
+        Args:
+            spec: what `runner.spec` holds.
+        """
+        runner = cls.__new__(cls)
+        runner._setup(spec)
+        return runner
+
+    def _setup(self, spec: RunnerSpec) -> None:
+        self.spec = spec
+        self.state = RunnerState.UNARMED
+        self.record: Optional[CaptureRecord] = None
+        self.sizes = _C.SizeTable(list(spec.capture_sizes), spec.max_batch_size)
+        self._checker = _C.InputChecker(spec.checker_specs(), spec.max_batch_size, spec.fallback == "eager",
+                                        spec.device)
+        self._disarm(self._refuse)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.spec.device)
+
+    @property
+    def capture_sizes(self) -> List[int]:
+        """The captured sizes, ascending."""
+        return list(self.spec.capture_sizes)
+
+    @property
+    def capture_order(self) -> List[int]:
+        """The order sizes are captured in: largest first."""
+        return self.spec.capture_order
+
+    def size_for(self, batch: int) -> int:
+        """The captured size a batch runs at; 0 when it runs eagerly.
+
+        Args:
+            batch: the step's batch size.
+        """
+        return self.sizes.size_for(batch)
 
     # -- capture ---------------------------------------------------------------------------------
     def capture(self) -> CaptureReport:
-        """Warms up, then captures every size largest first into one pool. Returns a per-size report."""
-        if self._step is _CLOSED:
-            raise GraphStateError(_CLOSED.message)
-        if self.graphs:
-            raise GraphStateError("capture() already ran for this runner; close() it and build a new one "
-                                  "to capture again")
-        require_cuda()
-        try:
-            with torch.cuda.device(self.device), torch.set_grad_enabled(not self.no_grad):
-                return self._capture_all()
-        except BaseException:
-            self._release()
-            raise
+        """Warms up, then captures every size largest first into the pool. Returns the per-size report."""
+        return capture_all(self)[0]
 
-    def _capture_all(self) -> CaptureReport:
-        self.static_inputs = {n: torch.full((self.max_batch_size, *s.shape), s.pad, dtype=s.dtype,
-                                            device=self.device) for n, s in self.inputs.items()}
-        step = _C.StepRunner(self._inputs, list(self.static_inputs.values()), self.capture_sizes)
-        self.pool = pool_id(self._pool_arg) if self._pool_arg is not None else torch.cuda.graph_pool_handle()
-        self._stream = side_stream(self.device)
-        # In a distributed run every rank captures the same sizes in the same order, and each stage ends
-        # with every rank's outcome, so one rank's failure stops all of them (graphrunner/distributed.py).
-        report = self._capture_sizes(step, distributed.agreement(self.collective_timeout_s))
-        self._outputs_for_batch = [None] + [self._sliced_outputs(b, step.size_for(b))
-                                            for b in range(1, self.max_batch_size + 1)]
-        self._step = step
-        self._arm(step, self._outputs_for_batch, self.before_replay, clone_tensors if self.clone_outputs else None)
-        if distributed.is_rank_zero():
-            logger.info("graphrunner: %s", report.summary())
-        return report
-
-    def _capture_sizes(self, step: Any, ranks: distributed.Agreement) -> CaptureReport:
-        from graphrunner import hazards
-
-        ranks.same_everywhere("capture_order", self.capture_order)
-        report = CaptureReport(rank=ranks.rank)
-        with ranks.stage("warm-up"):
-            report.warmup_ms = self._warm_up()
-        guard = hazards.CaptureGuard(self, strict=self.strict, debug=self.debug)
-        show = sys.stderr.isatty() and distributed.is_rank_zero()
-        # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which
-        # both reorders the pool and hides what a capture kept alive from the guard. No collection
-        # beforehand: the guard does not need one, and a full collection costs capture time.
-        gc_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            for size in tqdm(self.capture_order, desc="capturing", unit="size", disable=not show):
-                with ranks.stage(f"capture of size {size}"), guard.watch(size):
-                    report.sizes.append(self._capture_one(step, size))
-        finally:
-            if gc_enabled:
-                gc.enable()
-        report.ranks = ranks.exchange("capture reports", value=report) if ranks.world > 1 else []
-        return report
-
-    def _warm_up(self) -> float:
-        """Runs fn at the largest size outside any capture, so lazily made workspaces, handles and compiled
-        kernels exist, full-sized and outside the pool, before the first capture."""
+    def _begin_capture(self, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
+        """Makes the static buffers and the launcher, and warms fn up at the largest size outside the pool."""
+        spec = self.spec
+        static = {n: torch.full((spec.max_batch_size, *s.shape), s.pad, dtype=s.dtype, device=self.device)
+                  for n, s in spec.inputs.items()}
+        record = CaptureRecord(spec.name, self.device, pool, static,
+                               _C.Launcher(self._checker, list(static.values()), self.sizes))
         start = time.perf_counter()
-        largest = self.capture_order[0]
-        with torch.cuda.stream(self._stream):
-            for _ in range(self.warmup):
-                self.fn(**self._static_views(largest))
-        self._stream.synchronize()
-        torch.cuda.synchronize(self.device)  # in a distributed run, the warm-up stage's exchange is the barrier
-        return (time.perf_counter() - start) * 1000
+        with torch.cuda.stream(stream):
+            for _ in range(spec.warmup):
+                spec.fn(**record.static_views(spec.max_batch_size))
+        stream.synchronize()
+        record.warmup_ms = (time.perf_counter() - start) * 1000
+        return record
 
-    def _capture_one(self, step: Any, size: int) -> SizeReport:
-        if self.on_capture is not None:
-            self.on_capture(size)
-        reserved = torch.cuda.memory_reserved(self.device)
-        graph = Graph()
-        start = time.perf_counter()
-        with graph.capture(pool=self.pool, stream=self._stream, capture_error_mode=self.capture_error_mode):
-            step.stage(size)
-            out = self.fn(**self._static_views(size))
-            map_tensors(out, lambda name, t: _check_output(name, t, size))
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        step.add_graph(size, graph)
-        # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
-        self.graphs[size], self.outputs[size] = graph, map_tensors(out, lambda _, t: alias(t))
-        del out
-        return SizeReport(size, elapsed_ms, torch.cuda.memory_reserved(self.device) - reserved, graph.num_nodes)
+    def _capture_size(self, record: CaptureRecord, size: int, stream: torch.cuda.Stream, guard: CaptureGuard) -> None:
+        spec = self.spec
+        if spec.on_capture is not None:
+            spec.on_capture(size)
+        with guard.watch((spec.name, size), record.describe(size)) as kept:
+            reserved = torch.cuda.memory_reserved(self.device)
+            graph = Graph(keep_graph=True)  # the audit reads its nodes
+            start = time.perf_counter()
+            with graph.capture(pool=record.pool, stream=stream, capture_error_mode=spec.capture_error_mode):
+                record.launcher.stage(size)
+                out = spec.fn(**record.static_views(size))
+                map_tensors(out, lambda name, t: _check_output(name, t, size))
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            record.launcher.add_graph(size, graph)
+            # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
+            outputs = map_tensors(out, lambda _, t: alias(t))
+            del out
+            record.entries[size] = SizeEntry(size, graph, outputs, list(graph.footprint), kept, elapsed_ms,
+                                             torch.cuda.memory_reserved(self.device) - reserved)
 
-    def _static_views(self, size: int) -> Dict[str, torch.Tensor]:
-        return {n: buf[:size] for n, buf in self.static_inputs.items()}
+    def _finish_capture(self, record: CaptureRecord) -> None:
+        """Arms the native step on the record's graphs."""
+        spec = self.spec
+        outputs = [None] + [self._sliced_outputs(record, b) for b in range(1, spec.max_batch_size + 1)]
+        self._arm(record.launcher, outputs, spec.before_replay, clone_tensors if spec.clone_outputs else None,
+                  self._eager)
+        self.record, self.state = record, RunnerState.ARMED
 
-    def _sliced_outputs(self, batch: int, size: int) -> Any:
-        return map_tensors(self.outputs[size], lambda _, t: t[:batch]) if size else None
+    def _sliced_outputs(self, record: CaptureRecord, batch: int) -> Any:
+        size = self.sizes.size_for(batch)
+        return map_tensors(record.entries[size].outputs, lambda _, t: t[:batch]) if size else None
 
     # -- steps -----------------------------------------------------------------------------------
-    def _call_unarmed(self, **inputs: torch.Tensor) -> Any:
-        """A step before capture() or after close(): the native path is not armed, so say why."""
-        raise GraphStateError(self._step.message)
+    def _refuse(self, **inputs: torch.Tensor) -> Any:
+        """Every step while not armed."""
+        raise GraphStateError(_REFUSALS[self.state])
 
-    def _run_eager(self, inputs: Dict[str, torch.Tensor]) -> Any:
-        with torch.set_grad_enabled(not self.no_grad):
-            return self.fn(**inputs)
+    def _eager(self, **inputs: torch.Tensor) -> Any:
+        """A step no captured graph holds, and validate()'s reference."""
+        with torch.set_grad_enabled(not self.spec.no_grad):
+            return self.spec.fn(**inputs)
 
-    def size_for(self, batch: int) -> int:
-        """The captured size a batch runs at; 0 when it runs eagerly."""
-        return self._step.size_for(batch)
+    def _require_armed(self, what: str) -> CaptureRecord:
+        if self.state is not RunnerState.ARMED:
+            raise GraphStateError(f"{what} needs captured graphs: " + _REFUSALS[self.state])
+        return self.record
+
+    def audit(self) -> AuditReport:
+        """Every address the captured graphs hand the GPU, classified: memory the runner owns or keeps alive,
+        memory the caller declared (fn's parameters and buffers when fn is a module, keep=, gr.workspace),
+        memory borrowed from other code (the report's findings), and memory outside torch's allocator."""
+        record = self._require_armed("audit()")
+        return audit([record], self.spec.declared() + workspace_tensors())
 
     def validate(self, steps_per_size: int = 2, scrub: bool = False, guard: bool = False, isolate: bool = False,
-                 seed: int = 0, rtol: Optional[float] = None,
-                 make_inputs: Optional[Callable[[int, torch.Generator], Dict[str, torch.Tensor]]] = None,
-                 ) -> "hazards.ValidationReport":
-        """Replays every size in random interleaved order on fresh random inputs against eager.
+                 seed: int = 0, rtol: Optional[float] = None, make_inputs: Optional[MakeInputs] = None,
+                 ) -> ValidationReport:
+        """Audits the graphs, then replays every size in random interleaved order on fresh random inputs against
+        eager. Raises GraphHazardError naming the size and the buffer.
 
-        scrub: fill the pool's free memory (and other sizes' kept-alive capture allocations) with a NaN /
-        INT_MAX pattern before each replay; guard: fail on any write into memory another size owns, or
-        into static input rows past the padded size. Raises GraphHazardError naming size and buffer.
-        make_inputs(batch, generator): one step's inputs, where inputs depend on each other (distinct
-        pages per row, say); by default each input is drawn alone from its StaticInput's range.
+        Args:
+            steps_per_size: replays per captured size.
+            scrub: fill the pool's free memory (and other sizes' kept-alive capture allocations) with a NaN /
+                INT_MAX pattern before each replay, so reads of stale state show.
+            guard: fail on any write into memory another size owns, or into static input rows past the padded
+                size.
+            isolate: run the whole check in a child process built from the same spec, so a graph that
+                faults cannot take this process's CUDA context down.
+            seed: seeds the order, the batches and the inputs.
+            rtol: the relative error accepted for every output; None: by dtype (1e-4 for float32, 3e-2 for
+                16-bit floats, exact for integers).
+            make_inputs: make_inputs(batch, generator) -> one step's inputs, where inputs depend on each other
+                (distinct pages per row, say); by default each input is drawn alone from its StaticInput's range.
         """
-        from graphrunner import hazards
-
-        return hazards.validate(self, steps_per_size=steps_per_size, scrub=scrub, guard=guard, isolate=isolate,
-                                seed=seed, rtol=rtol, make_inputs=make_inputs)
+        record = self._require_armed("validate()")
+        if isolate:
+            return validate_in_child(type(self).from_spec, self.spec.without_pool(), steps_per_size=steps_per_size,
+                                     scrub=scrub, guard=guard, seed=seed, rtol=rtol, make_inputs=make_inputs)
+        self.audit().check()
+        target = Target(record, self, self._eager, self.spec.inputs, make_inputs)
+        return validate([target], steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
+                        collective_timeout_s=self.spec.collective_timeout_s)
 
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Destroys the graphs and gives their pool memory back (once no returned output is alive)."""
-        self._release()
-        self._step = _CLOSED
+        """Destroys the graphs and gives their memory back: the pool (once no returned output is alive) and the
+        workspaces kept for them (once no other runner captured with them is open)."""
+        record, self.record = self.record, None
+        self.state = RunnerState.CLOSED
+        self._disarm(self._refuse)
+        if record is not None:
+            torch.cuda.synchronize(record.device)  # no replay may still use what is freed below
+            record.release()
         if torch.cuda.is_available():
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-
-    def _release(self) -> None:
-        graphs = list(self.graphs.values())
-        self._disarm()
-        self._step = _NOT_CAPTURED
-        self._forget_capture()
-        for graph in graphs:
-            graph.reset()
-
-    def _forget_capture(self) -> None:
-        self.graphs: Dict[int, Graph] = {}
-        self.outputs: Dict[int, Any] = {}
-        self.static_inputs: Dict[str, torch.Tensor] = {}
-        self._outputs_for_batch: List[Any] = []
 
     def __enter__(self) -> "GraphRunner":
         return self
@@ -263,18 +284,90 @@ class GraphRunner(_C.StepCall):
         self.close()
 
 
+def capture_all(*runners: GraphRunner) -> List[CaptureReport]:
+    """Captures several runners into one pool, every size of every runner largest first, so the pool holds
+    about what the largest graph of any runner needs. Returns each runner's report, in argument order.
+
+    Runners of one pool share its memory: they must never replay concurrently on different streams.
+
+    Args:
+        runners: runners built with the same pool (or all with pool=None: they get one new pool), on one device.
+    """
+    if not runners or not all(isinstance(r, GraphRunner) for r in runners):
+        raise TypeError("capture_all() takes one or more GraphRunner objects")
+    for r in runners:
+        if r.state is not RunnerState.UNARMED:
+            raise GraphStateError(f"capture_all(): runner {r.spec.name!r} is {r.state.value}; each runner captures "
+                                  "once, so close() it and build a new one to capture again")
+    pools = {pool_id(r.spec.pool) for r in runners if r.spec.pool is not None}
+    devices = {r.spec.device for r in runners}
+    names = [r.spec.name for r in runners]
+    if len(pools) > 1 or len(devices) > 1:
+        raise ValueError("capture_all() captures runners of one pool on one device; these have pools "
+                         f"{sorted(pools)} on devices {sorted(devices)}")
+    if len(runners) > 1 and len(set(names)) != len(names):
+        raise ValueError(f"runners captured together need distinct names (GraphRunner(name=...)), got {names}")
+    require_cuda()
+    device = torch.device("cuda", runners[0].spec.device)
+    records: List[CaptureRecord] = []
+    try:
+        with torch.cuda.device(device):
+            reports = _capture_runners(runners, pools.pop() if pools else torch.cuda.graph_pool_handle(), records)
+    except BaseException:
+        for record in records:
+            record.release()
+        raise
+    return reports
+
+
+def _capture_runners(runners: Sequence[GraphRunner], pool: Any, records: List[CaptureRecord]) -> List[CaptureReport]:
+    """The schedule: warm every runner up, capture all (runner, size) pairs largest first, keep the workspaces
+    the graphs use, arm every runner."""
+    spec0 = runners[0].spec
+    stream = capture_stream(runners[0].device)
+    ranks = distributed.agreement(spec0.collective_timeout_s)
+    order = sorted(((size, i) for i, r in enumerate(runners) for size in r.capture_sizes), reverse=True)
+    ranks.same_everywhere("capture order", order)
+    with ranks.stage("warm-up"):
+        for r in runners:
+            with torch.set_grad_enabled(not r.spec.no_grad):
+                records.append(r._begin_capture(pool, stream))
+    guard = CaptureGuard(pool, records[0].device, strict=any(r.spec.strict for r in runners),
+                         debug=any(r.spec.debug for r in runners))
+    show = distributed.is_rank_zero() and (sys.stderr.isatty() or any(r.spec.verbose for r in runners))
+    # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which both
+    # reorders the pool and hides what a capture kept alive from the guard.
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
+            runner, record = runners[i], records[i]
+            with ranks.stage(f"capture of {record.describe(size)}"), torch.set_grad_enabled(not runner.spec.no_grad):
+                runner._capture_size(record, size, stream, guard)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    # Every graph above baked in the cuBLAS workspaces torch cached for our private stream during the warm-up:
+    # from now on the graphs own them (see csrc/workspaces.h).
+    workspaces = _C.WorkspaceHold()
+    workspaces.take(stream.cuda_stream)
+    reports = []
+    for runner, record in zip(runners, records):
+        record.workspaces = workspaces
+        runner._finish_capture(record)
+        report = record.report(rank=ranks.rank)
+        report.ranks = ranks.exchange(f"capture report of {runner.spec.name or 'the runner'}", value=report) \
+            if ranks.world > 1 else []
+        reports.append(report)
+        if distributed.is_rank_zero():
+            logger.info("graphrunner: %s", report.summary())
+            if runner.spec.verbose:
+                print(f"graphrunner: {report.summary()}", file=sys.stderr)
+    return reports
+
+
 def _check_output(name: str, t: torch.Tensor, size: int) -> torch.Tensor:
     if t.dim() == 0 or t.shape[0] != size:
         raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at batch size {size}; every output "
                          "needs the batch in dim 0")
     return t
-
-
-def _device_index(device: Optional[Union[int, str, torch.device]]) -> int:
-    if device is None:
-        return torch.cuda.current_device() if torch.cuda.is_available() else 0
-    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"device must be a CUDA device, got {device}")
-    return device.index if device.index is not None else (torch.cuda.current_device()
-                                                          if torch.cuda.is_available() else 0)

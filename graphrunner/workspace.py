@@ -7,9 +7,11 @@ asks for a named workspace instead. It is made at the first request, which must 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from graphrunner.graph import require_cuda
 
 _workspaces: Dict[Tuple[str, int], torch.Tensor] = {}
 
@@ -23,9 +25,16 @@ def workspace(name: str, nbytes: int, *, zero: bool = False,
               device: Optional[torch.device] = None) -> torch.Tensor:
     """A uint8 tensor of `nbytes` that keeps its contents across steps and graph replays.
 
-    zero: zero it on every call; inside a capture this records a memset, so each replay starts at zero.
-    init: called once with the new tensor, eagerly, when the workspace is made (to fill a table, say).
+    Args:
+        name: the workspace's name; every request with the same name and device gets the same memory.
+        nbytes: bytes wanted; the first request must ask for the most any later request will.
+        zero: zero it on every call; inside a capture this records a memset, so each replay starts at zero.
+        init: called once with the new tensor, eagerly, when the workspace is made (to fill a table, say).
+        device: its GPU; None: the current device.
     """
+    require_cuda()
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
+        raise ValueError(f"workspace {name!r}: nbytes must be a positive int, got {nbytes!r}")
     index = torch.device(device).index if device is not None else torch.cuda.current_device()
     key = (name, index if index is not None else torch.cuda.current_device())
     buf = _workspaces.get(key)
@@ -48,3 +57,8 @@ def workspace(name: str, nbytes: int, *, zero: bool = False,
         view.zero_()
     return view
 
+
+
+def workspace_tensors() -> List[torch.Tensor]:
+    """Every workspace made so far (the audit counts them as declared long-lived)."""
+    return list(_workspaces.values())

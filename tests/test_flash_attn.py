@@ -7,9 +7,9 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu
-from graphrunner.hazards import poison, relative_error
-from graphrunner.models import DecoderConfig, DecoderStep, random_step, step_inputs
-from ops import installed
+from graphrunner.checks import poison, relative_error
+from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
+from graphrunner.workloads.reproductions import installed
 
 pytestmark = gpu
 
@@ -31,14 +31,14 @@ def paged_pair(request):
     backend, page_size = request.param
     cfg = DecoderConfig(**SHAPE, attention=backend, page_size=page_size)
     reference = DecoderConfig(**SHAPE, attention="sdpa", page_size=page_size)
-    return cfg, DecoderStep(cfg), DecoderStep(reference)
+    return cfg, Decoder(cfg), Decoder(reference)
 
 
 @pytest.mark.parametrize("paged_pair", BACKENDS, indirect=True)
 def test_outputs_equal_sdpa_at_every_size_interleaved(paged_pair):
     cfg, model, reference = paged_pair
     # strict: the capture guard raises if anything lazily made inside a capture stays alive in the pool
-    with gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size, strict=True) as runner:
+    with gr.GraphRunner(model, decode_inputs(cfg), max_batch_size=cfg.max_batch_size, strict=True) as runner:
         runner.capture()
         schedule = [s for s in runner.capture_sizes for _ in range(2)]
         random.Random(0).shuffle(schedule)
@@ -46,10 +46,10 @@ def test_outputs_equal_sdpa_at_every_size_interleaved(paged_pair):
         for size in schedule:
             smaller = [s for s in runner.capture_sizes if s < size]
             batch = random.Random(size).randint(smaller[-1] + 1 if smaller else 1, size)
-            step = random_step(cfg, batch, gen)
+            step = random_decode_inputs(cfg, batch, gen)
             with torch.no_grad():
                 want = reference(**step).float()
-            poison(runner.outputs[size])
+            poison(runner.record.entries[size].outputs)
             got = runner(**step).float()
             assert runner.size_for(batch) == size and got.shape == want.shape
             err = relative_error(got, want)
@@ -59,7 +59,7 @@ def test_outputs_equal_sdpa_at_every_size_interleaved(paged_pair):
 @pytest.mark.parametrize("paged_pair", BACKENDS, indirect=True)
 def test_validate_with_scrub_and_guard_passes(paged_pair):
     cfg, model, _ = paged_pair
-    with gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size) as runner:
+    with gr.GraphRunner(model, decode_inputs(cfg), max_batch_size=cfg.max_batch_size) as runner:
         runner.capture()
-        report = runner.validate(scrub=True, guard=True, make_inputs=functools.partial(random_step, cfg))
+        report = runner.validate(scrub=True, guard=True, make_inputs=functools.partial(random_decode_inputs, cfg))
         assert report.replays == 2 * len(runner.capture_sizes)

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 import graphrunner as gr
 from conftest import free_port, gpu
 from graphrunner.distributed import DistributedCaptureError
-from ops import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
+from graphrunner.workloads.common_runner import CommonRunner
+from graphrunner.workloads.reproductions import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
 
 pytestmark = gpu
 
@@ -68,12 +69,6 @@ def test_findings_are_deterministic():
 def test_plain_shared_pool_runner_shows_the_corruption():
     """A plain shared-pool runner (torch.cuda.CUDAGraph, outputs kept): right outputs, while size 32's
     replay corrupts size 64's live output."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from common_runner import CommonRunner
-
     runner = CommonRunner(under_allocated, {"x": torch.randn(64, WIDTH, device="cuda")}, SIZES)
     out64 = runner(x=torch.randn(64, WIDTH, device="cuda"))
     kept = out64.clone()
@@ -93,7 +88,7 @@ def test_capture_guard_warns_then_strict_raises():
                             strict=True, debug=True)
     with pytest.raises(gr.GraphHazardError, match=r"(?s)left 1 allocation.*ops/__init__.py"):
         strict.capture()
-    assert not strict.graphs
+    assert strict.state is gr.RunnerState.UNARMED and strict.record is None
 
 
 def test_isolate_runs_the_check_in_a_child():

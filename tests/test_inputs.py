@@ -12,7 +12,7 @@ SPECS = {"input_ids": gr.StaticInput((), torch.long, pad=0),
 
 def checker(max_batch_size=8, fallback_eager=True):
     specs = [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in SPECS.items()]
-    return _C.StepInputs(specs, max_batch_size, fallback_eager, 0)
+    return _C.InputChecker(specs, max_batch_size, fallback_eager, 0)
 
 
 def inputs(batch=3, **override):
@@ -76,7 +76,7 @@ def test_input_count_is_bounded():
     """The staging descriptor holds up to 16 source pointers; more inputs are refused when the runner is built."""
     specs = [(f"x{i}", [], torch.long, b"\0") for i in range(17)]
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
-        _C.StepInputs(specs, 8, True, 0)
+        _C.InputChecker(specs, 8, True, 0)
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
         gr.GraphRunner(lambda **kw: kw["x0"], {f"x{i}": gr.StaticInput((), torch.long) for i in range(17)},
                        max_batch_size=8)

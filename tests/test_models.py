@@ -6,8 +6,8 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu
-from graphrunner.hazards import relative_error
-from graphrunner.models import DecoderConfig, DecoderStep, random_step, step_inputs
+from graphrunner.checks import relative_error
+from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 
 SMALL = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                       max_batch_size=32)
@@ -16,8 +16,8 @@ SMALL = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=5
 def test_decoder_rows_are_independent_on_cpu():
     cfg = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=50, cache_len=16,
                         max_batch_size=8, dtype=torch.float32)
-    model = DecoderStep(cfg, device="cpu")
-    step = random_step(cfg, 6, torch.Generator().manual_seed(0), device="cpu")
+    model = Decoder(cfg, device="cpu")
+    step = random_decode_inputs(cfg, 6, torch.Generator().manual_seed(0), device="cpu")
     full = model(**step)
     part = model(**{k: v[:3] for k, v in step.items()})
     torch.testing.assert_close(full[:3], part, rtol=1e-5, atol=1e-5)
@@ -28,8 +28,8 @@ def test_paged_cache_gives_the_contiguous_cache_results_on_cpu():
     tiny = dict(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=50, cache_len=64,
                 max_batch_size=8, dtype=torch.float32)
     contiguous, paged = DecoderConfig(**tiny), DecoderConfig(**tiny, page_size=16)
-    rows, pages = DecoderStep(contiguous, device="cpu"), DecoderStep(paged, device="cpu")
-    step = random_step(paged, 6, torch.Generator().manual_seed(0), device="cpu")
+    rows, pages = Decoder(contiguous, device="cpu"), Decoder(paged, device="cpu")
+    step = random_decode_inputs(paged, 6, torch.Generator().manual_seed(0), device="cpu")
     table = step["page_table"].long()
 
     def as_pages(cache):  # [layers, row, heads, cache_len, dim] -> the paged model's [layers, page, slot, heads, dim]
@@ -56,31 +56,31 @@ def test_attention_choices_are_checked():
         DecoderConfig(page_size=100)
     assert DecoderConfig(attention="flash-attn-4").page_size == 128
     assert DecoderConfig(attention="flash-attn").page_size == 256
-    assert "page_table" in step_inputs(DecoderConfig(page_size=128))
-    assert "page_table" not in step_inputs(DecoderConfig())
+    assert "page_table" in decode_inputs(DecoderConfig(page_size=128))
+    assert "page_table" not in decode_inputs(DecoderConfig())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_missing_flash_attn_names_the_extra():
     with pytest.raises(ImportError,
                        match=r"needs the package that provides flash_attn.cute: pip install .\[flash-attn-4\]"):
-        DecoderStep(DecoderConfig(attention="flash-attn-4", layers=1, hidden=64, heads=2, head_dim=32,
+        Decoder(DecoderConfig(attention="flash-attn-4", layers=1, hidden=64, heads=2, head_dim=32,
                                   intermediate=64, vocab=10, max_batch_size=2), device="cpu")
 
 
 def test_tensor_parallel_shards_need_divisible_heads():
     with pytest.raises(ValueError, match="must divide by tp_size"):
-        DecoderStep(DecoderConfig(heads=6, hidden=64, head_dim=8, intermediate=96), device="cpu", tp_size=4)
+        Decoder(DecoderConfig(heads=6, hidden=64, head_dim=8, intermediate=96), device="cpu", tp_size=4)
 
 
 @gpu
 def test_decoder_through_runner_matches_eager():
-    model = DecoderStep(SMALL)
-    with gr.GraphRunner(model, step_inputs(SMALL), max_batch_size=SMALL.max_batch_size) as runner:
+    model = Decoder(SMALL)
+    with gr.GraphRunner(model, decode_inputs(SMALL), max_batch_size=SMALL.max_batch_size) as runner:
         runner.capture()
         gen = torch.Generator(device="cuda").manual_seed(0)
         for batch in (1, 5, 17, 32):
-            step = random_step(SMALL, batch, gen)
+            step = random_decode_inputs(SMALL, batch, gen)
             with torch.no_grad():
                 want = model(**step)
             got = runner(**step)

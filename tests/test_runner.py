@@ -1,5 +1,6 @@
 """GraphRunner on a GPU: every batch against eager, structures, fallback, errors, hooks, memory."""
 import gc
+import sys
 import threading
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu, segments, segments_since
-from graphrunner.schedule import size_for
 
 pytestmark = gpu
 
@@ -46,7 +46,8 @@ def make_inputs(batch, gen=None):
 
 
 def poison_outputs(runner):
-    for out in runner.outputs.values():
+    for entry in runner.record.entries.values():
+        out = entry.outputs
         for t in (out.values() if isinstance(out, dict) else out if isinstance(out, tuple) else [out]):
             t.fill_(float("nan"))
 
@@ -75,11 +76,12 @@ def test_every_batch_matches_eager_with_poisoned_outputs(runner, model):
         torch.testing.assert_close(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got["hidden"], want["hidden"], rtol=1e-4, atol=1e-4)
         size = runner.size_for(batch)
-        assert size == size_for(batch, runner.capture_sizes)
+        assert size == min(s for s in runner.capture_sizes if s >= batch)
         # padding rows hold the pad value, staged inside the graph
-        assert (runner.static_inputs["seq_lens"][batch:size] == 1).all()
-        assert (runner.static_inputs["input_ids"][batch:size] == 0).all()
-        torch.testing.assert_close(runner.static_inputs["input_ids"][:batch], inputs["input_ids"])
+        static = runner.record.static_inputs
+        assert (static["seq_lens"][batch:size] == 1).all()
+        assert (static["input_ids"][batch:size] == 0).all()
+        torch.testing.assert_close(static["input_ids"][:batch], inputs["input_ids"])
 
 
 def test_host_may_run_ahead_of_the_gpu(runner, model):
@@ -180,7 +182,7 @@ def test_fn_raising_during_capture_leaves_runner_reusable(model, failure, fresh_
     r = gr.GraphRunner(flaky, INPUTS, max_batch_size=16)
     with pytest.raises(type(failure)):
         r.capture()
-    assert not r.graphs
+    assert r.state is gr.RunnerState.UNARMED and r.record is None
     with pytest.raises(gr.GraphStateError, match="has not run yet"):
         r(**make_inputs(2))
     r.capture()
@@ -194,16 +196,16 @@ def test_fn_returning_non_tensor_is_refused(model):
     r = gr.GraphRunner(lambda **kw: [model(**kw)["logits"], 3], INPUTS, max_batch_size=4)
     with pytest.raises(TypeError, match="returned int at output\\[1\\]"):
         r.capture()
-    assert not r.graphs
+    assert r.state is gr.RunnerState.UNARMED and r.record is None
 
 
 def test_hooks_see_sizes_in_order(model):
     seen_capture, seen_replay = [], []
-    r = gr.GraphRunner(model, INPUTS, max_batch_size=16, capture_sizes=[4, 8, 12], on_capture=seen_capture.append,
+    r = gr.GraphRunner(model, INPUTS, capture_sizes=[4, 8, 12], on_capture=seen_capture.append,
                        before_replay=lambda b, s: seen_replay.append((b, s)))
     r.capture()
-    assert seen_capture == r.capture_order
-    for batch in (5, 12, 14, 20):  # 14: no captured size holds it; 20: above max_batch_size; both eager
+    assert seen_capture == r.capture_order and r.spec.max_batch_size == 12
+    for batch in (5, 12, 14, 20):  # 14 and 20: above max_batch_size (the largest size), so eager
         inputs = make_inputs(batch)
         torch.testing.assert_close(r(**inputs)["logits"], model(**inputs)["logits"], rtol=1e-4, atol=1e-4)
     assert seen_replay == [(5, 8), (12, 12), (14, 0), (20, 0)]
@@ -241,19 +243,24 @@ def test_clone_outputs_survive_the_next_call(model):
 
 
 def test_captured_steps_never_enter_python(model):
-    """Once captured, every call is taken natively, hooks and clone_outputs included: the Python method for
-    an unarmed runner (not captured, or closed) is looked up only then."""
+    """Once armed, a step runs in C++: the only Python it calls is what the user asked for (the hook, the
+    clone of the outputs); no method of the runner runs."""
     seen = []
     with gr.GraphRunner(model, INPUTS, max_batch_size=8, clone_outputs=True,
                         before_replay=lambda b, s: seen.append((b, s))) as r:
         r.capture()
-        r._call_unarmed = None  # a step that went through Python would now raise TypeError
         step = make_inputs(5)
-        got = r(**step)
+        called = []
+        sys.setprofile(lambda frame, event, arg: called.append(frame.f_code.co_name) if event == "call" else None)
+        try:
+            got = r(**step)
+        finally:
+            sys.setprofile(None)
+        assert set(called) <= {"<lambda>", "clone_tensors", "map_tensors"}, called
         torch.testing.assert_close(got["logits"], model(**step)["logits"], rtol=1e-4, atol=1e-4)
-        assert got["logits"].data_ptr() != r.outputs[8]["logits"].data_ptr()  # a clone, not a view
+        assert got["logits"].data_ptr() != r.record.entries[8].outputs["logits"].data_ptr()  # a clone, not a view
         assert seen == [(5, 8)]
-    with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+    with pytest.raises(gr.GraphStateError, match="closed"):
         r(**make_inputs(5))
 
 

@@ -1,7 +1,8 @@
 import pytest
 
 import graphrunner as gr
-from graphrunner.schedule import capture_order, checked_capture_sizes, size_for
+from graphrunner._native import _C
+from graphrunner.schedule import capture_order, checked_capture_sizes
 
 
 def test_default_sizes_match_serving_engines():
@@ -32,7 +33,7 @@ def test_capture_order_is_largest_first():
 @pytest.mark.parametrize("batch,want", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 12), (17, 24), (200, 200),
                                         (201, 208), (256, 256), (257, None)])
 def test_size_for_picks_smallest_fit(batch, want):
-    assert size_for(batch, gr.default_capture_sizes(256)) == want
+    assert _C.SizeTable(gr.default_capture_sizes(256), 256).size_for(batch) == (want or 0)
 
 
 def test_checked_capture_sizes_sorts_and_rejects():

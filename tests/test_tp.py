@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 import graphrunner as gr
 from conftest import free_port, gpu
 from graphrunner.distributed import DistributedCaptureError
-from graphrunner.hazards import relative_error
-from graphrunner.models import DecoderConfig, DecoderStep, random_step, step_inputs
+from graphrunner.checks import relative_error
+from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 
 pytestmark = gpu
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -29,7 +29,7 @@ CFG = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (this machine has fewer)")
 
 
-class CountingDecoder(DecoderStep):
+class CountingDecoder(Decoder):
     """Counts the all-reduces issued inside a capture (NCCL turns a one-rank all-reduce into no graph node)."""
 
     captured_all_reduces = 0
@@ -43,19 +43,19 @@ def test_world_of_one_captures_the_all_reduces():
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=torch.device("cuda", torch.cuda.current_device()))
     try:
-        plain, reducing = DecoderStep(CFG), CountingDecoder(CFG, tp_group=dist.group.WORLD)
+        plain, reducing = Decoder(CFG), CountingDecoder(CFG, tp_group=dist.group.WORLD)
         sizes = [64, 8, 1]
-        with gr.GraphRunner(reducing, step_inputs(CFG), max_batch_size=64, capture_sizes=sizes) as runner:
+        with gr.GraphRunner(reducing, decode_inputs(CFG), max_batch_size=64, capture_sizes=sizes) as runner:
             report = runner.capture()
             assert reducing.captured_all_reduces == 2 * CFG.layers * len(sizes)
             assert report.rank == 0 and report.ranks == []  # one rank: nothing to gather
             gen = torch.Generator(device="cuda").manual_seed(0)
             for batch in (1, 5, 64):
-                step = random_step(CFG, batch, gen)
+                step = random_decode_inputs(CFG, batch, gen)
                 with torch.no_grad():
                     want = plain(**step)
                 assert relative_error(runner(**step), want) < 2e-2
-            runner.validate(scrub=True, guard=True, make_inputs=functools.partial(random_step, CFG))
+            runner.validate(scrub=True, guard=True, make_inputs=functools.partial(random_decode_inputs, CFG))
     finally:
         dist.destroy_process_group()
 
@@ -78,29 +78,29 @@ def tp_worker(rank: int, port: int, world: int, scenario: str) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank))
     try:
-        sharded = DecoderStep(CFG, tp_rank=rank, tp_size=world)
+        sharded = Decoder(CFG, tp_rank=rank, tp_size=world)
         if scenario == "matches":
-            whole = DecoderStep(CFG)  # the TP=1 model from the same seed, on this rank's GPU
-            with gr.GraphRunner(sharded, step_inputs(CFG), max_batch_size=CFG.max_batch_size) as runner:
+            whole = Decoder(CFG)  # the TP=1 model from the same seed, on this rank's GPU
+            with gr.GraphRunner(sharded, decode_inputs(CFG), max_batch_size=CFG.max_batch_size) as runner:
                 report = runner.capture()
                 assert [r.rank for r in report.ranks] == list(range(world))
-                runner.validate(make_inputs=functools.partial(random_step, CFG))
+                runner.validate(make_inputs=functools.partial(random_decode_inputs, CFG))
                 gen = torch.Generator(device="cuda").manual_seed(1)
                 for batch in (1, 7, 64, 256):
-                    step = random_step(CFG, batch, gen)
+                    step = random_decode_inputs(CFG, batch, gen)
                     got = runner(**step).clone()
                     with torch.no_grad():
                         want = whole(**step)
                     err = relative_error(got, want)
                     assert err < 2e-2, f"rank {rank}, batch {batch}: relative error {err:.3g} against TP=1"
         else:
-            runner = gr.GraphRunner(FailsOnRank(sharded, rank=1, size=64), step_inputs(CFG),
+            runner = gr.GraphRunner(FailsOnRank(sharded, rank=1, size=64), decode_inputs(CFG),
                                     max_batch_size=CFG.max_batch_size, collective_timeout_s=60)
             start = time.monotonic()
             with pytest.raises(DistributedCaptureError, match="capture of size 64 failed on 1 of 2 ranks.*"
                                                               "rank 1: RuntimeError: injected failure"):
                 runner.capture()
-            assert time.monotonic() - start < 60 and not runner.graphs
+            assert time.monotonic() - start < 60 and runner.record is None
             runner.close()
     finally:
         dist.destroy_process_group()

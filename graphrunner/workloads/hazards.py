@@ -1,7 +1,8 @@
-"""The shared-pool hazard reproductions (tests/ops/), side by side: what a plain shared-pool runner gets, what
-compute-sanitizer memcheck says about it, and what graphrunner's validate(scrub=True, guard=True) finds.
+"""The shared-pool hazard reproductions (graphrunner.workloads.reproductions), side by side: what a plain
+shared-pool runner gets, what compute-sanitizer memcheck says about it, and what graphrunner's
+validate(scrub=True, guard=True) finds.
 
-    python benchmarks/hazards.py --out benchmarks/results/hazards-h100.txt
+    python -m graphrunner.workloads.hazards --out hazards-h100.txt
 
 Each part runs in its own process, since a plain runner may fault.
 """
@@ -13,16 +14,14 @@ import sys
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
-
 
 def plain(name: str, fixed: bool = False) -> None:
     """A plain shared-pool runner (benchmarks/common_runner.py): interleaved steps against eager."""
     import torch
-    from common_runner import CommonRunner
-    from graphrunner.hazards import random_inputs, relative_error
-    from ops import REPRODUCTIONS, SIZES, make
+
+    from graphrunner.checks import random_inputs, relative_error
+    from graphrunner.workloads.common_runner import CommonRunner
+    from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES, make
 
     fn, inputs = make(name, fixed), REPRODUCTIONS[name].inputs
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -48,7 +47,7 @@ def checked(name: str) -> None:
     import torch
 
     import graphrunner as gr
-    from ops import REPRODUCTIONS, SIZES, make
+    from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES, make
 
     runner = gr.GraphRunner(make(name), REPRODUCTIONS[name].inputs, max_batch_size=max(SIZES),
                             capture_sizes=SIZES)
@@ -66,7 +65,7 @@ def checked(name: str) -> None:
 
 
 def child(args, sanitizer=False):
-    cmd = [sys.executable, __file__, *args]
+    cmd = [sys.executable, "-m", "graphrunner.workloads.hazards", *args]
     if sanitizer:
         cmd = ["compute-sanitizer", "--tool", "memcheck", *cmd]
     limit = 300 if sanitizer else 600
@@ -98,7 +97,7 @@ def main() -> int:
     if args.checked:
         checked(args.checked)
         return 0
-    from ops import REPRODUCTIONS, SIZES
+    from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES
 
     import torch
 

@@ -1,5 +1,6 @@
-#include "step.h"
+#include "launcher.h"
 
+#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -7,7 +8,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <string>
 
 #include "errors.h"
 
@@ -35,7 +35,7 @@ __global__ void stage_inputs(HostRing* ring, unsigned long long* control, Static
   volatile unsigned long long* consumed = control;
   if (threadIdx.x == 0) {
     step = *consumed;
-    const volatile StepDesc* desc = &ring->slots[step % kRingSlots];
+    const volatile StepDescriptor* desc = &ring->slots[step % kRingSlots];
     fresh = desc->seq == step + 1;
     batch = fresh ? desc->batch : 0;
     src = fresh ? static_cast<const unsigned char*>(desc->src[blockIdx.y]) : nullptr;
@@ -81,18 +81,14 @@ __global__ void stage_inputs(HostRing* ring, unsigned long long* control, Static
 
 }  // namespace
 
-StepRunner::StepRunner(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers,
-                       std::vector<int64_t> capture_sizes)
-    : checker_(std::move(checker)), static_buffers_(std::move(static_buffers)) {
-  const int64_t max_batch = checker_->max_batch_size();
-  size_for_batch_.assign(max_batch + 1, 0);
-  graph_for_batch_.resize(max_batch + 1);
-  std::sort(capture_sizes.begin(), capture_sizes.end());
-  for (int64_t b = 1; b <= max_batch; ++b) {
-    auto fit = std::lower_bound(capture_sizes.begin(), capture_sizes.end(), b);
-    size_for_batch_[b] = fit == capture_sizes.end() ? 0 : *fit;
-  }
+Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes)
+    : checker_(std::move(checker)), static_buffers_(std::move(static_buffers)), sizes_(std::move(sizes)) {
+  graph_for_batch_.resize(sizes_.max_batch_size() + 1);
   c10::cuda::CUDAGuard guard(checker_->device());
+  // Each block reads the descriptor over PCIe once and retires through one atomic, so blocks are not free.
+  // Staged inputs are a few KB to a few MB: two blocks per SM (264 on an H100) already keep every SM's
+  // copy busy, and more would only add descriptor reads.
+  max_blocks_ = 2u * static_cast<unsigned>(at::cuda::getDeviceProperties(checker_->device())->multiProcessorCount);
   void* host = nullptr;
   GR_CUDA_CHECK(cudaHostAlloc(&host, sizeof(HostRing), cudaHostAllocMapped));
   std::memset(host, 0, sizeof(HostRing));
@@ -101,19 +97,17 @@ StepRunner::StepRunner(std::shared_ptr<InputChecker> checker, std::vector<at::Te
   control_ = at::zeros({2}, at::TensorOptions().device(at::kCUDA, checker_->device()).dtype(at::kLong));
 }
 
-StepRunner::~StepRunner() {
-  // Graphs that read the ring may still be running: wait for them before freeing it.
+Launcher::~Launcher() {
+  // Graphs that read the ring may still be running on the launcher's device: wait for them there (the
+  // destructor may run on a thread whose current device is another) before freeing it.
   if (ring_ != nullptr) {
+    c10::cuda::CUDAGuard guard(checker_->device());
     cudaDeviceSynchronize();
     cudaFreeHost(ring_);
   }
 }
 
-int64_t StepRunner::size_for(int64_t batch) const {
-  return (batch >= 1 && batch < static_cast<int64_t>(size_for_batch_.size())) ? size_for_batch_[batch] : 0;
-}
-
-void StepRunner::stage(int64_t size) {
+void Launcher::stage(int64_t size) {
   const auto& specs = checker_->specs();
   StaticTable table{};
   table.num_inputs = static_cast<int>(specs.size());
@@ -125,7 +119,7 @@ void StepRunner::stage(int64_t size) {
     largest = std::max(largest, size * table.row_bytes[i]);
   }
   const long long chunks = (largest + 15) / 16;
-  dim3 grid(static_cast<unsigned>(std::clamp<long long>((chunks + kThreads - 1) / kThreads, 1, 264)),
+  dim3 grid(static_cast<unsigned>(std::clamp<long long>((chunks + kThreads - 1) / kThreads, 1, max_blocks_)),
             static_cast<unsigned>(specs.size()));
   auto stream = c10::cuda::getCurrentCUDAStream(checker_->device());
   stage_inputs<<<grid, kThreads, 0, stream.stream()>>>(
@@ -133,31 +127,37 @@ void StepRunner::stage(int64_t size) {
   GR_CUDA_CHECK(cudaGetLastError());
 }
 
-void StepRunner::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
-  for (size_t b = 1; b < size_for_batch_.size(); ++b) {
-    if (size_for_batch_[b] == size) {
+void Launcher::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
+  for (int64_t b = 1; b <= sizes_.max_batch_size(); ++b) {
+    if (sizes_.size_for(b) == size) {
       graph_for_batch_[b] = graph;
     }
   }
 }
 
-void StepRunner::launch(int64_t batch, StepTensors inputs) {
-  if (size_for(batch) == 0 || !graph_for_batch_[batch]) {
+void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
+  if (sizes_.size_for(batch) == 0 || !graph_for_batch_[batch]) {
     throw StateError("no captured graph holds batch " + std::to_string(batch) + "; run this step eagerly");
   }
   // A non-contiguous input is staged from a contiguous copy made on the graph's stream: when the copy
-  // is freed on return, the allocator reuses its memory only for work queued behind this graph.
-  at::Tensor copies[kMaxInputs];
+  // is freed on return, the allocator reuses its memory only for work queued behind this graph. The usual
+  // step has none, and then this vector never allocates.
+  std::vector<at::Tensor> copies;
   const void* src[kMaxInputs];
   for (size_t i = 0; i < inputs.size(); ++i) {
     const at::Tensor& t = *inputs[i];
-    src[i] = t.is_contiguous() ? t.const_data_ptr() : (copies[i] = t.contiguous()).const_data_ptr();
+    if (t.is_contiguous()) {
+      src[i] = t.const_data_ptr();
+    } else {
+      copies.push_back(t.contiguous());
+      src[i] = copies.back().const_data_ptr();
+    }
   }
   const unsigned long long step = issued_;
   // Back-pressure: never overwrite a descriptor the GPU has not consumed yet.
   while (step - *reinterpret_cast<volatile unsigned long long*>(&ring_->consumed) >= kRingSlots) {
   }
-  StepDesc& desc = ring_->slots[step % kRingSlots];
+  StepDescriptor& desc = ring_->slots[step % kRingSlots];
   desc.batch = batch;
   std::memcpy(desc.src, src, inputs.size() * sizeof(const void*));
   std::atomic_thread_fence(std::memory_order_release);
@@ -169,6 +169,11 @@ void StepRunner::launch(int64_t batch, StepTensors inputs) {
     throw;
   }
   issued_ = step + 1;
+}
+
+std::vector<std::tuple<uint64_t, uint64_t, std::string>> Launcher::owned_memory() const {
+  return {{reinterpret_cast<uint64_t>(control_.data_ptr()), control_.nbytes(), "staging control words"},
+          {reinterpret_cast<uint64_t>(ring_device_), sizeof(HostRing), "staging descriptor ring (mapped host)"}};
 }
 
 }  // namespace graphrunner

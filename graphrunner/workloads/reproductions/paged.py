@@ -7,8 +7,6 @@ writes whole rows of PAGES_PER_SEQ entries. Eager steps size it right, so eager 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 import graphrunner as gr
@@ -22,18 +20,18 @@ INPUTS = {"q": gr.StaticInput((HEADS, HEAD_DIM), torch.bfloat16),
           "seq_lens": gr.StaticInput((), torch.int32, pad=1, low=1, high=PAGE_SIZE * PAGES_PER_SEQ + 1)}
 
 
-@functools.lru_cache(None)
-def kv_cache(device: torch.device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (NUM_PAGES, PAGE_SIZE, HEADS, HEAD_DIM)
-    return tuple(torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+class PagedDecode(torch.nn.Module):
+    """Paged decode over a random KV cache (module buffers, so the audit sees them as declared)."""
 
-
-class PagedDecode:
-    def __init__(self, fixed: bool) -> None:
+    def __init__(self, fixed: bool, device: str = "cuda") -> None:
+        super().__init__()
         self.fixed = fixed
+        gen = torch.Generator(device=device).manual_seed(0)
+        shape = (NUM_PAGES, PAGE_SIZE, HEADS, HEAD_DIM)
+        for name in ("k_cache", "v_cache"):
+            self.register_buffer(name, torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16))
 
-    def __call__(self, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         from flash_attn.cute import flash_attn_varlen_func
 
         rows = q.shape[0]
@@ -44,7 +42,6 @@ class PagedDecode:
         table = raw_bytes(buffer.data_ptr(), page_table.numel() * 4, q.device).view(torch.int32)
         table = table.view(page_table.shape)
         table.copy_(page_table)
-        k_cache, v_cache = kv_cache(q.device)
-        out, _ = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=seq_lens, page_table=table)
+        out, _ = flash_attn_varlen_func(q[:, None], self.k_cache, self.v_cache, seqused_k=seq_lens, page_table=table)
         del buffer  # kept alive until the kernel that reads it is queued
         return out[:, 0]

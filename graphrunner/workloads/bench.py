@@ -1,10 +1,10 @@
-"""`python -m graphrunner.bench` (`make bench`): every contender on the built-in decoder, in one process.
+"""`python -m graphrunner.workloads.bench` (`make bench`): every contender on the built-in decoder, in one process.
 
-Contenders: eager; the common runner (torch.cuda.CUDAGraph per size, copy_ staging, benchmarks/
-common_runner.py); bare replay of graphrunner's graph through Graph.replay(), of the common runner's graph
-through torch.cuda.CUDAGraph.replay(); graphrunner itself; and two C++ loops that time the host side with
-no Python: cudaGraphLaunch of the same graph (the floor) and graphrunner's whole native step.
-Writes bench-<gpu>.json and bench-<gpu>.png; ratios are taken side by side in this one run.
+Contenders: eager; the common runner (torch.cuda.CUDAGraph per size, copy_ staging, common_runner.py); bare
+replay of graphrunner's graph through Graph.replay(), of the common runner's graph through
+torch.cuda.CUDAGraph.replay(); graphrunner itself; and a C++ loop of cudaGraphLaunch on the same graph that
+times the host side with no Python (the floor). Writes bench-<gpu>.json, .txt and .png into --out (default:
+the current directory); ratios are taken side by side in this one run.
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import graphrunner as gr
-from graphrunner._native import _C
 from graphrunner.memory import alias
-from graphrunner.models import ATTENTION_BACKENDS, DecoderConfig, DecoderStep, random_step, step_inputs
+from graphrunner.workloads._launch_floor import launch_floor_us
+from graphrunner.workloads.common_runner import CommonRunner
+from graphrunner.workloads.decoder import ATTENTION_BACKENDS, DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 
 BATCHES = [1, 3, 8, 17, 64, 200, 256]
 MiB = 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -45,10 +45,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--attn", choices=ATTENTION_BACKENDS, default="sdpa")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one per GPU: run under "
-                   "torchrun --nproc-per-node N -m graphrunner.bench --tp N")
+                   "torchrun --nproc-per-node N -m graphrunner.workloads.bench --tp N")
     p.add_argument("--steps", type=int, default=300, help="timed steps per contender and batch")
     p.add_argument("--trace-steps", type=int, default=2000)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the results files")
     p.add_argument("--name", default=None, help="results file suffix (default: the GPU, e.g. h100)")
     return p.parse_args(argv)
 
@@ -120,9 +120,6 @@ def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: L
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common_runner import CommonRunner
-
     cfg = DecoderConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, head_dim=args.head_dim,
                         intermediate=args.intermediate, vocab=args.vocab, cache_len=args.cache_len,
                         max_batch_size=args.max_batch_size, attention=args.attn)
@@ -130,10 +127,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     # the same seeds give every rank the same inputs.
     group = dist.group.WORLD if dist.is_initialized() else None
     rank = dist.get_rank() if group is not None else 0
-    model = DecoderStep(cfg, tp_rank=rank, tp_size=args.tp, tp_group=group)
+    model = Decoder(cfg, tp_rank=rank, tp_size=args.tp, tp_group=group)
     sizes = gr.default_capture_sizes(cfg.max_batch_size)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    example = random_step(cfg, cfg.max_batch_size, gen)
+    example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
     res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "cuda": torch.version.cuda, "attention": cfg.attention, "layers": cfg.layers,
                               "hidden": cfg.hidden, "capture_sizes": len(sizes), "tp": args.tp,
@@ -141,7 +138,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     bar = tqdm(total=6, desc="bench", unit="stage", file=sys.stderr, disable=rank != 0)
 
     def make_runner() -> gr.GraphRunner:
-        runner = gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size)
+        runner = gr.GraphRunner(model, decode_inputs(cfg), max_batch_size=cfg.max_batch_size)
         runner.capture()
         return runner
 
@@ -168,15 +165,14 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
     rows = []
     for batch in BATCHES:
-        steps = [random_step(cfg, batch, gen) for _ in range(8)]
+        steps = [random_decode_inputs(cfg, batch, gen) for _ in range(8)]
         size = runner.size_for(batch)
-        ours, theirs = runner.graphs[size], baseline.graphs[size]
+        ours, theirs = runner.record.entries[size].graph, baseline.graphs[size]
         contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
-        loops = {"floor": lambda k: _C.launch_floor_us(ours, k),
-                 "native": lambda k: _C.step_loop_us(runner._step, steps[0], k)}
+        loops = {"floor": lambda k: launch_floor_us(ours.exec_handle, torch.cuda.current_stream().cuda_stream, k)}
         times, loop_us = timed(contenders, steps, args.steps, loops)
-        row = {"batch": batch, "size": size, "floor_host_us": loop_us["floor"], "native_host_us": loop_us["native"]}
+        row = {"batch": batch, "size": size, "floor_host_us": loop_us["floor"]}
         for name, (wall, host) in times.items():
             row[f"{name}_wall_us"], row[f"{name}_host_us"] = wall, host
         rows.append(row)
@@ -193,7 +189,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         "bare_host_us_bs1": bs1["bare_host_us"], "torch_replay_host_us_bs1": bs1["torch_replay_host_us"],
         "run_host_vs_bare_bs1": bs1["graphrunner_host_us"] / bs1["bare_host_us"],
         "bare_host_vs_torch_replay_bs1": bs1["bare_host_us"] / bs1["torch_replay_host_us"],
-        "launch_floor_us": bs1["floor_host_us"], "native_step_us_bs1": bs1["native_host_us"],
+        "launch_floor_us": bs1["floor_host_us"],
         "run_host_vs_floor_bs1": bs1["graphrunner_host_us"] / bs1["floor_host_us"],
         "eager_vs_run_bs1": bs1["eager_wall_us"] / bs1["graphrunner_wall_us"],
     })
@@ -202,7 +198,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     order = torch.Generator().manual_seed(1)
     for _ in range(args.trace_steps):
         batch = min(cfg.max_batch_size, max(1, batch + int(torch.randint(-8, 9, (1,), generator=order))))
-        walk.append(random_step(cfg, batch, gen))
+        walk.append(random_decode_inputs(cfg, batch, gen))
     stream = torch.cuda.current_stream()
     for name, fn in {"run": lambda s: runner(**s), "baseline": lambda s: baseline(**s), "eager": eager}.items():
         t0 = time.perf_counter()
@@ -212,7 +208,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         res[f"trace_steps_s_{name}"] = len(walk) / (time.perf_counter() - t0)
     bar.update()
 
-    make_inputs = functools.partial(random_step, cfg)
+    make_inputs = functools.partial(random_decode_inputs, cfg)
     t0 = time.perf_counter()
     runner.validate(make_inputs=make_inputs)
     res["validate_s"] = time.perf_counter() - t0
@@ -220,7 +216,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     runner.validate(scrub=True, guard=True, make_inputs=make_inputs)
     res["validate_scrub_guard_s"] = time.perf_counter() - t0
     res["validated"] = True
-    static = dict(runner.static_inputs)
+    res["audit_borrowed"] = len(runner.audit().borrowed)
+    res["capture_workspace_mib"] = runner.record.report().workspace_bytes / MiB
+    static = {n: t.clone() for n, t in runner.record.static_inputs.items()}
     runner.close()
     baseline.close()
     bar.update()
@@ -248,12 +246,11 @@ def table(res: Dict[str, object]) -> str:
     out = [f"{res['gpu']}, torch {res['torch']}, {res['layers']} layers, hidden {res['hidden']}, "
            f"attention {res['attention']}" + (f", tensor parallel over {res['tp']} GPUs (NCCL)"
                                               if res["distributed"] else ""), "",
-           "step wall us (host us), synchronised per step; C++ loops, host us: floor = cudaGraphLaunch, "
-           "native = graphrunner's whole native step",
-           f"{'batch':>5} " + " ".join(f"{n:>20}" for n in names) + f" {'floor':>7} {'native':>7}"]
+           "step wall us (host us), synchronised per step; floor = host us of cudaGraphLaunch in a C++ loop",
+           f"{'batch':>5} " + " ".join(f"{n:>20}" for n in names) + f" {'floor':>7}"]
     for r in rows:
         cells = " ".join(f"{r[n + '_wall_us']:>11.1f} ({r[n + '_host_us']:>6.1f})" for n in names)
-        out.append(f"{r['batch']:>5} {cells} {r['floor_host_us']:>7.1f} {r['native_host_us']:>7.1f}")
+        out.append(f"{r['batch']:>5} {cells} {r['floor_host_us']:>7.1f}")
     out += ["", f"random-walk trace, steps/s: graphrunner "
             f"{res['trace_steps_s_run']:.0f}, common runner {res['trace_steps_s_baseline']:.0f}, "
             f"eager {res['trace_steps_s_eager']:.0f}",
@@ -286,7 +283,6 @@ def plot(res: Dict[str, object], path: Path) -> None:
         axes[1].plot([r["batch"] for r in rows], [r[name + "_wall_us"] for r in rows], marker="o", label=name)
         axes[2].plot([r["batch"] for r in rows], [r[name + "_host_us"] for r in rows], marker="o", label=name)
     axes[2].plot([r["batch"] for r in rows], [r["floor_host_us"] for r in rows], "k--", label="cudaGraphLaunch (C++)")
-    axes[2].plot([r["batch"] for r in rows], [r["native_host_us"] for r in rows], "k:", label="native step (C++)")
     axes[1].set(title="step wall time", xlabel="batch", ylabel="us", xscale="log", yscale="log")
     axes[2].set(title="host time per step", xlabel="batch", ylabel="us", xscale="log", yscale="log")
     for ax in axes:
@@ -301,7 +297,7 @@ def init_tensor_parallel(tp: int) -> None:
     """One process per GPU, started by torchrun; NCCL with NVLink multicast off unless asked for. Under
     torchrun, --tp 1 runs a world of one with its all-reduces captured."""
     if "LOCAL_RANK" not in os.environ:
-        raise SystemExit(f"--tp {tp} runs one process per GPU: torchrun --nproc-per-node {tp} -m graphrunner.bench "
+        raise SystemExit(f"--tp {tp} runs one process per GPU: torchrun --nproc-per-node {tp} -m graphrunner.workloads.bench "
                          f"--tp {tp}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     local = int(os.environ["LOCAL_RANK"])
@@ -314,7 +310,7 @@ def init_tensor_parallel(tp: int) -> None:
 def main(argv: List[str] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
-        print("graphrunner.bench needs a CUDA GPU; torch.cuda.is_available() is False on this machine.",
+        print("graphrunner.workloads.bench needs a CUDA GPU; torch.cuda.is_available() is False on this machine.",
               file=sys.stderr)
         return 2
     distributed = args.tp > 1 or "LOCAL_RANK" in os.environ

@@ -1,6 +1,5 @@
-"""Models that are correct in eager mode but unsafe in a shared graph pool: the three reproductions of the
-Reliability issue and one with flash-attn 4's paged decode, each with its fixed twin. The CUDA ops build
-on first use (tests only)."""
+"""Step functions that are correct in eager mode but unsafe in a shared graph pool, each with its fixed twin:
+the hazard demo (graphrunner.workloads.hazards) and the tests use them. The CUDA ops build on first use."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +11,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 import graphrunner as gr
-from ops import paged
+from graphrunner.workloads.reproductions import paged
 
 PLANES = 16  # entries per row the metadata kernel writes
 HERE = Path(__file__).parent

@@ -1,23 +1,19 @@
 """Capture and replay the built-in decoder through GraphRunner, small enough to run under compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python benchmarks/sanitize_model.py
+    compute-sanitizer --tool memcheck python -m graphrunner.workloads.sanitize
 """
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import graphrunner as gr  # noqa: E402
-from graphrunner.models import DecoderConfig, DecoderStep, random_step, step_inputs  # noqa: E402
+import graphrunner as gr
+from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
 cfg = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                     max_batch_size=16)
-model = DecoderStep(cfg)
-with gr.GraphRunner(model, step_inputs(cfg), max_batch_size=cfg.max_batch_size, capture_sizes=[1, 4, 16]) as r:
+model = Decoder(cfg)
+with gr.GraphRunner(model, decode_inputs(cfg), max_batch_size=cfg.max_batch_size, capture_sizes=[1, 4, 16]) as r:
     r.capture()
     for batch in (1, 3, 16, 2):
-        step = random_step(cfg, batch)
+        step = random_decode_inputs(cfg, batch)
         with torch.no_grad():
             want = model(**step)
         err = ((r(**step).float() - want.float()).norm() / want.float().norm()).item()

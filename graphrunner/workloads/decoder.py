@@ -1,4 +1,4 @@
-"""The built-in workload: one decode step of a small Llama-style decoder with random weights.
+"""The built-in workload of the benchmark and tests: one decode step of a small Llama-style decoder with random weights.
 
 RMSNorm, fused QKV, rotary embedding, attention over a preallocated KV cache with per-row sequence
 lengths, SwiGLU MLP, final norm and LM head. Launch-bound by default (8 layers, hidden 1024, 8 heads of
@@ -22,8 +22,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from graphrunner.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
-from graphrunner.runner import StaticInput
+from graphrunner.workloads.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
+from graphrunner.inputs import StaticInput
 
 ATTENTION_BACKENDS = tuple(BACKENDS)
 
@@ -68,8 +68,8 @@ class DecoderConfig:
         return self.max_batch_size * self.pages_per_seq + 1
 
 
-def step_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
-    """The decode step's inputs. Pass `make_inputs=functools.partial(random_step, cfg)` to validate(): a
+def decode_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
+    """The decode step's inputs. Pass `make_inputs=functools.partial(random_decode_inputs, cfg)` to validate(): a
     paged step needs distinct pages per row, which independent draws per input cannot give."""
     inputs = {"input_ids": StaticInput((), torch.long, pad=0, high=cfg.vocab),
               "positions": StaticInput((), torch.long, pad=0, high=cfg.cache_len),
@@ -79,7 +79,7 @@ def step_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
     return inputs
 
 
-def random_step(cfg: DecoderConfig, batch: int, gen: Optional[torch.Generator] = None,
+def random_decode_inputs(cfg: DecoderConfig, batch: int, gen: Optional[torch.Generator] = None,
                 device: str = "cuda") -> Dict[str, torch.Tensor]:
     """A valid decode step: each row's new token sits at position seq_len - 1; rows own distinct pages."""
     seq_lens = torch.randint(1, cfg.cache_len + 1, (batch,), generator=gen, device=device, dtype=torch.int32)
@@ -91,7 +91,7 @@ def random_step(cfg: DecoderConfig, batch: int, gen: Optional[torch.Generator] =
     return step
 
 
-class DecoderStep(torch.nn.Module):
+class Decoder(torch.nn.Module):
     """fn(input_ids, positions, seq_lens[, page_table]) -> logits [batch, vocab]."""
 
     def __init__(self, cfg: DecoderConfig = DecoderConfig(), device: str = "cuda", tp_rank: int = 0,

@@ -1,0 +1,32 @@
+// What each node of a captured graph hands the GPU, read back for the audit of borrowed memory.
+//
+// A kernel captured from a library bakes raw device addresses into its parameters: its inputs and
+// outputs, and also memory the library cached outside the graph's pool (a cuBLAS workspace, say). If that
+// memory is freed while the graph lives, replays read or write freed memory. The scan lists every
+// 8-byte-aligned word of every node's parameters that could be an address; Python classifies them
+// against the allocator's snapshot. What it cannot see: addresses a kernel reads indirectly, from a
+// table in device memory.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace graphrunner {
+
+struct NodeWords {
+  std::string kind;  // "kernel", "memset" or "memcpy"
+  std::string name;  // the kernel's (mangled) name, or the node kind
+  std::vector<std::pair<uint32_t, uint64_t>> words;  // (byte offset in the parameters, value)
+};
+
+// Every kernel, memset and memcpy node of `graph` (child graphs included), in node order.
+std::vector<NodeWords> scan_nodes(cudaGraph_t graph);
+
+// What CUDA says an address is: "device", "host", "managed", or "" (not memory CUDA knows).
+std::string address_kind(uint64_t address);
+
+}  // namespace graphrunner

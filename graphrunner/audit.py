@@ -1,0 +1,180 @@
+"""The audit: every address a captured graph hands the GPU, and whose memory it is.
+
+A captured kernel bakes raw addresses into its parameters. The pool, the static inputs and what the runner
+keeps alive (its staging memory, the RNG state, the cuBLAS workspaces) live as long as the graphs do; so does
+memory the caller declared long-lived (fn's parameters and buffers when fn is a module, `keep=`, gr.workspace
+buffers). Anything else is borrowed: if its owner frees it, the graph reads or writes freed memory on its
+next replay. The audit names each such borrowing by size, kernel and memory.
+
+What it cannot see: addresses a kernel reads indirectly, from a table in device memory (a page table, an
+array of pointers). Scrub and guard (validate()) cover those by their effects.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+
+from graphrunner._native import _C
+from graphrunner.capture_guard import GraphHazardError
+from graphrunner.messages import BORROW_FIX
+from graphrunner.record import CaptureRecord
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One address in one captured node's parameters, and the memory it points into.
+
+    Attributes:
+        graph: how messages name the graph ("the graph of size 8").
+        kernel: the node's kernel name (mangled), or "memset"/"memcpy".
+        offset: the byte offset of the address in the node's parameters.
+        address: the address.
+        memory: what the memory is.
+    """
+
+    graph: str
+    kernel: str
+    offset: int
+    address: int
+    memory: str
+
+    def __str__(self) -> str:
+        kernel = self.kernel if len(self.kernel) <= 70 else self.kernel[:67] + "..."
+        return f"{self.graph}: {kernel} (parameter byte {self.offset}) -> 0x{self.address:x}, {self.memory}"
+
+
+@dataclass
+class AuditReport:
+    """What the captured graphs reference.
+
+    Attributes:
+        graphs: graphs scanned.
+        nodes: nodes scanned (kernels, memsets, memcpys).
+        owned: references into memory that lives as long as the graphs, counted by what it is.
+        borrowed: references into torch-allocated memory that nothing keeps alive for the graphs: findings.
+        external: references into device memory outside torch's allocator (NCCL buffers, a library's own
+            cudaMalloc): torch cannot free it, so it is reported, not found at fault.
+    """
+
+    graphs: int = 0
+    nodes: int = 0
+    owned: Dict[str, int] = field(default_factory=dict)
+    borrowed: List[Reference] = field(default_factory=list)
+    external: List[Reference] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"audit of {self.graphs} graphs, {self.nodes} nodes: {len(self.borrowed)} borrowed reference(s), "
+                 f"{len(self.external)} into memory outside torch's allocator"]
+        lines += [f"  {count:6d} x {what}" for what, count in sorted(self.owned.items())]
+        lines += [f"  borrowed: {r}" for r in self.borrowed[:20]]
+        lines += [f"  external: {r}" for r in self.external[:5]]
+        return "\n".join(lines)
+
+    def check(self) -> None:
+        """Raises GraphHazardError naming the first borrowed reference, if there is one."""
+        if self.borrowed:
+            first = self.borrowed[0]
+            distinct = len({r.address for r in self.borrowed})
+            raise GraphHazardError(
+                f"{first.graph} uses memory nothing keeps alive for it: {first}. {len(self.borrowed)} reference(s) "
+                f"to {distinct} address(es) in all. If that memory's owner frees it (a cache cleared, a tensor "
+                f"dropped), the next replay reads or writes freed memory. Either {BORROW_FIX}.",
+                buffer=first.memory)
+
+
+class _Ranges:
+    """Sorted, non-overlapping address ranges with a label each."""
+
+    def __init__(self, ranges: Iterable[Tuple[int, int, str]]) -> None:
+        merged: List[Tuple[int, int, str]] = []
+        for start, nbytes, what in sorted(r for r in ranges if r[1] > 0):
+            if merged and start < merged[-1][1]:  # overlaps the previous one: extend it
+                last = merged[-1]
+                merged[-1] = (last[0], max(last[1], start + nbytes), last[2])
+            else:
+                merged.append((start, start + nbytes, what))
+        self.starts = [r[0] for r in merged]
+        self.ranges = merged
+
+    def find(self, address: int) -> "str | None":
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i >= 0 and address < self.ranges[i][1]:
+            return self.ranges[i][2]
+        return None
+
+
+def _owned_ranges(records: Sequence[CaptureRecord], declared: Sequence[torch.Tensor]) -> List[Tuple[int, int, str]]:
+    out: List[Tuple[int, int, str]] = []
+    for rec in records:
+        for seg in torch.cuda.memory_snapshot(mempool_id=rec.pool, include_traces=False):
+            if tuple(seg["segment_pool_id"]) == tuple(rec.pool):
+                out.append((seg["address"], seg["total_size"], "the runners' graph pool"))
+        out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer") for t in rec.static_inputs.values()]
+        out += [(address, nbytes, f"the runner's {what}") for address, nbytes, what in rec.launcher.owned_memory]
+        out += [(address, nbytes, f"a {library} workspace the runner keeps alive")
+                for library, address, nbytes in rec.workspace_blocks()]
+        for entry in rec.entries.values():
+            out += [(address, nbytes, "the graph's RNG seed and offset") for address, nbytes in entry.graph.owned_memory]
+    for t in declared:
+        storage = t.untyped_storage()
+        out.append((storage.data_ptr(), storage.nbytes(), "memory declared long-lived (parameters, buffers, keep=, "
+                                                          "gr.workspace)"))
+    return out
+
+
+def _allocator_blocks(device: torch.device) -> List[Tuple[int, int, str]]:
+    """Every block torch's allocator holds on `device`, live or free, labelled for a finding."""
+    out = []
+    for seg in torch.cuda.memory_snapshot(include_traces=False):
+        if seg.get("device", device.index) != device.index:
+            continue
+        pool = tuple(seg["segment_pool_id"])
+        where = "the general pool" if pool == (0, 0) else f"pool {pool}"
+        address = seg["address"]
+        for b in seg["blocks"]:
+            start = b.get("address", address)
+            state = ("a live allocation" if b["state"].startswith("active") else
+                     "FREED memory the allocator holds for reuse")
+            out.append((start, b["size"], f"{state} of {b['size']} bytes in {where} (block 0x{start:x})"))
+            address = start + b["size"]
+    return out
+
+
+def audit(records: Sequence[CaptureRecord], declared: Sequence[torch.Tensor]) -> AuditReport:
+    """Scans every node of every graph of `records` and classifies each address it hands the GPU.
+
+    Args:
+        records: the capture records to audit (runners of one pool, captured together or alone).
+        declared: tensors the caller declared long-lived (the runners' module parameters and buffers, keep=,
+            gr.workspace buffers).
+    """
+    report = AuditReport()
+    owned = _Ranges(_owned_ranges(records, declared))
+    allocated = _Ranges(_allocator_blocks(records[0].device))
+    kinds: Dict[int, str] = {}
+    for rec in records:
+        for size, entry in rec.entries.items():
+            report.graphs += 1
+            whose = rec.describe(size)
+            for kind, name, words in entry.graph.scan():
+                report.nodes += 1
+                for offset, address in words:
+                    what = owned.find(address)
+                    if what is not None:
+                        report.owned[what] = report.owned.get(what, 0) + 1
+                        continue
+                    what = allocated.find(address)
+                    if what is not None:
+                        report.borrowed.append(Reference(whose, name, offset, address, what))
+                        continue
+                    if address not in kinds:
+                        kinds[address] = _C.address_kind(address)
+                    if kinds[address]:
+                        report.external.append(Reference(whose, name, offset, address,
+                                                         f"{kinds[address]} memory outside torch's allocator"))
+    return report

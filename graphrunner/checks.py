@@ -1,0 +1,57 @@
+"""Numeric helpers for comparing graph outputs with eager ones: fresh inputs, errors, tolerances, poison."""
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+import torch
+
+from graphrunner.inputs import StaticInput
+
+SCRUB_WORD = 0x7FFFFFFF  # NaN as float32/float64 words and bf16/fp16 halves; INT_MAX as int32
+
+
+def random_inputs(inputs: Mapping[str, StaticInput], batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Fresh inputs for one step on gen's device, each drawn from its StaticInput's range.
+
+    Args:
+        inputs: the runner's input specs.
+        batch: rows to draw.
+        gen: the generator (its device is where the tensors go).
+    """
+    out = {}
+    for name, spec in inputs.items():
+        shape = (batch, *spec.shape)
+        if spec.dtype.is_floating_point:
+            if spec.high is None:
+                t = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+            else:
+                t = torch.rand(shape, generator=gen, device=gen.device) * (spec.high - spec.low) + spec.low
+            out[name] = t.to(spec.dtype)
+        else:
+            high = spec.high if spec.high is not None else spec.low + 2
+            out[name] = torch.randint(int(spec.low), int(high), shape, generator=gen, device=gen.device,
+                                      dtype=torch.int64).to(spec.dtype)
+    return out
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64; 0 or inf for exact dtypes; inf where the non-finite places differ."""
+    if not want.dtype.is_floating_point:
+        return 0.0 if torch.equal(got, want) else float("inf")
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all() and not torch.equal(torch.isfinite(got), torch.isfinite(want)):
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """The relative error `validate()` accepts for an output of `dtype`."""
+    if not dtype.is_floating_point:
+        return 0.0
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def poison(t: torch.Tensor) -> None:
+    """Fills a tensor's whole storage with the scrub pattern, so an output the graph fails to write is seen."""
+    raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    (raw.view(torch.int32).fill_(SCRUB_WORD) if raw.numel() % 4 == 0 else raw.fill_(0x7F))

@@ -1,0 +1,156 @@
+"""`RunnerSpec`: everything a GraphRunner is built from, checked once, frozen.
+
+The isolated validation child rebuilds its runner from the same spec, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from graphrunner.graph import PoolLike, pool_id
+from graphrunner.inputs import StaticInput
+from graphrunner.schedule import capture_order, checked_capture_sizes, checked_max_batch_size
+
+CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
+FALLBACKS = ("eager", "error")
+Long = Union[torch.Tensor, torch.nn.Module]
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """A GraphRunner's arguments, checked (see GraphRunner for what each one means)."""
+
+    fn: Callable[..., Any]
+    inputs: Mapping[str, StaticInput]
+    max_batch_size: int
+    capture_sizes: Tuple[int, ...]
+    pool: PoolLike = None
+    warmup: int = 1
+    fallback: str = "eager"
+    on_capture: Optional[Callable[[int], None]] = None
+    before_replay: Optional[Callable[[int, int], None]] = None
+    clone_outputs: bool = False
+    no_grad: bool = True
+    device: int = 0
+    capture_error_mode: str = "global"
+    strict: bool = False
+    debug: bool = False
+    collective_timeout_s: float = 300.0
+    keep: Tuple[Long, ...] = ()
+    name: str = ""
+    verbose: bool = False
+
+    @property
+    def capture_order(self) -> List[int]:
+        return capture_order(self.capture_sizes)
+
+    def checker_specs(self) -> List[Tuple[str, List[int], torch.dtype, bytes]]:
+        """The input specs as the native input checker takes them."""
+        return [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in self.inputs.items()]
+
+    def declared(self) -> List[torch.Tensor]:
+        """Tensors this runner's graphs may use that the caller keeps alive: fn's parameters and buffers when fn
+        is a module (or a module's method), and everything in keep."""
+        owners: List[Long] = list(self.keep)
+        module = self.fn if isinstance(self.fn, torch.nn.Module) else getattr(self.fn, "__self__", None)
+        if isinstance(module, torch.nn.Module):
+            owners.append(module)
+        out: List[torch.Tensor] = []
+        for owner in owners:
+            if isinstance(owner, torch.nn.Module):
+                out += [*owner.parameters(), *owner.buffers()]
+            else:
+                out.append(owner)
+        return out
+
+    def without_pool(self) -> "RunnerSpec":
+        """The same spec with a new pool: what a child process builds from (a pool id means nothing there)."""
+        return dataclasses.replace(self, pool=None)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _hook(name: str, value: object) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {type(value).__name__} {value!r}")
+    return value
+
+
+def checked_device(device: Optional[Union[int, str, torch.device]]) -> int:
+    """The CUDA device index `device` names (None: the current device); raises naming the argument."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise TypeError(f"device must be an int, a str like 'cuda:0' or a torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a device name; pass e.g. 'cuda:0' or 0") from exc
+    if dev.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {dev}")
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if torch.cuda.is_available() and index >= torch.cuda.device_count():
+        raise ValueError(f"device cuda:{index} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return index
+
+
+def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_batch_size: Optional[int],
+                 capture_sizes: Optional[Sequence[int]], **options: Any) -> RunnerSpec:
+    """A RunnerSpec from GraphRunner's arguments; every bad argument raises TypeError or ValueError naming it
+    and the fix."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (a function or an nn.Module), got {type(fn).__name__}")
+    if not isinstance(inputs, dict) or not inputs:
+        raise TypeError("inputs must be a non-empty dict of name -> gr.StaticInput")
+    for name, spec in inputs.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise TypeError(f"input names must be Python identifiers (they are fn's keyword arguments), got {name!r}")
+        if not isinstance(spec, StaticInput):
+            raise TypeError(f"inputs[{name!r}] must be a gr.StaticInput, got {type(spec).__name__}")
+    if max_batch_size is not None:
+        checked_max_batch_size(max_batch_size)
+    sizes = checked_capture_sizes(capture_sizes, max_batch_size)
+    fallback = options.get("fallback", "eager")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be 'eager' or 'error', got {fallback!r}")
+    warmup = options.get("warmup", 1)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    mode = options.get("capture_error_mode", "global")
+    if mode not in CAPTURE_ERROR_MODES:
+        raise ValueError(f"capture_error_mode must be one of {CAPTURE_ERROR_MODES}, got {mode!r}")
+    pool = options.get("pool")
+    pool_id(pool)  # raises TypeError naming what a pool may be
+    timeout = options.get("collective_timeout_s", 300.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")
+    keep = options.get("keep", ())
+    if isinstance(keep, (torch.Tensor, torch.nn.Module)) or not isinstance(keep, (list, tuple)):
+        raise TypeError(f"keep must be a list of tensors and modules, got {type(keep).__name__}")
+    for item in keep:
+        if not isinstance(item, (torch.Tensor, torch.nn.Module)):
+            raise TypeError(f"keep must hold tensors and modules only, got {type(item).__name__}")
+    name = options.get("name") or ""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    for key in ("clone_outputs", "no_grad", "strict", "debug", "verbose"):
+        if key in options:
+            _flag(key, options[key])
+    for key in ("on_capture", "before_replay"):
+        _hook(key, options.get(key))
+    known = {f.name for f in dataclasses.fields(RunnerSpec)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown GraphRunner argument(s) {sorted(unknown)}")
+    given = {k: v for k, v in options.items() if k not in ("device", "keep", "name")}
+    return RunnerSpec(fn=fn, inputs=dict(inputs), max_batch_size=sizes[-1], capture_sizes=tuple(sizes),
+                      device=checked_device(options.get("device")), keep=tuple(keep), name=name, **given)

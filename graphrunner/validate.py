@@ -1,0 +1,205 @@
+"""`validate()`: replay every graph of one or more runners in random interleaved order on fresh random inputs,
+against eager, with the pool scrubbed and guarded on request, and name the size and buffer behind a hazard.
+
+It reads capture records and calls the runners it is given as plain callables; it never imports the runner.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from graphrunner import distributed
+from graphrunner.capture_guard import GraphHazardError
+from graphrunner.checks import default_rtol, poison, random_inputs, relative_error
+from graphrunner.hazards import PoolView
+from graphrunner.inputs import StaticInput
+from graphrunner.messages import STATE_FIX, WRITE_FIX
+from graphrunner.outputs import clone_tensors, named_tensors
+from graphrunner.pool import Block
+from graphrunner.record import CaptureRecord
+
+logger = logging.getLogger("graphrunner")
+
+MakeInputs = Callable[[int, torch.Generator], Dict[str, torch.Tensor]]
+
+
+@dataclass
+class Target:
+    """One runner as validation sees it.
+
+    Attributes:
+        record: its capture record.
+        step: the runner itself: step(**inputs) runs one step through the graphs.
+        reference: the eager step: reference(**inputs) gives what step should give.
+        inputs: its input specs, for drawing random inputs.
+        make_inputs: make_inputs(batch, generator) draws one step's inputs instead, where inputs depend on
+            each other (distinct pages per row, say); None draws each input alone from its spec.
+    """
+
+    record: CaptureRecord
+    step: Callable[..., Any]
+    reference: Callable[..., Any]
+    inputs: Mapping[str, StaticInput]
+    make_inputs: Optional[MakeInputs] = None
+
+    def draw(self, batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        return self.make_inputs(batch, gen) if self.make_inputs is not None else random_inputs(self.inputs, batch, gen)
+
+
+@dataclass
+class ValidationReport:
+    """What `validate()` checked.
+
+    Attributes:
+        replays: replays checked against eager.
+        seconds: wall time.
+        scrub: whether free pool memory was scrubbed before each replay.
+        guard: whether writes outside each graph's own memory were checked.
+        max_error: the worst relative error per (runner name, size).
+    """
+
+    replays: int = 0
+    seconds: float = 0.0
+    scrub: bool = False
+    guard: bool = False
+    max_error: Dict[Tuple[str, int], float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        worst = max(self.max_error.values(), default=0.0)
+        return (f"validated {len(self.max_error)} graphs in {self.replays} replays, {self.seconds:.2f} s "
+                f"(scrub={self.scrub}, guard={self.guard}), worst relative error {worst:.2e}")
+
+
+def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
+             seed: int = 0, rtol: Optional[float] = None, collective_timeout_s: float = 300.0) -> ValidationReport:
+    """Replays every size of every target `steps_per_size` times in one shuffled order (see GraphRunner.validate).
+
+    Args:
+        targets: the runners, all in one pool.
+        steps_per_size: replays per captured size.
+        scrub: scrub free pool memory (and other graphs' kept-alive allocations) before each replay.
+        guard: fail on any write outside the replaying graph's own memory.
+        seed: seeds the order, the batches and the inputs.
+        rtol: the relative error accepted for every output; None: by dtype (checks.default_rtol).
+        collective_timeout_s: in a distributed run, how long a step waits for the other ranks' outcome.
+    """
+    order = random.Random(seed)
+    device = targets[0].record.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    schedule = [(t, size) for t in targets for size in sorted(t.record.entries) for _ in range(steps_per_size)]
+    order.shuffle(schedule)
+    view = PoolView([t.record for t in targets]) if (scrub or guard) else None
+    report = ValidationReport(scrub=scrub, guard=guard)
+    # In a distributed run every rank replays the same schedule (same seed), and each step ends with every
+    # rank's outcome: a hazard on one rank stops all of them, instead of leaving the others waiting in the next
+    # graph's collectives. For the same reason the buffer is not bisected there (see _mismatch).
+    ranks = distributed.agreement(collective_timeout_s)
+    start = time.perf_counter()
+    with torch.cuda.device(device):
+        for i, (target, size) in enumerate(schedule):
+            smaller = [s for s in target.record.entries if s < size]
+            batch = order.randint(max(smaller) + 1 if smaller else 1, size)
+            inputs = target.draw(batch, gen)
+            with ranks.stage(f"validate step {i} ({target.record.describe(size)}, batch {batch})"):
+                errors = _checked_replay(target, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1)
+            report.replays += 1
+            key = (target.record.name, size)
+            report.max_error[key] = max([report.max_error.get(key, 0.0), *errors.values()])
+    report.seconds = time.perf_counter() - start
+    logger.info("graphrunner: %s", report)
+    return report
+
+
+def _replay(target: Target, view: Optional[PoolView], size: int, inputs: Dict[str, torch.Tensor],
+            scrub: List[Block], guard: bool = False) -> Tuple[Any, Optional[list]]:
+    """One replay: poison this size's outputs, scrub, copy what must not change, run, wait."""
+    for t in named_tensors(target.record.entries[size].outputs).values():
+        poison(t)
+    if view is not None:
+        view.scrub(scrub)
+    copies = view.guarded(target.record, size) if guard else None
+    out = target.step(**inputs)
+    torch.cuda.synchronize(target.record.device)
+    return out, copies
+
+
+def _checked_replay(target: Target, view: Optional[PoolView], size: int, batch: int, inputs: Dict[str, torch.Tensor],
+                    scrub: bool, guard: bool, rtol: Optional[float], bisect: bool) -> Dict[str, float]:
+    """One validated replay against eager; returns each output's error, or raises GraphHazardError."""
+    expected = clone_tensors(target.reference(**inputs))
+    targets = view.scrub_targets((target.record.name, size)) if scrub else []
+    whose = target.record.describe(size)
+    try:
+        out, copies = _replay(target, view, size, inputs, targets, guard)
+    except RuntimeError as exc:
+        raise GraphHazardError(
+            f"{whose} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or {STATE_FIX}. This process's "
+            "CUDA context may be lost: validate(isolate=True) runs the check in a child process instead.",
+            size=size) from exc
+    if guard:
+        view.check_guarded(copies, target.record, size, batch)
+    got = named_tensors(out)
+    want = named_tensors(expected)
+    errors = {name: relative_error(got[name], w) for name, w in want.items()}
+    tol = {name: rtol if rtol is not None else default_rtol(w.dtype) for name, w in want.items()}
+    bad = {name: e for name, e in errors.items() if not e <= tol[name]}
+    if bad:
+        raise _mismatch(target, view, size, batch, inputs, tol, bad, targets, bisect)
+    return errors
+
+
+def _blame(target: Target, view: PoolView, size: int, inputs: Dict[str, torch.Tensor],
+           blocks: List[Block]) -> Optional[Block]:
+    """Bisects the scrubbed memory down to the buffer the graph reads before writing: first the pool block,
+    then, inside free memory, the allocation this size's capture made there. A subset is read if filling it
+    with two different patterns changes the output (scrubbed state persists, so "fails with the subset
+    scrubbed" would not be a clean test)."""
+    def reads(subset: List[Block]) -> bool:
+        outs = []
+        for zero_subset in (False, True):
+            view.scrub(blocks)  # everything else scrubbed alike, so no stale copy of a result can hide a read
+            if zero_subset:
+                view.scrub(subset, word=0)
+            outs.append(named_tensors(clone_tensors(_replay(target, view, size, inputs, [])[0])))
+        return any(not torch.equal(a.view(torch.uint8), outs[1][k].view(torch.uint8)) for k, a in outs[0].items())
+
+    def bisect(candidates: List[Block]) -> Optional[Block]:
+        while len(candidates) > 1:
+            half = candidates[: len(candidates) // 2]
+            candidates = half if reads(half) else candidates[len(candidates) // 2:]
+        return candidates[0] if candidates and reads(candidates) else None
+
+    culprit = bisect(blocks)
+    if culprit is None or culprit.owner is not None:
+        return culprit
+    mine = view.footprints[(target.record.name, size)]
+    inside = [Block(b.address, b.size, b.kind, b.owner,
+                    f"the {b.size}-byte buffer that the capture of size {size} allocated (its allocation {i + 1} of "
+                    f"{len(mine)})")
+              for i, b in enumerate(mine) if culprit.holds(b.address)]
+    return bisect(inside) or culprit
+
+
+def _mismatch(target: Target, view: Optional[PoolView], size: int, batch: int, inputs: Dict[str, torch.Tensor],
+              tol: Dict[str, float], bad: Dict[str, float], targets: List[Block], bisect: bool) -> GraphHazardError:
+    name, err = next(iter(bad.items()))
+    head = (f"{target.record.describe(size)} (batch {batch}) gives {name} with relative error {err:.3g} against "
+            f"eager (tolerance {tol[name]:.1g})")
+    if view is not None and targets and not bisect:
+        return GraphHazardError(
+            f"{head} with the pool's free memory scrubbed. The buffer is not bisected in a distributed run: that "
+            "takes replays on this rank alone, whose collectives the other ranks would never join; validate a "
+            f"world of one to name it. Likely {STATE_FIX}.", size=size, buffer=name)
+    if view is not None and targets:
+        culprit = _blame(target, view, size, inputs, targets)
+        if culprit is not None:
+            return GraphHazardError(f"{head}: it reads {culprit.describe()}, which it did not write in its own "
+                                    f"replay. {STATE_FIX}.", size=size, buffer=culprit.label)
+    return GraphHazardError(f"{head}, with the pool's free memory left as it was. Check that fn gives the same "
+                            "rows for a batch whether or not it is padded (padding rows must not mix into real "
+                            f"rows), and that it draws no random numbers; or {STATE_FIX}.", size=size, buffer=name)
