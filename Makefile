@@ -1,37 +1,47 @@
-# make test   installs what is missing, builds, runs the whole suite (GPU tests skip without a GPU)
-# make bench  the built-in benchmark on one GPU (ATTN=flash-attn-4 picks the attention backend; TP=2
-#             runs it tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags)
+# make test   makes .venv (it sees the system's packages), installs what is missing there, builds and installs
+#             graphrunner into it, and runs the suite against the installed package (GPU tests skip without a GPU)
+# make bench  the built-in benchmark on one GPU, into benchmarks/results/ (ATTN=flash-attn-4 picks the attention
+#             backend; TP=2 runs it tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags)
 PYTHON ?= python3
-export CUDA_HOME ?= /usr/local/cuda
+VENV ?= .venv
+PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1
+export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: deps build test bench cpp-test gpu-check clean
+.PHONY: deps install test bench cpp-test gpu-check clean
 
-deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_PIN)"
-	@$(PYTHON) -c "import pybind11, ninja, tqdm, pytest, matplotlib" 2>/dev/null || \
-		$(PYTHON) -m pip install -q pybind11 ninja tqdm pytest matplotlib
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-build: deps
-	$(PYTHON) setup.py -q build_ext --inplace
+deps: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_PIN)"; $(PY) -m pip install -q "$(TORCH_PIN)"; }
+	@$(PY) -c "import pybind11, ninja, tqdm, pytest, matplotlib, wheel, setuptools; \
+		assert int(setuptools.__version__.split('.')[0]) >= 70" 2>/dev/null || \
+		$(PY) -m pip install -q --upgrade "setuptools>=70" wheel pybind11 ninja tqdm pytest matplotlib
 
-test: build
-	$(PYTHON) -m pytest tests -ra -q
+# pip builds in build/ (ninja rebuilds only what changed) and installs into the venv; nothing is built in place.
+install: deps
+	@echo "building and installing graphrunner (the first build of the native core takes minutes; MAX_JOBS=$${MAX_JOBS:-all cores})"
+	$(PY) -m pip install -q --no-build-isolation --no-deps .
+
+# -P: the source checkout is not on sys.path, so the tests import the installed package.
+test: install
+	$(PY) -P -m pytest tests -ra -q
 
 ATTN ?= sdpa
 TP ?= 1
 
-bench: build
+bench: install
 ifeq ($(TP),1)
-	$(PYTHON) -m graphrunner.bench --attn $(ATTN) $(ARGS)
+	$(PY) -P -m graphrunner.workloads.bench --attn $(ATTN) --out benchmarks/results $(ARGS)
 else
-	NCCL_NVLS_ENABLE=0 $(PYTHON) -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner.bench \
-		--tp $(TP) --attn $(ATTN) $(ARGS)
+	NCCL_NVLS_ENABLE=0 $(PY) -P -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner.workloads.bench \
+		--tp $(TP) --attn $(ATTN) --out benchmarks/results $(ARGS)
 endif
 
 # The C++ lifecycle test against libtorch (needs a GPU to run).
 cpp-test: deps
-	cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc >/dev/null
+	cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DPython3_EXECUTABLE=$(PY) >/dev/null
 	cmake --build build/cmake -j
 	build/cmake/graph_lifecycle_test
 
@@ -40,4 +50,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build graphrunner/*.so
+	rm -rf build graphrunner/*.so graphrunner/workloads/*.so $(VENV)

@@ -2,7 +2,8 @@
 # Everything a GPU machine checks, in one go and offline: build, GPU test suite, C++ lifecycle test,
 # compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
 # the GPU) and, where $OUT is set (the device tool), are copied there too.
-#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards bench bench-fa4 bench-tp
+#   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards cotenants bench
+#                                              bench-fa4 bench-tp
 #   (default: all; the flash-attn 4 parts run where flash_attn.cute imports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 results=benchmarks/results
 mkdir -p "$results"
-stages=${*:-build tests tests-fa4 cpp sanitizer hazards bench bench-fa4 bench-tp}
+stages=${*:-build tests tests-fa4 cpp sanitizer hazards cotenants bench bench-fa4 bench-tp}
 has_fa4=$(python3 -c "import flash_attn.cute" 2>/dev/null && echo yes)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -27,7 +28,8 @@ python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 
 if has build; then
   step "build"
-  python3 setup.py -q build_ext --inplace 2>&1 | grep -vE "visibility|^\s*$|warning: attribute" | tail -20 || status=1
+  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -20
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if has tests; then
@@ -58,26 +60,30 @@ if has sanitizer; then
   { echo "# compute-sanitizer --tool memcheck, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
     echo "## C++ Graph lifecycle test (build/cmake/graph_lifecycle_test)";
     compute-sanitizer --tool memcheck build/cmake/graph_lifecycle_test 2>&1 | tail -4;
-    if [ -f benchmarks/sanitize_model.py ]; then
-      echo "## Python: capture and replay of the built-in model (benchmarks/sanitize_model.py)";
-      compute-sanitizer --tool memcheck python3 benchmarks/sanitize_model.py 2>&1 | tail -4;
-    fi; } > "$results/sanitizer-$gpu.txt"
+    echo "## Python: capture and replay of the built-in model (python -m graphrunner.workloads.sanitize)";
+    compute-sanitizer --tool memcheck python3 -m graphrunner.workloads.sanitize 2>&1 | tail -4; } \
+    > "$results/sanitizer-$gpu.txt"
   cat "$results/sanitizer-$gpu.txt"
 fi
 
-if has hazards && [ -f benchmarks/hazards.py ]; then
+if has hazards; then
   step "hazard reproductions"
-  python3 benchmarks/hazards.py --out "$results/hazards-$gpu.txt" || status=1
+  python3 -m graphrunner.workloads.hazards --out "$results/hazards-$gpu.txt" || status=1
 fi
 
-if has bench && [ -f graphrunner/bench.py ]; then
+if has cotenants; then
+  step "co-tenant triggers"
+  python3 -m graphrunner.workloads.cotenants --out "$results/cotenants-$gpu.txt" || status=1
+fi
+
+if has bench; then
   step "benchmark"
-  python3 -m graphrunner.bench --out "$results" ${BENCH_ARGS:-} || status=1
+  python3 -m graphrunner.workloads.bench --out "$results" ${BENCH_ARGS:-} || status=1
 fi
 
 if has bench-fa4 && [ -n "$has_fa4" ]; then
   step "benchmark, flash-attn 4"
-  python3 -m graphrunner.bench --attn flash-attn-4 --out "$results" || status=1
+  python3 -m graphrunner.workloads.bench --attn flash-attn-4 --out "$results" || status=1
 fi
 
 if has bench-tp; then
@@ -87,7 +93,7 @@ if has bench-tp; then
     make -s bench TP="$gpus" ARGS="--out $results" || status=1
   else  # one GPU: the same path as a world of one, all-reduces captured, briefly
     step "tensor-parallel path, world of one"
-    NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 1 -m graphrunner.bench --tp 1 \
+    NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 1 -m graphrunner.workloads.bench --tp 1 \
       --layers 2 --steps 50 --trace-steps 200 --name "${gpu}x1-smoke" --out "$results" || status=1
   fi
 fi

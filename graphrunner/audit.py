@@ -19,6 +19,7 @@ import torch
 
 from graphrunner._native import _C
 from graphrunner.capture_guard import GraphHazardError
+from graphrunner.graph import Graph
 from graphrunner.messages import BORROW_FIX
 from graphrunner.record import CaptureRecord
 
@@ -108,23 +109,28 @@ class _Ranges:
         return None
 
 
-def _owned_ranges(records: Sequence[CaptureRecord], declared: Sequence[torch.Tensor]) -> List[Tuple[int, int, str]]:
-    out: List[Tuple[int, int, str]] = []
-    for rec in records:
-        for seg in torch.cuda.memory_snapshot(mempool_id=rec.pool, include_traces=False):
-            if tuple(seg["segment_pool_id"]) == tuple(rec.pool):
-                out.append((seg["address"], seg["total_size"], "the runners' graph pool"))
-        out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer") for t in rec.static_inputs.values()]
-        out += [(address, nbytes, f"the runner's {what}") for address, nbytes, what in rec.launcher.owned_memory]
-        out += [(address, nbytes, f"a {library} workspace the runner keeps alive")
-                for library, address, nbytes in rec.workspace_blocks()]
-        for entry in rec.entries.values():
-            out += [(address, nbytes, "the graph's RNG seed and offset") for address, nbytes in entry.graph.owned_memory]
-    for t in declared:
-        storage = t.untyped_storage()
-        out.append((storage.data_ptr(), storage.nbytes(), "memory declared long-lived (parameters, buffers, keep=, "
-                                                          "gr.workspace)"))
+Range = Tuple[int, int, str]  # (address, bytes, what it is)
+
+
+def record_ranges(record: CaptureRecord) -> List[Range]:
+    """Memory that lives as long as the record's graphs: the pool, the static inputs, the launcher's staging
+    memory, the graphs' RNG state and the kept workspaces."""
+    out = [(seg["address"], seg["total_size"], "the runners' graph pool")
+           for seg in torch.cuda.memory_snapshot(mempool_id=record.pool, include_traces=False)
+           if tuple(seg["segment_pool_id"]) == tuple(record.pool)]
+    out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer") for t in record.static_inputs.values()]
+    out += [(address, nbytes, f"the runner's {what}") for address, nbytes, what in record.launcher.owned_memory]
+    out += [(address, nbytes, f"a {library} workspace the runner keeps alive")
+            for library, address, nbytes in record.workspace_blocks()]
+    for entry in record.entries.values():
+        out += [(address, nbytes, "the graph's RNG seed and offset") for address, nbytes in entry.graph.owned_memory]
     return out
+
+
+def declared_ranges(declared: Sequence[torch.Tensor]) -> List[Range]:
+    """The storages of tensors declared long-lived."""
+    return [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(),
+             "memory declared long-lived (parameters, buffers, keep=, gr.workspace)") for t in declared]
 
 
 def _allocator_blocks(device: torch.device) -> List[Tuple[int, int, str]]:
@@ -153,28 +159,39 @@ def audit(records: Sequence[CaptureRecord], declared: Sequence[torch.Tensor]) ->
         declared: tensors the caller declared long-lived (the runners' module parameters and buffers, keep=,
             gr.workspace buffers).
     """
+    owned = [r for rec in records for r in record_ranges(rec)] + declared_ranges(declared)
+    graphs = [(rec.describe(size), entry.graph) for rec in records for size, entry in rec.entries.items()]
+    return audit_graphs(graphs, owned, records[0].device)
+
+
+def audit_graphs(graphs: Sequence[Tuple[str, Graph]], owned: Sequence[Range], device: torch.device) -> AuditReport:
+    """Classifies every address the nodes of `graphs` hand the GPU against `owned` and the allocator.
+
+    Args:
+        graphs: (how messages name it, graph) pairs; each graph captured with keep_graph=True.
+        owned: memory that lives as long as the graphs, [(address, bytes, what it is)].
+        device: the GPU whose allocator holds the rest.
+    """
     report = AuditReport()
-    owned = _Ranges(_owned_ranges(records, declared))
-    allocated = _Ranges(_allocator_blocks(records[0].device))
+    owned_ranges = _Ranges(owned)
+    allocated = _Ranges(_allocator_blocks(device))
     kinds: Dict[int, str] = {}
-    for rec in records:
-        for size, entry in rec.entries.items():
-            report.graphs += 1
-            whose = rec.describe(size)
-            for kind, name, words in entry.graph.scan():
-                report.nodes += 1
-                for offset, address in words:
-                    what = owned.find(address)
-                    if what is not None:
-                        report.owned[what] = report.owned.get(what, 0) + 1
-                        continue
-                    what = allocated.find(address)
-                    if what is not None:
-                        report.borrowed.append(Reference(whose, name, offset, address, what))
-                        continue
-                    if address not in kinds:
-                        kinds[address] = _C.address_kind(address)
-                    if kinds[address]:
-                        report.external.append(Reference(whose, name, offset, address,
-                                                         f"{kinds[address]} memory outside torch's allocator"))
+    for whose, graph in graphs:
+        report.graphs += 1
+        for kind, name, words in graph.scan():
+            report.nodes += 1
+            for offset, address in words:
+                what = owned_ranges.find(address)
+                if what is not None:
+                    report.owned[what] = report.owned.get(what, 0) + 1
+                    continue
+                what = allocated.find(address)
+                if what is not None:
+                    report.borrowed.append(Reference(whose, name, offset, address, what))
+                    continue
+                if address not in kinds:
+                    kinds[address] = _C.address_kind(address)
+                if kinds[address]:
+                    report.external.append(Reference(whose, name, offset, address,
+                                                     f"{kinds[address]} memory outside torch's allocator"))
     return report

@@ -56,8 +56,12 @@ class CaptureGuard:
         self.seen: Dict[int, Block] = {}  # every block found so far, so each is reported once
 
     @contextlib.contextmanager
-    def watch(self, owner: Tuple[str, int], describe: str) -> Iterator[List[Block]]:
+    def watch(self, owner: Tuple[str, int], label: str) -> Iterator[List[Block]]:
         """Yields a list that holds, once the block ends, what the capture inside it left alive.
+
+        Args:
+            owner: the graph being captured, as (runner name, size).
+            label: how messages name it ("size 8").
 
         The block must drop its references to the capture's outputs (keep aliases) before it ends.
         """
@@ -71,20 +75,20 @@ class CaptureGuard:
             if self.debug:
                 torch.cuda.memory._record_memory_history(enabled=None)
         if torch.cuda.memory_allocated(self.device) > before or self.debug:
-            kept.extend(self._report(owner, describe))
+            kept.extend(self._report(owner, label))
 
-    def _report(self, owner: Tuple[str, int], describe: str) -> List[Block]:
+    def _report(self, owner: Tuple[str, int], label: str) -> List[Block]:
         found, lines = [], []
         for b in pool_blocks(self.pool, self.device):
             if b["state"] != "inactive" and b["address"] not in self.seen:
                 block = Block(b["address"], b["size"], BlockKind.KEPT_ALIVE, owner,
-                              f"allocation kept alive after the capture of {describe.removeprefix('the graph of ')}")
+                              f"allocation kept alive after the capture of {label}")
                 self.seen[b["address"]] = block
                 found.append(block)
                 lines.append(f"  {b['size']} bytes at 0x{b['address']:x}{_format_frames(b['frames'])}")
         if not found:
             return found
-        message = (f"capture of {describe.removeprefix('the graph of ')} left {len(found)} allocation(s) alive in the "
+        message = (f"capture of {label} left {len(found)} allocation(s) alive in the "
                    "shared pool that are not outputs: a buffer cached across calls and first allocated inside a "
                    "capture. Other sizes reuse it, and only this size's graph ever fills it. " + STATE_FIX + ".\n" +
                    "\n".join(lines) + ("" if self.debug else "\n  (GraphRunner(debug=True) shows the Python stack "

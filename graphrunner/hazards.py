@@ -46,7 +46,7 @@ class PoolView:
         self.footprints: Dict[Owner, List[Block]] = {}
         for rec in self.records:
             for size, entry in rec.entries.items():
-                owner, whose = (rec.name, size), rec.describe(size).removeprefix("the graph of ")
+                owner, whose = (rec.name, size), rec.label(size)
                 for name, t in named_tensors(entry.outputs).items():
                     address, nbytes = _storage_span(t)
                     self.owned.append(Block(address, nbytes, BlockKind.OUTPUT, owner, f"{name} of {whose}"))

@@ -72,9 +72,13 @@ class CaptureRecord:
         """The first `size` rows of every static input buffer."""
         return {n: buf[:size] for n, buf in self.static_inputs.items()}
 
+    def label(self, size: int) -> str:
+        """How messages name a size of this runner: "size 8", or "size 8 of runner 'draft'"."""
+        return f"size {size}" + (f" of runner {self.name!r}" if self.name else "")
+
     def describe(self, size: int) -> str:
         """How messages name the graph of `size`."""
-        return f"the graph of size {size}" + (f" of runner {self.name!r}" if self.name else "")
+        return f"the graph of {self.label(size)}"
 
     def workspace_blocks(self) -> List[Tuple[str, int, int]]:
         """The library workspaces kept alive for these graphs: [(library, address, bytes)]."""

@@ -184,7 +184,7 @@ class GraphRunner(_C.StepCall):
         spec = self.spec
         if spec.on_capture is not None:
             spec.on_capture(size)
-        with guard.watch((spec.name, size), record.describe(size)) as kept:
+        with guard.watch((spec.name, size), record.label(size)) as kept:
             reserved = torch.cuda.memory_reserved(self.device)
             graph = Graph(keep_graph=True)  # the audit reads its nodes
             start = time.perf_counter()
@@ -342,7 +342,7 @@ def _capture_runners(runners: Sequence[GraphRunner], pool: Any, records: List[Ca
     try:
         for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
             runner, record = runners[i], records[i]
-            with ranks.stage(f"capture of {record.describe(size)}"), torch.set_grad_enabled(not runner.spec.no_grad):
+            with ranks.stage(f"capture of {record.label(size)}"), torch.set_grad_enabled(not runner.spec.no_grad):
                 runner._capture_size(record, size, stream, guard)
     finally:
         if gc_enabled:

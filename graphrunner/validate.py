@@ -105,7 +105,7 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
             smaller = [s for s in target.record.entries if s < size]
             batch = order.randint(max(smaller) + 1 if smaller else 1, size)
             inputs = target.draw(batch, gen)
-            with ranks.stage(f"validate step {i} ({target.record.describe(size)}, batch {batch})"):
+            with ranks.stage(f"validate step {i} ({target.record.label(size)}, batch {batch})"):
                 errors = _checked_replay(target, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1)
             report.replays += 1
             key = (target.record.name, size)

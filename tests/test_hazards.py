@@ -86,7 +86,7 @@ def test_capture_guard_warns_then_strict_raises():
     runner.close()
     strict = gr.GraphRunner(make("capture-allocated cache"), INPUTS, max_batch_size=64, capture_sizes=SIZES,
                             strict=True, debug=True)
-    with pytest.raises(gr.GraphHazardError, match=r"(?s)left 1 allocation.*ops/__init__.py"):
+    with pytest.raises(gr.GraphHazardError, match=r"(?s)left 1 allocation.*reproductions/__init__.py"):
         strict.capture()
     assert strict.state is gr.RunnerState.UNARMED and strict.record is None
 
