@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import gc
 import logging
 import os
@@ -136,7 +137,7 @@ class GraphRunner(_C.StepCall):
         self.sizes = _C.SizeTable(list(spec.capture_sizes), spec.max_batch_size)
         self._checker = _C.InputChecker(spec.checker_specs(), spec.max_batch_size, spec.fallback == "eager",
                                         spec.device)
-        self._disarm(self._refuse)
+        self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
 
     @property
     def device(self) -> torch.device:
@@ -213,14 +214,11 @@ class GraphRunner(_C.StepCall):
         return map_tensors(record.entries[size].outputs, lambda _, t: t[:batch]) if size else None
 
     # -- steps -----------------------------------------------------------------------------------
-    def _refuse(self, **inputs: torch.Tensor) -> Any:
-        """Every step while not armed."""
-        raise GraphStateError(_REFUSALS[self.state])
-
-    def _eager(self, **inputs: torch.Tensor) -> Any:
-        """A step no captured graph holds, and validate()'s reference."""
-        with torch.set_grad_enabled(not self.spec.no_grad):
-            return self.spec.fn(**inputs)
+    @property
+    def _eager(self) -> Callable[..., Any]:
+        """A step no captured graph holds, and validate()'s reference. It does not refer back to the runner, so
+        a runner dropped without close() is freed at once, not at the next garbage collection."""
+        return functools.partial(_run_eagerly, self.spec.fn, self.spec.no_grad)
 
     def _require_armed(self, what: str) -> CaptureRecord:
         if self.state is not RunnerState.ARMED:
@@ -269,7 +267,7 @@ class GraphRunner(_C.StepCall):
         workspaces kept for them (once no other runner captured with them is open)."""
         record, self.record = self.record, None
         self.state = RunnerState.CLOSED
-        self._disarm(self._refuse)
+        self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.CLOSED]))
         if record is not None:
             torch.cuda.synchronize(record.device)  # no replay may still use what is freed below
             record.release()
@@ -296,9 +294,11 @@ def capture_all(*runners: GraphRunner) -> List[CaptureReport]:
     if not runners or not all(isinstance(r, GraphRunner) for r in runners):
         raise TypeError("capture_all() takes one or more GraphRunner objects")
     for r in runners:
-        if r.state is not RunnerState.UNARMED:
-            raise GraphStateError(f"capture_all(): runner {r.spec.name!r} is {r.state.value}; each runner captures "
-                                  "once, so close() it and build a new one to capture again")
+        if r.state is RunnerState.ARMED:
+            raise GraphStateError(f"capture() already ran for runner {r.spec.name or '(unnamed)'}; close() it and "
+                                  "build a new one to capture again")
+        if r.state is RunnerState.CLOSED:
+            raise GraphStateError(_REFUSALS[RunnerState.CLOSED])
     pools = {pool_id(r.spec.pool) for r in runners if r.spec.pool is not None}
     devices = {r.spec.device for r in runners}
     names = [r.spec.name for r in runners]
@@ -364,6 +364,16 @@ def _capture_runners(runners: Sequence[GraphRunner], pool: Any, records: List[Ca
             if runner.spec.verbose:
                 print(f"graphrunner: {report.summary()}", file=sys.stderr)
     return reports
+
+
+def _refuse(message: str, **inputs: torch.Tensor) -> Any:
+    """Every step while a runner is not armed."""
+    raise GraphStateError(message)
+
+
+def _run_eagerly(fn: Callable[..., Any], no_grad: bool, **inputs: torch.Tensor) -> Any:
+    with torch.set_grad_enabled(not no_grad):
+        return fn(**inputs)
 
 
 def _check_output(name: str, t: torch.Tensor, size: int) -> torch.Tensor:

@@ -62,6 +62,7 @@ def test_kept_workspaces_are_counted_and_given_back(fresh_memory):
     model = MLP(bias=True)
     model(torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16))  # this stream's own workspace, made first
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     start, before = torch.cuda.memory_reserved(), segments()
     runner = gr.GraphRunner(model, INPUTS, capture_sizes=SIZES)
     report = runner.capture()

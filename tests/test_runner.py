@@ -313,3 +313,20 @@ def test_report(model):
         assert [s.size for s in report.sizes] == r.capture_order
         assert report.sizes[0].pool_bytes_added > 0 and all(s.num_nodes > 1 for s in report.sizes)
         assert "pool MiB added" in str(report) and '"sizes"' in report.to_json()
+
+
+def test_a_dropped_runner_frees_its_memory_at_once(model, fresh_memory):
+    """No reference cycle holds a runner's graphs: dropping it without close() gives its memory back even with
+    the garbage collector off."""
+    start, before = torch.cuda.memory_reserved(), segments()
+    gc.disable()
+    try:
+        r = gr.GraphRunner(model, INPUTS, max_batch_size=16)
+        r.capture()
+        r(**make_inputs(5))
+        del r
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        assert torch.cuda.memory_reserved() == start, segments_since(before)
+    finally:
+        gc.enable()
