@@ -115,7 +115,7 @@ class GraphRunner(_C.StepCall):
         spec = checked_spec(fn, inputs, max_batch_size, capture_sizes, pool=pool, warmup=warmup, fallback=fallback,
                             on_capture=on_capture, before_replay=before_replay, clone_outputs=clone_outputs,
                             no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
-                            debug=debug, collective_timeout_s=collective_timeout_s, keep=list(keep), name=name,
+                            debug=debug, collective_timeout_s=collective_timeout_s, keep=keep, name=name,
                             verbose=verbose)
         self._setup(spec)
 

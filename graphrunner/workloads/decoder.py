@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from graphrunner.workloads.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
+from graphrunner.graph import require_cuda
 from graphrunner.inputs import StaticInput
 
 ATTENTION_BACKENDS = tuple(BACKENDS)
@@ -97,6 +98,8 @@ class Decoder(torch.nn.Module):
     def __init__(self, cfg: DecoderConfig = DecoderConfig(), device: str = "cuda", tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None) -> None:
         super().__init__()
+        if torch.device(device).type == "cuda":
+            require_cuda()
         if cfg.heads % tp_size or cfg.intermediate % tp_size:
             raise ValueError(f"heads ({cfg.heads}) and intermediate ({cfg.intermediate}) must divide by tp_size "
                              f"({tp_size})")
