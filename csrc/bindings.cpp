@@ -28,18 +28,22 @@ cudaStreamCaptureMode capture_mode(const std::string& mode) {
   throw InputValueError("capture_error_mode must be 'global', 'thread_local' or 'relaxed', got '" + mode + "'");
 }
 
-using SpecTuple = std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes>;
+// (name, per-token row shape, dtype, pad bytes, rows per request, pad each step)
+using SpecTuple = std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes, int64_t, bool>;
 
 PyInputChecker make_checker(const std::vector<SpecTuple>& specs, int64_t max_batch_size, bool fallback_eager,
                             int device) {
   PyInputChecker out;
   std::vector<InputSpec> parsed;
-  for (const auto& [name, row_shape, dtype, pad] : specs) {
+  for (const auto& [name, row_shape, dtype, pad, tokens, pad_each_step] : specs) {
     std::string pattern = pad;
     if (pattern.empty()) {
       throw InputValueError("input '" + name + "': the pad pattern is empty");
     }
-    InputSpec spec{name, row_shape, dtype, {}};
+    if (tokens < 1) {
+      throw InputValueError("input '" + name + "': rows per request must be at least 1");
+    }
+    InputSpec spec{name, row_shape, dtype, {}, tokens, pad_each_step};
     for (size_t j = 0; j < 16; ++j) {
       spec.pad_pattern[j] = static_cast<uint8_t>(pattern[j % pattern.size()]);
     }

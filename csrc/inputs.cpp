@@ -16,8 +16,8 @@ std::string shape_str(c10::IntArrayRef shape) {
   return out + ")";
 }
 
-std::string with_batch(c10::IntArrayRef row) {
-  std::string out = "(batch";
+std::string with_batch(c10::IntArrayRef row, int64_t tokens) {
+  std::string out = tokens == 1 ? "(batch" : "(batch * " + std::to_string(tokens);
   for (int64_t d : row) {
     out += ", " + std::to_string(d);
   }
@@ -51,7 +51,7 @@ std::string join(const std::vector<std::string>& names) {
 }  // namespace
 
 int64_t InputSpec::row_bytes() const {
-  int64_t n = c10::elementSize(dtype);
+  int64_t n = c10::elementSize(dtype) * tokens;
   for (int64_t d : row_shape) {
     n *= d;
   }
@@ -82,9 +82,14 @@ int64_t InputChecker::check_one(size_t i, const at::Tensor& t) const {
   if (sizes.size() != row.size() + 1 || sizes.slice(1) != row) {
     std::string got = sizes.empty() ? "a 0-d tensor" : "per-row shape " + shape_str(sizes.slice(1));
     throw InputValueError("input '" + spec.name + "' has " + got + ", expected per-row shape " + shape_str(row) +
-                          "; pass a tensor of shape " + with_batch(row));
+                          "; pass a tensor of shape " + with_batch(row, spec.tokens));
   }
-  return sizes[0];
+  if (sizes[0] % spec.tokens != 0) {
+    throw InputValueError("input '" + spec.name + "' has " + std::to_string(sizes[0]) +
+                          " rows, not a multiple of tokens_per_request (" + std::to_string(spec.tokens) +
+                          "): it is a per-token input, so every request needs exactly that many rows");
+  }
+  return sizes[0] / spec.tokens;
 }
 
 int64_t InputChecker::check(BorrowedInputs inputs) const {
@@ -94,9 +99,14 @@ int64_t InputChecker::check(BorrowedInputs inputs) const {
     if (batch < 0) {
       batch = rows;
     } else if (rows != batch) {
+      auto count = [](int64_t requests, const InputSpec& s) {
+        return std::to_string(requests * s.tokens) + " rows" +
+               (s.tokens == 1 ? "" : " (" + std::to_string(requests) + " requests of " + std::to_string(s.tokens) +
+                                         " tokens)");
+      };
       throw InputValueError("inputs disagree on the batch size: '" + specs_[0].name + "' has " +
-                            std::to_string(batch) + " rows, '" + specs_[i].name + "' has " + std::to_string(rows) +
-                            "; every input needs one row per sequence");
+                            count(batch, specs_[0]) + ", '" + specs_[i].name + "' has " + count(rows, specs_[i]) +
+                            "; every input needs one row per request (tokens_per_request rows for a per-token input)");
     }
   }
   if (batch == 0) {

@@ -21,10 +21,16 @@ using BorrowedInputs = c10::ArrayRef<const at::Tensor*>;
 
 struct InputSpec {
   std::string name;
-  std::vector<int64_t> row_shape;
+  std::vector<int64_t> row_shape;  // the shape of one row (one token, for a per-token input)
   c10::ScalarType dtype;
   // The pad value's bytes repeated over 16 bytes: the staging kernel fills padding rows with it.
   std::array<uint8_t, 16> pad_pattern;
+  // Rows per request: 1 for a per-request input, tokens_per_request for a per-token one. A request's rows are
+  // contiguous, so staging treats them as one row of `tokens` times the bytes.
+  int64_t tokens = 1;
+  // Whether each step writes the pad value into padding rows; if not, they keep what they last held.
+  bool pad_each_step = true;
+  // Bytes of one request's rows.
   int64_t row_bytes() const;
 };
 
@@ -33,7 +39,7 @@ class InputChecker {
   InputChecker(std::vector<InputSpec> specs, int64_t max_batch_size, bool fallback_eager,
                c10::DeviceIndex device);
 
-  // Checks one step's inputs and returns the batch size. A batch above max_batch_size is returned
+  // Checks one step's inputs and returns the batch size in requests. A batch above max_batch_size is returned
   // when the fallback is eager (the step then runs eagerly) and raises otherwise.
   int64_t check(BorrowedInputs inputs) const;
   // Raises the error for a call whose input names are not exactly the spec's.

@@ -21,9 +21,11 @@ struct StaticTable {
   unsigned char* dst[kMaxInputs];
   long long row_bytes[kMaxInputs];
   uint4 pad[kMaxInputs];
+  bool pad_each_step[kMaxInputs];
 };
 
-// Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value.
+// Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value (or,
+// for an input that keeps its padding rows, are left as they are).
 // A replay with no fresh descriptor (a bare replay of the graph) leaves the static buffers as they are.
 __global__ void stage_inputs(HostRing* ring, unsigned long long* control, StaticTable table, long long size) {
   // The descriptor lives in host memory: one thread per block reads it over PCIe (every thread reading it
@@ -45,7 +47,7 @@ __global__ void stage_inputs(HostRing* ring, unsigned long long* control, Static
     const int i = blockIdx.y;
     unsigned char* dst = table.dst[i];
     const long long copy_bytes = batch * table.row_bytes[i];
-    const long long total = size * table.row_bytes[i];
+    const long long total = (table.pad_each_step[i] ? size : batch) * table.row_bytes[i];
     const bool src_aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
     const uint4 pad = table.pad[i];
     const unsigned char* pad_bytes = reinterpret_cast<const unsigned char*>(&table.pad[i]);
@@ -116,6 +118,7 @@ void Launcher::stage(int64_t size) {
     table.dst[i] = static_cast<unsigned char*>(static_buffers_[i].data_ptr());
     table.row_bytes[i] = specs[i].row_bytes();
     std::memcpy(&table.pad[i], specs[i].pad_pattern.data(), 16);
+    table.pad_each_step[i] = specs[i].pad_each_step;
     largest = std::max(largest, size * table.row_bytes[i]);
   }
   const long long chunks = (largest + 15) / 16;

@@ -12,7 +12,7 @@ from graphrunner.distributed import DistributedCaptureError
 from graphrunner.graph import Graph
 from graphrunner.inputs import StaticInput
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry, SizeReport
-from graphrunner.runner import GraphRunner, RunnerState, capture_all
+from graphrunner.runner import GraphRunner, RunnerState, capture_all, validate_all
 from graphrunner.schedule import default_capture_sizes
 from graphrunner.spec import RunnerSpec
 from graphrunner.validate import ValidationReport
@@ -22,5 +22,5 @@ __all__ = [
     "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",
     "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
     "SizeEntry", "SizeReport", "StaticInput", "ValidationReport", "WorkspaceError", "capture_all",
-    "default_capture_sizes", "workspace",
+    "default_capture_sizes", "validate_all", "workspace",
 ]

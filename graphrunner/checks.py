@@ -10,17 +10,19 @@ from graphrunner.inputs import StaticInput
 SCRUB_WORD = 0x7FFFFFFF  # NaN as float32/float64 words and bf16/fp16 halves; INT_MAX as int32
 
 
-def random_inputs(inputs: Mapping[str, StaticInput], batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+def random_inputs(inputs: Mapping[str, StaticInput], batch: int, gen: torch.Generator,
+                  tokens_per_request: int = 1) -> Dict[str, torch.Tensor]:
     """Fresh inputs for one step on gen's device, each drawn from its StaticInput's range.
 
     Args:
         inputs: the runner's input specs.
-        batch: rows to draw.
+        batch: requests to draw.
         gen: the generator (its device is where the tensors go).
+        tokens_per_request: rows per request of per-token inputs.
     """
     out = {}
     for name, spec in inputs.items():
-        shape = (batch, *spec.shape)
+        shape = (spec.rows(batch, tokens_per_request), *spec.shape)
         if spec.dtype.is_floating_point:
             if spec.high is None:
                 t = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)

@@ -82,8 +82,8 @@ class PoolView:
         static input rows that replay must not touch."""
         blocks = pool_segments(self.pool, self.device)
         for rec in self.records:
-            first = size if rec is record else 0
             for name, buf in rec.static_inputs.items():
+                first = size * rec.rows_per_request[name] if rec is record else 0
                 rows = buf[first:]
                 if rows.numel():
                     whose = f" of runner {rec.name!r}" if rec.name else ""

@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 Number = Union[int, float, bool]
+PADDINGS = ("each_step", "keep")
 
 
 def _is_number(value: object) -> bool:
@@ -26,6 +27,12 @@ class StaticInput:
             in the dtype's range for integer dtypes, a number for float dtypes, a bool for `torch.bool`.
         low: the lower bound of the random values `validate()` draws for this input.
         high: the upper bound (exclusive for integers); for floats, None draws a standard normal instead.
+        per_token: the input has one row per token, `tokens_per_request` rows per request (positions in a
+            verify step), rather than one row per request (sequence lengths, page-table rows).
+        padding: "each_step" writes `pad` into the padding rows on every step; "keep" writes it once, when the
+            runner is built (so index inputs are valid before the first capture), and steps then leave padding
+            rows as they are: they keep the pad or a real row of an earlier, larger step, valid either way, at
+            no cost per step. A sentinel your kernels treat as "no page" is just a pad value (pad=-1).
     """
 
     shape: Tuple[int, ...]
@@ -33,6 +40,8 @@ class StaticInput:
     pad: Number = 0
     low: float = 0
     high: Optional[float] = None
+    per_token: bool = False
+    padding: str = "each_step"
 
     def __post_init__(self) -> None:
         if isinstance(self.shape, list):
@@ -55,6 +64,14 @@ class StaticInput:
                 raise TypeError(f"StaticInput {name} must be a number, got {type(value).__name__} {value!r}")
         if self.high is not None and not self.high > self.low:
             raise ValueError(f"StaticInput high ({self.high}) must be above low ({self.low})")
+        if not isinstance(self.per_token, bool):
+            raise TypeError(f"StaticInput per_token must be True or False, got {self.per_token!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"StaticInput padding must be one of {PADDINGS}, got {self.padding!r}")
+
+    def rows(self, requests: int, tokens_per_request: int) -> int:
+        """Rows of this input for `requests` requests."""
+        return requests * tokens_per_request if self.per_token else requests
 
     def _check_pad(self) -> None:
         pad, dtype = self.pad, self.dtype
@@ -73,7 +90,7 @@ class StaticInput:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one row."""
+        """Bytes of one row (one token's, for a per-token input)."""
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
     def pad_bytes(self) -> bytes:

@@ -51,7 +51,8 @@ class CaptureRecord:
         name: the runner's name in messages ("" when unnamed).
         device: the GPU.
         pool: the allocator pool all graphs allocate from.
-        static_inputs: the static buffers, max_batch_size rows each, that every graph reads.
+        static_inputs: the static buffers that every graph reads: max_batch_size requests' rows each.
+        rows_per_request: rows per request of each static input (tokens_per_request for per-token inputs).
         launcher: the native launcher that stages a step's inputs and replays the graph of its size.
         entries: one SizeEntry per captured size, in capture order (largest first).
         workspaces: the library workspaces the graphs use, kept alive with them (shared by runners captured
@@ -63,14 +64,15 @@ class CaptureRecord:
     device: torch.device
     pool: PoolId
     static_inputs: Dict[str, torch.Tensor]
+    rows_per_request: Dict[str, int]
     launcher: Any
     entries: Dict[int, SizeEntry] = field(default_factory=dict)
     workspaces: Optional[Any] = None
     warmup_ms: float = 0.0
 
     def static_views(self, size: int) -> Dict[str, torch.Tensor]:
-        """The first `size` rows of every static input buffer."""
-        return {n: buf[:size] for n, buf in self.static_inputs.items()}
+        """The rows of `size` requests of every static input buffer."""
+        return {n: buf[: size * self.rows_per_request[n]] for n, buf in self.static_inputs.items()}
 
     def label(self, size: int) -> str:
         """How messages name a size of this runner: "size 8", or "size 8 of runner 'draft'"."""

@@ -51,12 +51,17 @@ class GraphRunner(_C.StepCall):
     `runner(**inputs)` pads the batch to the smallest captured size that holds it, stages the inputs and
     launches that size's graph in one native call (the base class, `_C.StepCall`, takes the call in C++ with
     no Python frame). It returns views into the graph's output memory, valid until the next step of any
-    runner in the pool (pass `clone_outputs=True` for copies).
+    runner in the pool (pass `clone_outputs=True` for copies, or `out=` buffers the graph writes into).
+
+    Sizes and batches count requests. With `tokens_per_request=K` (a verify step: K tokens per request),
+    inputs declared `per_token=True` have K rows per request, and outputs with K rows per request are sliced
+    to `batch * K` rows.
 
     Args:
         fn: the step function (or nn.Module), called as fn(**inputs) with one tensor per input, each with the
-            batch in dim 0. It returns a tensor, or a tuple, list or dict of tensors, each with the batch in
-            dim 0. It must not mix rows: padding rows must not change real rows.
+            batch in dim 0. It returns a tensor, or a tuple, list or dict of tensors, each with the batch (or
+            batch * tokens_per_request) in dim 0, or 0-d (a count, a flag). It must not mix rows: padding rows
+            must not change real rows.
         inputs: name -> gr.StaticInput: each input's per-row shape, dtype and pad value.
         max_batch_size: the largest batch a step may have (1..8192). Default: the largest of capture_sizes.
         capture_sizes: the batch sizes to capture; default gr.default_capture_sizes(max_batch_size).
@@ -82,6 +87,15 @@ class GraphRunner(_C.StepCall):
         keep: tensors and modules the graphs use that the runner should treat (and keep alive) as
             long-lived: the audit does not report them as borrowed.
         name: the runner's name in reports and hazard messages (useful with several runners in a pool).
+        tokens_per_request: rows per request of per-token inputs and outputs (1..1024); steps must have
+            exactly this many per request.
+        out: buffers the graphs write their outputs into, allocated by the caller outside the pool, so
+            results survive the next replay of any runner without a copy: a tensor when fn returns one, or
+            a dict of output key -> tensor when fn returns a dict. Each holds at least the largest size's
+            rows. The runner keeps them alive.
+        capture_inputs: capture_inputs(size) -> a dict of some inputs' values for `size` requests, staged
+            before the warm-up and before each size's capture, so fn and on_capture see realistic metadata
+            (sequence lengths, say) rather than pad values.
         verbose: print the capture report and show a progress bar; default from the GRAPHRUNNER_VERBOSE
             environment variable ("1" turns it on). The report is always logged to the "graphrunner"
             logger at INFO.
@@ -109,6 +123,9 @@ class GraphRunner(_C.StepCall):
         keep: Sequence[Union[torch.Tensor, torch.nn.Module]] = (),
         name: Optional[str] = None,
         verbose: Optional[bool] = None,
+        tokens_per_request: int = 1,
+        out: Union[None, torch.Tensor, Dict[str, torch.Tensor]] = None,
+        capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None,
     ) -> None:
         if verbose is None:
             verbose = os.environ.get("GRAPHRUNNER_VERBOSE", "") not in ("", "0")
@@ -116,7 +133,8 @@ class GraphRunner(_C.StepCall):
                             on_capture=on_capture, before_replay=before_replay, clone_outputs=clone_outputs,
                             no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
                             debug=debug, collective_timeout_s=collective_timeout_s, keep=keep, name=name,
-                            verbose=verbose)
+                            verbose=verbose, tokens_per_request=tokens_per_request, out=out,
+                            capture_inputs=capture_inputs)
         self._setup(spec)
 
     @classmethod
@@ -169,10 +187,12 @@ class GraphRunner(_C.StepCall):
     def _begin_capture(self, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
         """Makes the static buffers and the launcher, and warms fn up at the largest size outside the pool."""
         spec = self.spec
-        static = {n: torch.full((spec.max_batch_size, *s.shape), s.pad, dtype=s.dtype, device=self.device)
+        rows = {n: s.rows(1, spec.tokens_per_request) for n, s in spec.inputs.items()}
+        static = {n: torch.full((spec.max_batch_size * rows[n], *s.shape), s.pad, dtype=s.dtype, device=self.device)
                   for n, s in spec.inputs.items()}
-        record = CaptureRecord(spec.name, self.device, pool, static,
+        record = CaptureRecord(spec.name, self.device, pool, static, rows,
                                _C.Launcher(self._checker, list(static.values()), self.sizes))
+        self._stage_capture_inputs(record, spec.max_batch_size)
         start = time.perf_counter()
         with torch.cuda.stream(stream):
             for _ in range(spec.warmup):
@@ -183,6 +203,7 @@ class GraphRunner(_C.StepCall):
 
     def _capture_size(self, record: CaptureRecord, size: int, stream: torch.cuda.Stream, guard: CaptureGuard) -> None:
         spec = self.spec
+        self._stage_capture_inputs(record, size)
         if spec.on_capture is not None:
             spec.on_capture(size)
         with guard.watch((spec.name, size), record.label(size)) as kept:
@@ -192,14 +213,49 @@ class GraphRunner(_C.StepCall):
             with graph.capture(pool=record.pool, stream=stream, capture_error_mode=spec.capture_error_mode):
                 record.launcher.stage(size)
                 out = spec.fn(**record.static_views(size))
-                map_tensors(out, lambda name, t: _check_output(name, t, size))
+                map_tensors(out, lambda name, t: _check_output(name, t, size, spec.tokens_per_request))
+                out = self._write_into_buffers(out)
             elapsed_ms = (time.perf_counter() - start) * 1000
             record.launcher.add_graph(size, graph)
             # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
-            outputs = map_tensors(out, lambda _, t: alias(t))
+            # (Outputs in the caller's buffers are views of memory the caller owns.)
+            buffers = spec.out_buffers()
+            outputs = map_tensors(out, lambda name, t: t if name in buffers else alias(t))
             del out
             record.entries[size] = SizeEntry(size, graph, outputs, list(graph.footprint), kept, elapsed_ms,
                                              torch.cuda.memory_reserved(self.device) - reserved)
+
+    def _stage_capture_inputs(self, record: CaptureRecord, size: int) -> None:
+        """Copies capture_inputs(size) into the static buffers, for the warm-up and the capture of `size`."""
+        if self.spec.capture_inputs is None:
+            return
+        views = record.static_views(size)
+        for name, value in self.spec.capture_inputs(size).items():
+            if name not in views:
+                raise ValueError(f"capture_inputs({size}) returned {name!r}, which is not an input; inputs are "
+                                 f"{sorted(views)}")
+            views[name].copy_(value)
+
+    def _write_into_buffers(self, out: Any) -> Any:
+        """Inside a capture: copies each output that has a caller's buffer into it; returns the outputs with
+        those replaced by views of the buffers."""
+        buffers = self.spec.out_buffers()
+
+        def into(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name not in buffers:
+                return t
+            buf = buffers[name]
+            rows = t.shape[0] if t.dim() else 1
+            if buf.dtype != t.dtype or buf.device != t.device or tuple(buf.shape[1:]) != tuple(t.shape[1:]) or \
+                    buf.dim() == 0 or buf.shape[0] < rows:
+                raise ValueError(f"out buffer for {name} is {tuple(buf.shape)} {buf.dtype} on {buf.device}; the graph "
+                                 f"writes {tuple(t.shape)} {t.dtype} on {t.device} there: allocate it with the "
+                                 "largest size's rows, the same trailing shape, dtype and device")
+            view = buf[:rows] if t.dim() else buf[0]
+            view.copy_(t)
+            return view
+
+        return map_tensors(out, into)
 
     def _finish_capture(self, record: CaptureRecord) -> None:
         """Arms the native step on the record's graphs."""
@@ -211,7 +267,16 @@ class GraphRunner(_C.StepCall):
 
     def _sliced_outputs(self, record: CaptureRecord, batch: int) -> Any:
         size = self.sizes.size_for(batch)
-        return map_tensors(record.entries[size].outputs, lambda _, t: t[:batch]) if size else None
+        if not size:
+            return None
+        tokens = self.spec.tokens_per_request
+
+        def rows(_: str, t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 0:
+                return t
+            return t[: batch * tokens] if tokens > 1 and t.shape[0] == size * tokens else t[:batch]
+
+        return map_tensors(record.entries[size].outputs, rows)
 
     # -- steps -----------------------------------------------------------------------------------
     @property
@@ -252,14 +317,12 @@ class GraphRunner(_C.StepCall):
             make_inputs: make_inputs(batch, generator) -> one step's inputs, where inputs depend on each other
                 (distinct pages per row, say); by default each input is drawn alone from its StaticInput's range.
         """
-        record = self._require_armed("validate()")
         if isolate:
+            self._require_armed("validate()")
             return validate_in_child(type(self).from_spec, self.spec.without_pool(), steps_per_size=steps_per_size,
                                      scrub=scrub, guard=guard, seed=seed, rtol=rtol, make_inputs=make_inputs)
-        self.audit().check()
-        target = Target(record, self, self._eager, self.spec.inputs, make_inputs)
-        return validate([target], steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
-                        collective_timeout_s=self.spec.collective_timeout_s)
+        return validate_all(self, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
+                            make_inputs={self.spec.name: make_inputs} if make_inputs is not None else None)
 
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -366,6 +429,35 @@ def _capture_runners(runners: Sequence[GraphRunner], pool: Any, records: List[Ca
     return reports
 
 
+def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
+                 seed: int = 0, rtol: Optional[float] = None,
+                 make_inputs: Optional[Dict[str, MakeInputs]] = None) -> ValidationReport:
+    """Audits the graphs of runners that share one pool, then replays every size of every runner in one
+    random interleaved order against eager (see GraphRunner.validate). Scrub and guard treat another runner's
+    memory like another size's: a write into it names the writing runner, size and buffer, and the owner.
+
+    Args:
+        runners: armed runners of one pool (captured together with capture_all, or alone into a shared pool).
+        steps_per_size: replays per captured size of each runner.
+        scrub: scrub free pool memory and other graphs' kept-alive allocations before each replay.
+        guard: fail on any write outside the replaying graph's own memory.
+        seed: seeds the order, the batches and the inputs.
+        rtol: the relative error accepted for every output; None: by dtype.
+        make_inputs: runner name -> make_inputs(batch, generator), for runners whose inputs depend on each other.
+    """
+    records = [r._require_armed("validate()") for r in runners]
+    if len({tuple(rec.pool) for rec in records}) > 1:
+        raise ValueError("validate_all() checks runners of one pool; these use "
+                         f"{sorted({tuple(rec.pool) for rec in records})}: validate each pool on its own")
+    declared = [t for r in runners for t in r.spec.declared()] + workspace_tensors()
+    audit(records, declared).check()
+    make_inputs = make_inputs or {}
+    targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name))
+               for r, rec in zip(runners, records)]
+    return validate(targets, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
+                    collective_timeout_s=runners[0].spec.collective_timeout_s)
+
+
 def _refuse(message: str, **inputs: torch.Tensor) -> Any:
     """Every step while a runner is not armed."""
     raise GraphStateError(message)
@@ -376,8 +468,9 @@ def _run_eagerly(fn: Callable[..., Any], no_grad: bool, **inputs: torch.Tensor) 
         return fn(**inputs)
 
 
-def _check_output(name: str, t: torch.Tensor, size: int) -> torch.Tensor:
-    if t.dim() == 0 or t.shape[0] != size:
-        raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at batch size {size}; every output "
-                         "needs the batch in dim 0")
+def _check_output(name: str, t: torch.Tensor, size: int, tokens: int) -> torch.Tensor:
+    if t.dim() and t.shape[0] not in (size, size * tokens):
+        per_token = f" or {size * tokens} (tokens)" if tokens > 1 else ""
+        raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at batch size {size}; every output needs "
+                         f"{size} rows (requests){per_token} in dim 0, or no dims at all (a count, a flag)")
     return t

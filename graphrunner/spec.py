@@ -43,14 +43,26 @@ class RunnerSpec:
     keep: Tuple[Long, ...] = ()
     name: str = ""
     verbose: bool = False
+    tokens_per_request: int = 1
+    out: Any = None
+    capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None
 
     @property
     def capture_order(self) -> List[int]:
         return capture_order(self.capture_sizes)
 
-    def checker_specs(self) -> List[Tuple[str, List[int], torch.dtype, bytes]]:
+    def checker_specs(self) -> List[Tuple[str, List[int], torch.dtype, bytes, int, bool]]:
         """The input specs as the native input checker takes them."""
-        return [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in self.inputs.items()]
+        return [(n, list(s.shape), s.dtype, s.pad_bytes(), s.rows(1, self.tokens_per_request),
+                 s.padding == "each_step") for n, s in self.inputs.items()]
+
+    def out_buffers(self) -> Dict[str, torch.Tensor]:
+        """The caller's output buffers by output name ("output", "output['logits']")."""
+        if self.out is None:
+            return {}
+        if isinstance(self.out, torch.Tensor):
+            return {"output": self.out}
+        return {f"output[{key!r}]": t for key, t in self.out.items()}
 
     def declared(self) -> List[torch.Tensor]:
         """Tensors this runner's graphs may use that the caller keeps alive: fn's parameters and buffers when fn
@@ -59,7 +71,7 @@ class RunnerSpec:
         module = self.fn if isinstance(self.fn, torch.nn.Module) else getattr(self.fn, "__self__", None)
         if isinstance(module, torch.nn.Module):
             owners.append(module)
-        out: List[torch.Tensor] = []
+        out: List[torch.Tensor] = list(self.out_buffers().values())
         for owner in owners:
             if isinstance(owner, torch.nn.Module):
                 out += [*owner.parameters(), *owner.buffers()]
@@ -145,8 +157,16 @@ def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_bat
     for key in ("clone_outputs", "no_grad", "strict", "debug", "verbose"):
         if key in options:
             _flag(key, options[key])
-    for key in ("on_capture", "before_replay"):
+    for key in ("on_capture", "before_replay", "capture_inputs"):
         _hook(key, options.get(key))
+    tokens = options.get("tokens_per_request", 1)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 1024:
+        raise ValueError(f"tokens_per_request must be an int in 1..1024, got {tokens!r}")
+    out = options.get("out")
+    buffers = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else None
+    if out is not None and (buffers is None or not all(isinstance(t, torch.Tensor) for t in buffers)):
+        raise TypeError("out must be a tensor (when fn returns one) or a dict of output name -> tensor (when fn "
+                        f"returns a dict), got {type(out).__name__}")
     known = {f.name for f in dataclasses.fields(RunnerSpec)}
     unknown = set(options) - known
     if unknown:

@@ -37,6 +37,7 @@ class Target:
         step: the runner itself: step(**inputs) runs one step through the graphs.
         reference: the eager step: reference(**inputs) gives what step should give.
         inputs: its input specs, for drawing random inputs.
+        tokens_per_request: rows per request of its per-token inputs.
         make_inputs: make_inputs(batch, generator) draws one step's inputs instead, where inputs depend on
             each other (distinct pages per row, say); None draws each input alone from its spec.
     """
@@ -45,10 +46,13 @@ class Target:
     step: Callable[..., Any]
     reference: Callable[..., Any]
     inputs: Mapping[str, StaticInput]
+    tokens_per_request: int = 1
     make_inputs: Optional[MakeInputs] = None
 
     def draw(self, batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-        return self.make_inputs(batch, gen) if self.make_inputs is not None else random_inputs(self.inputs, batch, gen)
+        if self.make_inputs is not None:
+            return self.make_inputs(batch, gen)
+        return random_inputs(self.inputs, batch, gen, self.tokens_per_request)
 
 
 @dataclass

@@ -10,8 +10,9 @@ SPECS = {"input_ids": gr.StaticInput((), torch.long, pad=0),
          "seq_lens": gr.StaticInput((), torch.int32, pad=1)}
 
 
-def checker(max_batch_size=8, fallback_eager=True):
-    specs = [(n, list(s.shape), s.dtype, s.pad_bytes()) for n, s in SPECS.items()]
+def checker(max_batch_size=8, fallback_eager=True, tokens_per_request=1):
+    specs = [(n, list(s.shape), s.dtype, s.pad_bytes(), s.rows(1, tokens_per_request), s.padding == "each_step")
+             for n, s in SPECS.items()]
     return _C.InputChecker(specs, max_batch_size, fallback_eager, 0)
 
 
@@ -74,9 +75,28 @@ def test_pad_bytes_follow_dtype():
 
 def test_input_count_is_bounded():
     """The staging descriptor holds up to 16 source pointers; more inputs are refused when the runner is built."""
-    specs = [(f"x{i}", [], torch.long, b"\0") for i in range(17)]
+    specs = [(f"x{i}", [], torch.long, b"\0", 1, True) for i in range(17)]
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
         _C.InputChecker(specs, 8, True, 0)
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
         gr.GraphRunner(lambda **kw: kw["x0"], {f"x{i}": gr.StaticInput((), torch.long) for i in range(17)},
                        max_batch_size=8)
+
+
+def test_per_token_inputs_count_requests():
+    """A per-token input has tokens_per_request rows per request; the batch is counted in requests."""
+    global SPECS
+    saved = SPECS
+    SPECS = dict(saved, input_ids=gr.StaticInput((), torch.long, per_token=True))
+    try:
+        c = checker(tokens_per_request=4)
+        with pytest.raises(ValueError, match=r"input 'input_ids' has 6 rows, not a multiple of tokens_per_request "
+                                             r"\(4\): it is a per-token input"):
+            c.check(inputs(3, input_ids=torch.zeros(6, dtype=torch.long)))
+        with pytest.raises(ValueError, match=r"inputs disagree on the batch size: 'input_ids' has 8 rows \(2 requests "
+                                             r"of 4 tokens\), 'hidden' has 3 rows"):
+            c.check(inputs(3, input_ids=torch.zeros(8, dtype=torch.long)))
+        with pytest.raises(ValueError, match=r"input 'input_ids' is on cpu"):  # 12 rows = 3 requests: shapes agree
+            c.check(inputs(3, input_ids=torch.zeros(12, dtype=torch.long)))
+    finally:
+        SPECS = saved
