@@ -2,9 +2,10 @@
 
 One torch.cuda.CUDAGraph per batch size, all in one pool, two warm-ups per size before its capture, captured
 on a torch.cuda.Stream(); each step copies the inputs into static buffers with copy_ and replays the smallest
-graph that fits.
+graph that fits. An input or output may have several rows per request (a verify step's tokens): the batch is
+the smallest row count of the step's inputs, and each is staged and sliced in proportion.
 """
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,15 +16,20 @@ class CommonRunner:
         example_inputs: one step's inputs at the largest size (their shapes and dtypes size the static buffers).
         capture_sizes: the sizes to capture.
         descending: capture largest first (True) or smallest first.
+        pool: the pool to capture into (shared by several runners); None makes one.
+        zero_padding: zero the padding rows of every input each step (engines do, for metadata such as page
+            tables, so padding rows never index real pages); off, they keep the last step's values.
     """
 
     def __init__(self, fn: Callable[..., Any], example_inputs: Dict[str, torch.Tensor], capture_sizes: Sequence[int],
-                 descending: bool = True) -> None:
-        self.fn, self.sizes = fn, sorted(capture_sizes)
+                 descending: bool = True, pool: Optional[Tuple[int, int]] = None, zero_padding: bool = False) -> None:
+        self.fn, self.sizes, self.zero_padding = fn, sorted(capture_sizes), zero_padding
         max_bs = self.sizes[-1]
-        self.static = {name: torch.zeros((max_bs, *t.shape[1:]), dtype=t.dtype, device=t.device)
-                       for name, t in example_inputs.items()}
-        self.pool = torch.cuda.graph_pool_handle()
+        batch = min(t.shape[0] for t in example_inputs.values())
+        self.static = {name: torch.zeros((max_bs * (t.shape[0] // batch), *t.shape[1:]), dtype=t.dtype,
+                                         device=t.device) for name, t in example_inputs.items()}
+        self.rows = {name: t.shape[0] // batch for name, t in example_inputs.items()}
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, Any] = {}
         self.stream = torch.cuda.Stream()
@@ -33,7 +39,7 @@ class CommonRunner:
 
     def _capture(self, descending: bool) -> None:
         for size in sorted(self.sizes, reverse=descending):
-            views = {name: buf[:size] for name, buf in self.static.items()}
+            views = {name: buf[: size * self.rows[name]] for name, buf in self.static.items()}
             with torch.cuda.stream(self.stream):
                 for _ in range(2):
                     self.fn(**views)
@@ -49,12 +55,17 @@ class CommonRunner:
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> Any:
-        batch = next(iter(inputs.values())).shape[0]
+        batch = min(t.shape[0] for t in inputs.values())
         size = self.size_for[batch]
         for name, t in inputs.items():
-            self.static[name][:batch].copy_(t)
+            self.static[name][: t.shape[0]].copy_(t)
+            if self.zero_padding:
+                self.static[name][t.shape[0]: size * self.rows[name]].zero_()
         self.graphs[size].replay()
-        return self.outputs[size][:batch]
+        out = self.outputs[size]
+        if isinstance(out, dict):
+            return {k: v[: batch * (v.shape[0] // size)] for k, v in out.items()}
+        return out[:batch]
 
     def close(self) -> None:
         for graph in self.graphs.values():

@@ -162,7 +162,17 @@ class Decoder(torch.nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
-                page_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+                page_table: Optional[torch.Tensor] = None, kv_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [rows, vocab] for one new token per row.
+
+        Args:
+            input_ids: [rows] token ids.
+            positions: [rows] each token's position; its key and value go to the cache there.
+            seq_lens: [rows] int32 keys each row attends to (its position + 1 for a decode step).
+            page_table: [rows, pages_per_seq] int32 pages of each row (paged caches only).
+            kv_slots: [rows] int64 flat cache slots (page * page_size + offset) of the new tokens, where the
+                caller computed them already (paged caches only); None computes them from positions.
+        """
         cfg, batch = self.cfg, input_ids.shape[0]
         if cfg.paged != (page_table is not None):
             raise ValueError("a paged decoder (page_size > 0) takes page_table, a contiguous one does not")
@@ -171,9 +181,10 @@ class Decoder(torch.nn.Module):
         meta = AttentionMeta(seq_lens, page_table)
         if cfg.attention == "sdpa":
             meta.valid = self.cache_positions[None, :] < seq_lens[:, None]
-        if cfg.paged:  # the cache slot of each row's new token: its page, then its place in the page
-            page = page_table.gather(1, (positions // cfg.page_size)[:, None])[:, 0].long()
-            where = (page * cfg.page_size + positions % cfg.page_size,)
+        if cfg.paged and kv_slots is not None:
+            where = (kv_slots,)
+        elif cfg.paged:  # the cache slot of each row's new token: its page, then its place in the page
+            where = (kv_slot(page_table, positions, cfg.page_size),)
         else:
             where = (self.slots[:batch], slice(None), positions)
         x = self.embed[input_ids]
@@ -191,6 +202,12 @@ class Decoder(torch.nn.Module):
             gate, up = (rms_norm(x, layer.norm2) @ layer.gate_up.t()).chunk(2, -1)
             x = x + self._all_reduce((F.silu(gate) * up) @ layer.down.t())
         return rms_norm(x, self.final_norm) @ self.lm_head.t()
+
+
+def kv_slot(page_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The flat paged-cache slot of each row's token at `positions`: its page, then its place in the page."""
+    page = page_table.gather(1, (positions // page_size)[:, None])[:, 0].long()
+    return page * page_size + positions % page_size
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -49,7 +49,27 @@ torch::Tensor counter_op(torch::Tensor x, torch::Tensor counter) {
   return out;
 }
 
+// Draft-decode metadata: the flat KV slot of every request's token at each of `steps` positions from `start`,
+// step-major (slots[k * rows + r]), written through the raw pointer however big `slots` is.
+__global__ void write_kv_slots(const int64_t* start, const int* page_table, int64_t* slots, int rows, int pages,
+                               int steps, int page_size) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows * steps) return;
+  int k = i / rows, r = i % rows;
+  int64_t pos = start[r] + k;
+  slots[i] = static_cast<int64_t>(page_table[r * pages + pos / page_size]) * page_size + pos % page_size;
+}
+
+void kv_slots_op(torch::Tensor start, torch::Tensor page_table, torch::Tensor slots, int64_t steps, int64_t page_size) {
+  TORCH_CHECK(start.dtype() == torch::kLong && page_table.dtype() == torch::kInt && slots.dtype() == torch::kLong);
+  int rows = start.size(0), pages = page_table.size(1);
+  write_kv_slots<<<(rows * steps + 255) / 256, 256, 0, stream()>>>(
+      start.data_ptr<int64_t>(), page_table.data_ptr<int>(), slots.data_ptr<int64_t>(), rows, pages, steps,
+      page_size);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("planes_op", &planes_op);
   m.def("counter_op", &counter_op);
+  m.def("kv_slots_op", &kv_slots_op);
 }
