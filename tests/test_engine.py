@@ -169,8 +169,9 @@ def test_padding_policies():
         got = runner(ids=torch.arange(3, device="cuda"), slot=torch.arange(3, device="cuda"))
         torch.testing.assert_close(got, torch.arange(3, device="cuda") * 3)
         torch.cuda.synchronize()
-        assert static["ids"][3:8].tolist() == [-1] * 5  # the sentinel, every step
-        assert static["slot"][3:8].tolist() == [103, 104, 105, 106, 107]  # kept from the larger step
+        # batch 3 ran at size 4: its one padding row got the sentinel, or kept the larger step's row
+        assert static["ids"][3].item() == -1
+        assert static["slot"][3].item() == 103
 
 
 def test_capture_inputs_are_staged_for_warm_up_and_capture():

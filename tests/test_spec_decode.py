@@ -14,26 +14,28 @@ from graphrunner.workloads.decoder import DecoderConfig
 
 pytestmark = gpu
 
-CFG = sd.SpecConfig()
 TOKENS = 200
 
 
 def prompts(batch, length=16):
     gen = torch.Generator(device="cuda").manual_seed(7)
-    return torch.randint(0, CFG.target.vocab, (batch, length), generator=gen, device="cuda")
+    return torch.randint(0, sd.SpecConfig().target.vocab, (batch, length), generator=gen, device="cuda")
 
 
-@pytest.mark.parametrize("batch", [3, 5])
-def test_speculative_tokens_equal_greedy_decoding(batch):
-    target, draft = sd.make_models(CFG)
+@pytest.mark.parametrize("batch,draft_layers", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_speculative_tokens_equal_greedy_decoding(batch, draft_layers):
+    """A 1-layer draft with random weights is almost never accepted; a draft with the target's own 2 layers
+    is, often for whole rounds, so every acceptance length is exercised."""
+    cfg = sd.SpecConfig(draft_layers=draft_layers)
+    target, draft = sd.make_models(cfg)
     capacity = TOKENS + CFG.steps + 2
-    reference = sd.greedy(CFG, target, sd.prefill(CFG, [target], prompts(batch), capacity), TOKENS)
+    reference = sd.greedy(cfg, target, sd.prefill(cfg, [target], prompts(batch), capacity), TOKENS)
 
-    eager = sd.generate(CFG, sd.prefill(CFG, [target, draft], prompts(batch), capacity),
-                        sd.DraftStep(draft, CFG.steps), sd.VerifyStep(target, CFG.steps + 1), TOKENS)
+    eager = sd.generate(cfg, sd.prefill(cfg, [target, draft], prompts(batch), capacity),
+                        sd.DraftStep(draft, cfg.steps), sd.VerifyStep(target, cfg.steps + 1), TOKENS)
     assert torch.equal(eager, reference)
 
-    verify, drafter = sd.make_runners(CFG, target, draft, capture_sizes=[1, 2, 4, 8])
+    verify, drafter = sd.make_runners(cfg, target, draft, capture_sizes=[1, 2, 4, 8])
     reports = gr.capture_all(verify, drafter)
     assert [r.name for r in reports] == ["verify", "draft"]
     rounds = []
@@ -42,12 +44,13 @@ def test_speculative_tokens_equal_greedy_decoding(batch):
         rounds.append(1)
         return drafter(**inputs)
 
-    graphs = sd.generate(CFG, sd.prefill(CFG, [target, draft], prompts(batch), capacity), counted, verify, TOKENS)
+    graphs = sd.generate(cfg, sd.prefill(cfg, [target, draft], prompts(batch), capacity), counted, verify, TOKENS)
     assert torch.equal(graphs, reference)
-    assert len(rounds) < TOKENS * 0.8, f"{len(rounds)} rounds for {TOKENS} tokens: the draft is almost never accepted"
+    if draft_layers == 2:
+        assert len(rounds) < TOKENS * 0.8, f"{len(rounds)} rounds for {TOKENS} tokens: drafts were rarely accepted"
     gr.validate_all(verify, drafter, scrub=True, guard=True,
-                    make_inputs={"verify": functools.partial(sd.random_verify_step, CFG),
-                                 "draft": functools.partial(sd.random_draft_step, CFG)})
+                    make_inputs={"verify": functools.partial(sd.random_verify_step, cfg),
+                                 "draft": functools.partial(sd.random_draft_step, cfg)})
     verify.close()
     drafter.close()
 
