@@ -1,7 +1,8 @@
 # make test   makes .venv (it sees the system's packages), installs what is missing there, builds and installs
 #             graphrunner into it, and runs the suite against the installed package (GPU tests skip without a GPU)
-# make bench  the built-in benchmark on one GPU, into benchmarks/results/ (ATTN=flash-attn-4 picks the attention
-#             backend; TP=2 runs it tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags)
+# make bench  the built-in benchmarks on one GPU, into benchmarks/results/: the decoder step and speculative
+#             decoding (ATTN=flash-attn-4 picks the decoder's attention backend; TP=2 runs the decoder
+#             tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags to the decoder's)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -34,6 +35,7 @@ TP ?= 1
 bench: install
 ifeq ($(TP),1)
 	$(PY) -P -m graphrunner.workloads.bench --attn $(ATTN) --out benchmarks/results $(ARGS)
+	$(PY) -P -m graphrunner.workloads.spec_bench --out benchmarks/results
 else
 	NCCL_NVLS_ENABLE=0 $(PY) -P -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner.workloads.bench \
 		--tp $(TP) --attn $(ATTN) --out benchmarks/results $(ARGS)

@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 import graphrunner as gr
 from conftest import gpu
 from graphrunner.workloads import spec_decode as sd
-from graphrunner.workloads.decoder import DecoderConfig
 
 pytestmark = gpu
 
@@ -69,19 +68,14 @@ def test_acceptance_takes_the_longest_agreeing_prefix():
     assert state.last.tolist() == [9, 2, 8] and state.start.tolist() == [11, 23, 34]
 
 
-# Sizes up to 64 and 4 steps: a metadata buffer of one entry per request is 64 * 8 bytes at most, and the
-# allocator rounds small blocks up to 512 bytes, so the kernel's steps x requests entries spill past it at
-# sizes 32 and 64.
-SEED_CFG = sd.SpecConfig(target=DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000,
-                                              cache_len=256, page_size=16, max_batch_size=64, dtype=torch.float32),
-                         steps=4)
+SEED_CFG = sd.SEED_BUG_CONFIG
 
 
 def seed_bug_outcome(metadata: str) -> str:
     """Builds both runners in one pool with the draft's metadata made as `metadata` says, validates them
     together; returns what validate_all said. Runs in a child process: a buggy graph may fault."""
     target, draft = sd.make_models(SEED_CFG)
-    verify, drafter = sd.make_runners(SEED_CFG, target, draft, metadata=metadata, capture_sizes=[4, 16, 32, 64])
+    verify, drafter = sd.make_runners(SEED_CFG, target, draft, metadata=metadata, capture_sizes=sd.SEED_BUG_SIZES)
     gr.capture_all(verify, drafter)
     try:
         gr.validate_all(verify, drafter, scrub=True, guard=True, steps_per_size=3,

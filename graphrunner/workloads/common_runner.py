@@ -2,8 +2,8 @@
 
 One torch.cuda.CUDAGraph per batch size, all in one pool, two warm-ups per size before its capture, captured
 on a torch.cuda.Stream(); each step copies the inputs into static buffers with copy_ and replays the smallest
-graph that fits. An input or output may have several rows per request (a verify step's tokens): the batch is
-the smallest row count of the step's inputs, and each is staged and sliced in proportion.
+graph that fits. An input or output may have several rows per request (a verify step's tokens): the example
+inputs, at the largest size, say how many, and each is staged and sliced in proportion.
 """
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -13,7 +13,8 @@ import torch
 class CommonRunner:
     """Args:
         fn: the step function, fn(**inputs).
-        example_inputs: one step's inputs at the largest size (their shapes and dtypes size the static buffers).
+        example_inputs: one step's inputs at the largest capture size (their shapes and dtypes size the static
+            buffers; an input with k times that many rows has k rows per request).
         capture_sizes: the sizes to capture.
         descending: capture largest first (True) or smallest first.
         pool: the pool to capture into (shared by several runners); None makes one.
@@ -25,10 +26,9 @@ class CommonRunner:
                  descending: bool = True, pool: Optional[Tuple[int, int]] = None, zero_padding: bool = False) -> None:
         self.fn, self.sizes, self.zero_padding = fn, sorted(capture_sizes), zero_padding
         max_bs = self.sizes[-1]
-        batch = min(t.shape[0] for t in example_inputs.values())
-        self.static = {name: torch.zeros((max_bs * (t.shape[0] // batch), *t.shape[1:]), dtype=t.dtype,
-                                         device=t.device) for name, t in example_inputs.items()}
-        self.rows = {name: t.shape[0] // batch for name, t in example_inputs.items()}
+        self.rows = {name: max(1, t.shape[0] // max_bs) for name, t in example_inputs.items()}
+        self.static = {name: torch.zeros((max_bs * self.rows[name], *t.shape[1:]), dtype=t.dtype, device=t.device)
+                       for name, t in example_inputs.items()}
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, Any] = {}
@@ -55,7 +55,7 @@ class CommonRunner:
 
     @torch.no_grad()
     def __call__(self, **inputs: torch.Tensor) -> Any:
-        batch = min(t.shape[0] for t in inputs.values())
+        batch = min(t.shape[0] // self.rows[name] for name, t in inputs.items())
         size = self.size_for[batch]
         for name, t in inputs.items():
             self.static[name][: t.shape[0]].copy_(t)

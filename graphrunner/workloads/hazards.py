@@ -64,6 +64,50 @@ def checked(name: str) -> None:
         print(f"RESULT GraphHazardError: {exc}")
 
 
+def plain_spec(fixed: bool) -> None:
+    """The speculative pair on plain shared-pool runners (one pool, copy_ staging): does the loop still give
+    the target's greedy tokens with the seed bug?"""
+    import torch
+
+    from graphrunner.workloads import spec_decode as sd
+    from graphrunner.workloads.common_runner import CommonRunner
+
+    cfg, sizes = sd.SEED_BUG_CONFIG, sd.SEED_BUG_SIZES
+    target, draft = sd.make_models(cfg)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pool, b = torch.cuda.graph_pool_handle(), max(sizes)
+    state = sd.random_verify_step(cfg, b, gen)
+    verify = CommonRunner(sd.VerifyStep(target, cfg.steps + 1), state, sizes, pool=pool, zero_padding=True)
+    drafter = CommonRunner(sd.DraftStep(draft, cfg.steps, "kernel" if fixed else "kernel-seed-bug"),
+                           sd.random_draft_step(cfg, b, gen), sizes, pool=pool, zero_padding=True)
+    prompts = torch.randint(0, cfg.target.vocab, (61, 16), generator=gen, device="cuda")
+    tokens, capacity = 100, 100 + cfg.steps + 2
+    got = sd.generate(cfg, sd.prefill(cfg, [target, draft], prompts, capacity), drafter, verify, tokens)
+    want = sd.greedy(cfg, target, sd.prefill(cfg, [target], prompts, capacity), tokens)
+    torch.cuda.synchronize()
+    wrong = int((got != want).any(1).sum())
+    print(f"RESULT {wrong}/61 requests' tokens differ from greedy decoding of the target (batch 61, graph of size 64)")
+
+
+def checked_spec(fixed: bool) -> None:
+    import functools
+
+    import graphrunner as gr
+    from graphrunner.workloads import spec_decode as sd
+
+    cfg = sd.SEED_BUG_CONFIG
+    target, draft = sd.make_models(cfg)
+    verify, drafter = sd.make_runners(cfg, target, draft, "kernel" if fixed else "kernel-seed-bug", sd.SEED_BUG_SIZES)
+    gr.capture_all(verify, drafter)
+    try:
+        report = gr.validate_all(verify, drafter, scrub=True, guard=True, steps_per_size=3,
+                                 make_inputs={"verify": functools.partial(sd.random_verify_step, cfg),
+                                              "draft": functools.partial(sd.random_draft_step, cfg)})
+        print(f"RESULT validate_all passed: {report}")
+    except gr.GraphHazardError as exc:
+        print(f"RESULT GraphHazardError: {exc}")
+
+
 def child(args, sanitizer=False):
     cmd = [sys.executable, "-m", "graphrunner.workloads.hazards", *args]
     if sanitizer:
@@ -89,6 +133,7 @@ def main() -> int:
     p.add_argument("--plain")
     p.add_argument("--checked")
     p.add_argument("--fixed", action="store_true")
+    p.add_argument("--spec", choices=["plain", "checked"])
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.plain:
@@ -96,6 +141,9 @@ def main() -> int:
         return 0
     if args.checked:
         checked(args.checked)
+        return 0
+    if args.spec:
+        (plain_spec if args.spec == "plain" else checked_spec)(args.fixed)
         return 0
     from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES
 
@@ -114,6 +162,15 @@ def main() -> int:
         lines.append(f"graphrunner: {'; '.join(child(['--checked', name]))}")
         lines.append("")
         print("\n".join(lines[-5:]), flush=True)
+    lines += ["## speculative decoding: draft metadata sized for the batch, not batch x steps (sglang issue 26532)",
+              "verify + draft runners in one pool, sizes 4..64, 4 draft tokens a round"]
+    for fixed in (False, True):
+        twin = "fixed twin" if fixed else "seed bug"
+        flag = ["--fixed"] if fixed else []
+        lines.append(f"{twin}, plain shared-pool runners: {'; '.join(child(['--spec', 'plain', *flag]))}")
+        lines.append(f"{twin}, graphrunner validate_all(scrub, guard): {'; '.join(child(['--spec', 'checked', *flag]))}")
+    lines.append("")
+    print("\n".join(lines[-6:]), flush=True)
     text = "\n".join(lines)
     if args.out:
         args.out.write_text(text + "\n")

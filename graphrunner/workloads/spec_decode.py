@@ -49,6 +49,15 @@ class SpecConfig:
         return dataclasses.replace(self.target, layers=self.draft_layers)
 
 
+# The seed bug's setting: sizes up to 64 and 4 steps. A metadata buffer of one entry per request is 64 * 8 bytes
+# at most, and the allocator rounds small blocks up to 512 bytes, so the kernel's steps x requests entries spill
+# past it at sizes 32 and 64.
+SEED_BUG_CONFIG = SpecConfig(target=DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512,
+                                                  vocab=1000, cache_len=256, page_size=16, max_batch_size=64,
+                                                  dtype=torch.float32), steps=4)
+SEED_BUG_SIZES = [4, 16, 32, 64]
+
+
 def make_models(cfg: SpecConfig, device: str = "cuda") -> Tuple[Decoder, Decoder]:
     """The target and the draft; the draft shares the target's embedding and LM head."""
     target, draft = Decoder(cfg.target, device=device), Decoder(cfg.draft, device=device)
