@@ -65,7 +65,7 @@ class CommonRunner:
         out = self.outputs[size]
         if isinstance(out, dict):
             return {k: v[: batch * (v.shape[0] // size)] for k, v in out.items()}
-        return out[:batch]
+        return out[: batch * (out.shape[0] // size)]
 
     def close(self) -> None:
         for graph in self.graphs.values():
