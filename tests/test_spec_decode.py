@@ -27,7 +27,7 @@ def test_speculative_tokens_equal_greedy_decoding(batch, draft_layers):
     is, often for whole rounds, so every acceptance length is exercised."""
     cfg = sd.SpecConfig(draft_layers=draft_layers)
     target, draft = sd.make_models(cfg)
-    capacity = TOKENS + CFG.steps + 2
+    capacity = TOKENS + cfg.steps + 2
     reference = sd.greedy(cfg, target, sd.prefill(cfg, [target], prompts(batch), capacity), TOKENS)
 
     eager = sd.generate(cfg, sd.prefill(cfg, [target, draft], prompts(batch), capacity),
