@@ -62,10 +62,12 @@ def test_acceptance_takes_the_longest_agreeing_prefix():
                         written=torch.zeros(3, dtype=torch.long, device="cuda"))
     proposed = torch.tensor([[5, 6, 7], [5, 6, 7], [5, 6, 7]], device="cuda")
     checked = torch.tensor([[9, 1, 1, 1], [5, 6, 2, 1], [5, 6, 7, 8]], device="cuda").flatten()
-    made = sd.accept(state, proposed, checked)
+    made = sd.accept(state, proposed, checked, limit=5)
     assert made.tolist() == [1, 3, 4]
     assert state.out[:, :4].tolist() == [[9, 0, 0, 0], [5, 6, 2, 0], [5, 6, 7, 8]]
     assert state.last.tolist() == [9, 2, 8] and state.start.tolist() == [11, 23, 34]
+    made = sd.accept(state, proposed, checked.view(3, 4)[[2, 2, 2]].flatten(), limit=4)  # request 2 is done
+    assert made.tolist() == [4, 4, 0] and state.start.tolist() == [15, 27, 34] and state.last.tolist() == [8, 8, 8]
 
 
 SEED_CFG = sd.SEED_BUG_CONFIG

@@ -196,13 +196,14 @@ def prefill(cfg: SpecConfig, models: List[Decoder], prompts: torch.Tensor, capac
                     written=torch.zeros(batch, dtype=torch.long, device=prompts.device))
 
 
-def accept(state: Requests, draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
+def accept(state: Requests, draft_tokens: torch.Tensor, target_tokens: torch.Tensor, limit: int) -> torch.Tensor:
     """Greedy acceptance on the device: the longest prefix of the draft's tokens the target agrees with, then
-    the target's own next token. Appends them to `out`, advances the caches; returns tokens made per request."""
+    the target's own next token. Appends them to `out` and advances the caches of requests that have fewer than
+    `limit` tokens (finished ones stay put, within their cache); returns tokens made per request."""
     batch, steps = draft_tokens.shape
     target_tokens = target_tokens.view(batch, steps + 1)
     accepted = (draft_tokens == target_tokens[:, :steps]).long().cumprod(1).sum(1)  # [batch], 0..steps
-    made = accepted + 1
+    made = torch.where(state.written < limit, accepted + 1, 0)
     new = torch.cat([draft_tokens, draft_tokens[:, :1]], 1)
     rows = torch.arange(batch, device=new.device)
     new[rows, accepted] = target_tokens[rows, accepted]  # the target's token after the accepted prefix
@@ -211,7 +212,7 @@ def accept(state: Requests, draft_tokens: torch.Tensor, target_tokens: torch.Ten
     columns = torch.where(keep, columns, state.out.shape[1] - 1).clamp(max=state.out.shape[1] - 1)
     state.out.scatter_(1, columns, torch.where(keep, new, state.out.gather(1, columns)))
     state.written += made
-    state.last = new[rows, accepted]
+    state.last = torch.where(made > 0, new[rows, accepted], state.last)
     state.start = state.start + made
     return made
 
@@ -227,7 +228,7 @@ def generate(cfg: SpecConfig, state: Requests, draft: Step, verify: Step, tokens
             proposed = draft(last=state.last, start=state.start, page_table=state.page_table)["tokens"]
             ids = torch.cat([state.last[:, None], proposed], 1).flatten()
             checked = verify(input_ids=ids, start=state.start, page_table=state.page_table)["tokens"]
-            accept(state, proposed.clone(), checked.clone())
+            accept(state, proposed.clone(), checked.clone(), tokens)
     return state.out[:, :tokens]
 
 
