@@ -127,7 +127,8 @@ PYBIND11_MODULE(_C, m) {
       .def("stage", [](PyLauncher& s, int64_t size) { s.launcher->stage(size); }, py::arg("size"),
            "Inside the capture of `size`: records the staging kernel.")
       .def(
-          "add_graph", [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
+          "add_graph",
+          [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
           py::arg("size"), py::arg("graph"))
       .def_property_readonly("owned_memory", [](const PyLauncher& s) { return s.launcher->owned_memory(); },
                              "Memory the staging kernel reads besides the static buffers: [(address, bytes, what)].");

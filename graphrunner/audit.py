@@ -118,7 +118,8 @@ def record_ranges(record: CaptureRecord) -> List[Range]:
     out = [(seg["address"], seg["total_size"], "the runners' graph pool")
            for seg in torch.cuda.memory_snapshot(mempool_id=record.pool, include_traces=False)
            if tuple(seg["segment_pool_id"]) == tuple(record.pool)]
-    out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer") for t in record.static_inputs.values()]
+    out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer")
+            for t in record.static_inputs.values()]
     out += [(address, nbytes, f"the runner's {what}") for address, nbytes, what in record.launcher.owned_memory]
     out += [(address, nbytes, f"a {library} workspace the runner keeps alive")
             for library, address, nbytes in record.workspace_blocks()]

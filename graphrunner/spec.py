@@ -143,7 +143,8 @@ def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_bat
     pool = options.get("pool")
     pool_id(pool)  # raises TypeError naming what a pool may be
     timeout = options.get("collective_timeout_s", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (timeout > 0 and math.isfinite(timeout)):
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+            not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")
     keep = options.get("keep", ())
     if isinstance(keep, (torch.Tensor, torch.nn.Module)) or not isinstance(keep, (list, tuple)):

@@ -82,8 +82,8 @@ def test_a_runner_writing_into_another_runners_memory_is_named(fixed):
         if fixed:
             gr.validate_all(target, draft, scrub=True, guard=True, steps_per_size=3)
         else:
-            with pytest.raises(gr.GraphHazardError, match=r"the graph of size \d+ of runner 'draft' \(batch \d+\) wrote "
-                                                          r"out of bounds into") as found:
+            named = r"the graph of size \d+ of runner 'draft' \(batch \d+\) wrote out of bounds into"
+            with pytest.raises(gr.GraphHazardError, match=named) as found:
                 gr.validate_all(target, draft, scrub=True, guard=True, steps_per_size=3)
             print("named:", found.value)
             assert found.value.size in (4, 16, 48) and found.value.buffer

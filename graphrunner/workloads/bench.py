@@ -23,10 +23,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import graphrunner as gr
+from graphrunner.graph import capture_stream
 from graphrunner.memory import alias
 from graphrunner.workloads._launch_floor import launch_floor_us
 from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.decoder import ATTENTION_BACKENDS, DecoderConfig, Decoder, random_decode_inputs, decode_inputs
+from graphrunner.workloads.decoder import (ATTENTION_BACKENDS, Decoder, DecoderConfig, decode_inputs,
+                                           random_decode_inputs)
 
 BATCHES = [1, 3, 8, 17, 64, 200, 256]
 MiB = 1024 * 1024
@@ -96,6 +98,11 @@ def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], st
 
 def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: List[int]):
     """Pool memory of capturing `order` into one fresh pool with graphrunner's Graph: total and per size."""
+    # Warm up on the capture stream first, as GraphRunner does: cuBLAS makes that stream's workspace outside
+    # the pool then (a runner captured earlier took the last one with its graphs).
+    stream = capture_stream(torch.cuda.current_device())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        model(**{n: t[: order[0]] for n, t in static.items()})
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     start = torch.cuda.memory_reserved()
@@ -297,7 +304,8 @@ def init_tensor_parallel(tp: int) -> None:
     """One process per GPU, started by torchrun; NCCL with NVLink multicast off unless asked for. Under
     torchrun, --tp 1 runs a world of one with its all-reduces captured."""
     if "LOCAL_RANK" not in os.environ:
-        raise SystemExit(f"--tp {tp} runs one process per GPU: torchrun --nproc-per-node {tp} -m graphrunner.workloads.bench "
+        raise SystemExit(f"--tp {tp} runs one process per GPU: torchrun --nproc-per-node {tp} "
+                         "-m graphrunner.workloads.bench "
                          f"--tp {tp}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     local = int(os.environ["LOCAL_RANK"])

@@ -214,7 +214,8 @@ def main() -> int:
         return 0
     lines = [f"# Co-tenant triggers on {torch.cuda.get_device_name()}, torch {torch.__version__}",
              f"# bf16 MLP {HIDDEN}->5632->{HIDDEN}->2816->{HIDDEN}, sizes {SIZES} captured largest first into one "
-             f"pool; after the trigger, 3 replays of batches {BATCHES} against eager; each plain case in its own process,",
+             f"pool; after the trigger, 3 replays of batches {BATCHES} against eager;",
+             "# each plain case in its own process,",
              "# graphrunner's cases one after another in one process (fresh runners, triggers piling up)", ""]
     for bias in ("nobias", "bias"):
         path = "cuBLASLt (Linear with bias)" if bias == "bias" else "cuBLAS (Linear without bias)"

@@ -168,7 +168,8 @@ def main() -> int:
         twin = "fixed twin" if fixed else "seed bug"
         flag = ["--fixed"] if fixed else []
         lines.append(f"{twin}, plain shared-pool runners: {'; '.join(child(['--spec', 'plain', *flag]))}")
-        lines.append(f"{twin}, graphrunner validate_all(scrub, guard): {'; '.join(child(['--spec', 'checked', *flag]))}")
+        found = "; ".join(child(["--spec", "checked", *flag]))
+        lines.append(f"{twin}, graphrunner validate_all(scrub, guard): {found}")
     lines.append("")
     print("\n".join(lines[-6:]), flush=True)
     text = "\n".join(lines)

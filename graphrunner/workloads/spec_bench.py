@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device="cuda")  # noqa: E731
     common_verify = CommonRunner(VerifyFromMetadata(target), {
         "input_ids": zeros(b * tokens), "positions": zeros(b * tokens),
-        "page_rows": zeros(b * tokens, target_cfg.pages_per_seq, dtype=torch.int32)}, sizes, pool=pool, zero_padding=True)
+        "page_rows": zeros(b * tokens, target_cfg.pages_per_seq, dtype=torch.int32)},
+        sizes, pool=pool, zero_padding=True)
     common_draft = CommonRunner(DraftFromMetadata(draft, cfg.steps), {
         "last": zeros(b), "positions": zeros(b, cfg.steps), "slots": zeros(b, cfg.steps),
         "page_table": zeros(b, target_cfg.pages_per_seq, dtype=torch.int32)}, sizes, pool=pool, zero_padding=True)

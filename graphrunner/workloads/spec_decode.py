@@ -76,7 +76,8 @@ class VerifyStep(torch.nn.Module):
         self.target, self.tokens = target, tokens
         self.register_buffer("offsets", torch.arange(tokens, device=target.embed.device), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, start: torch.Tensor, page_table: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, start: torch.Tensor,
+                page_table: torch.Tensor) -> Dict[str, torch.Tensor]:
         positions = (start[:, None] + self.offsets).flatten()
         logits = self.target(input_ids, positions, (positions + 1).int(), page_table.repeat_interleave(self.tokens, 0))
         return {"tokens": logits.argmax(-1)}
