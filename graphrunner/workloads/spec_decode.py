@@ -226,10 +226,12 @@ def generate(cfg: SpecConfig, state: Requests, draft: Step, verify: Step, tokens
     tokens]. `draft` and `verify` are runners or the eager step modules."""
     with torch.no_grad():
         while int(state.written.min()) < tokens:
-            proposed = draft(last=state.last, start=state.start, page_table=state.page_table)["tokens"]
+            # The draft's output is a view into the shared pool, valid until the next replay of any runner in it:
+            # keep a copy before the verify step replays.
+            proposed = draft(last=state.last, start=state.start, page_table=state.page_table)["tokens"].clone()
             ids = torch.cat([state.last[:, None], proposed], 1).flatten()
             checked = verify(input_ids=ids, start=state.start, page_table=state.page_table)["tokens"]
-            accept(state, proposed.clone(), checked.clone(), tokens)
+            accept(state, proposed, checked, tokens)
     return state.out[:, :tokens]
 
 
