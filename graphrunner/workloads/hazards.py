@@ -150,7 +150,8 @@ def main() -> int:
     import torch
 
     lines = [f"# Shared-pool hazard reproductions on {torch.cuda.get_device_name()}, torch {torch.__version__}",
-             f"# sizes {SIZES} captured largest first into one pool; ops in graphrunner/workloads/reproductions (correct in eager mode)", ""]
+             f"# sizes {SIZES} captured largest first into one pool; ops in graphrunner/workloads/reproductions "
+             "(correct in eager mode)", ""]
     for name, repro in REPRODUCTIONS.items():
         lines.append(f"## {name}")
         if repro.missing():
