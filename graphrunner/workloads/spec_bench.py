@@ -94,16 +94,9 @@ class Trace:
 Round = Callable[[Trace, int], None]
 
 
-def graphrunner_round(verify: gr.GraphRunner, drafter: gr.GraphRunner) -> Round:
-    def run(trace: Trace, batch: int) -> None:
-        last, start, pt = trace.last[:batch], trace.start[:batch], trace.page_table[:batch]
-        proposed = drafter(last=last, start=start, page_table=pt)["tokens"]
-        checked = verify(input_ids=torch.cat([last[:, None], proposed], 1).flatten(), start=start, page_table=pt)
-        trace.advance(batch, checked["tokens"])
-    return run
-
-
-def eager_round(verify: VerifyStep, drafter: DraftStep) -> Round:
+def in_graph_round(verify: Callable[..., Dict[str, torch.Tensor]],
+                   drafter: Callable[..., Dict[str, torch.Tensor]]) -> Round:
+    """A round whose metadata the steps compute themselves: graphrunner's runners, or the step modules eagerly."""
     @torch.no_grad()
     def run(trace: Trace, batch: int) -> None:
         last, start, pt = trace.last[:batch], trace.start[:batch], trace.page_table[:batch]
@@ -188,9 +181,9 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     torch.cuda.synchronize()
     res["spec_capture_s_baseline"] = time.perf_counter() - t0
 
-    contenders = {"run": graphrunner_round(verify, drafter),
+    contenders = {"run": in_graph_round(verify, drafter),
                   "baseline": common_round(cfg, common_verify, common_draft),
-                  "eager": eager_round(VerifyStep(target, cfg.steps + 1), DraftStep(draft, cfg.steps))}
+                  "eager": in_graph_round(VerifyStep(target, cfg.steps + 1), DraftStep(draft, cfg.steps))}
     for mode, synced in (("synced", True), ("pipelined", False)):
         for name, round_fn in contenders.items():
             rounds = args.rounds if name != "eager" else min(args.rounds, args.eager_rounds)
