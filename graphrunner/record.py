@@ -96,10 +96,14 @@ class CaptureRecord:
         self.static_inputs.clear()
         self.launcher = None
 
-    def report(self, rank: int = 0, ranks: Optional[List["CaptureReport"]] = None) -> "CaptureReport":
-        """What this capture cost, per size."""
+    def report(self, rank: int = 0) -> "CaptureReport":
+        """What this capture cost, per size.
+
+        Args:
+            rank: this process's rank in a distributed run (0 otherwise).
+        """
         return CaptureReport(
-            name=self.name, rank=rank, warmup_ms=self.warmup_ms, ranks=ranks or [],
+            name=self.name, rank=rank, warmup_ms=self.warmup_ms,
             workspace_bytes=sum(nbytes for _, _, nbytes in self.workspace_blocks()),
             sizes=[SizeReport(e.size, e.capture_ms, e.pool_bytes_added, e.graph.num_nodes)
                    for e in self.entries.values()])
@@ -167,10 +171,3 @@ class CaptureReport:
         lines += [f"{r.size:>6} {r.capture_ms:>11.2f} {r.pool_bytes_added / MiB:>15.2f} {r.num_nodes:>6}"
                   for r in self.sizes]
         return "\n".join(lines + [self.summary()])
-
-
-def combined_summary(reports: List[CaptureReport], pool_bytes: int) -> str:
-    """One line for runners captured together into one pool: what the pool holds for all of them."""
-    largest = max(r.pool_bytes for r in reports)
-    return (f"{len(reports)} runners captured into one pool of {pool_bytes / MiB:.1f} MiB; the largest runner alone "
-            f"added {largest / MiB:.1f} MiB")

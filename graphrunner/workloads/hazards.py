@@ -44,8 +44,6 @@ def plain(name: str, fixed: bool = False) -> None:
 
 
 def checked(name: str) -> None:
-    import torch
-
     import graphrunner as gr
     from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES, make
 
