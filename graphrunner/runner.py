@@ -187,7 +187,7 @@ class GraphRunner(_C.StepCall):
     def _begin_capture(self, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
         """Makes the static buffers and the launcher, and warms fn up at the largest size outside the pool."""
         spec = self.spec
-        rows = {n: s.rows(1, spec.tokens_per_request) for n, s in spec.inputs.items()}
+        rows = spec.rows_per_request
         static = {n: torch.full((spec.max_batch_size * rows[n], *s.shape), s.pad, dtype=s.dtype, device=self.device)
                   for n, s in spec.inputs.items()}
         record = CaptureRecord(spec.name, self.device, pool, static, rows,
@@ -294,8 +294,7 @@ class GraphRunner(_C.StepCall):
         """Every address the captured graphs hand the GPU, classified: memory the runner owns or keeps alive,
         memory the caller declared (fn's parameters and buffers when fn is a module, keep=, gr.workspace),
         memory borrowed from other code (the report's findings), and memory outside torch's allocator."""
-        record = self._require_armed("audit()")
-        return audit([record], self.spec.declared() + workspace_tensors())
+        return _audit([self])
 
     def validate(self, steps_per_size: int = 2, scrub: bool = False, guard: bool = False, isolate: bool = False,
                  seed: int = 0, rtol: Optional[float] = None, make_inputs: Optional[MakeInputs] = None,
@@ -331,11 +330,11 @@ class GraphRunner(_C.StepCall):
         record, self.record = self.record, None
         self.state = RunnerState.CLOSED
         self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.CLOSED]))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize(self.device)  # no replay may still use what is freed below
         if record is not None:
-            torch.cuda.synchronize(record.device)  # no replay may still use what is freed below
             record.release()
         if torch.cuda.is_available():
-            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
     def __enter__(self) -> "GraphRunner":
@@ -449,13 +448,18 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
     if len({tuple(rec.pool) for rec in records}) > 1:
         raise ValueError("validate_all() checks runners of one pool; these use "
                          f"{sorted({tuple(rec.pool) for rec in records})}: validate each pool on its own")
-    declared = [t for r in runners for t in r.spec.declared()] + workspace_tensors()
-    audit(records, declared).check()
+    _audit(runners).check()
     make_inputs = make_inputs or {}
     targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name))
                for r, rec in zip(runners, records)]
     return validate(targets, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
                     collective_timeout_s=runners[0].spec.collective_timeout_s)
+
+
+def _audit(runners: Sequence[GraphRunner]) -> AuditReport:
+    """The audit of armed runners' graphs, with what their specs and gr.workspace declare long-lived."""
+    records = [r._require_armed("audit()") for r in runners]
+    return audit(records, [t for r in runners for t in r.spec.declared()] + workspace_tensors())
 
 
 def _refuse(message: str, **inputs: torch.Tensor) -> Any:

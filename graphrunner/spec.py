@@ -51,10 +51,16 @@ class RunnerSpec:
     def capture_order(self) -> List[int]:
         return capture_order(self.capture_sizes)
 
+    @property
+    def rows_per_request(self) -> Dict[str, int]:
+        """Rows per request of each input: tokens_per_request for per-token inputs, else 1."""
+        return {n: s.rows(1, self.tokens_per_request) for n, s in self.inputs.items()}
+
     def checker_specs(self) -> List[Tuple[str, List[int], torch.dtype, bytes, int, bool]]:
         """The input specs as the native input checker takes them."""
-        return [(n, list(s.shape), s.dtype, s.pad_bytes(), s.rows(1, self.tokens_per_request),
-                 s.padding == "each_step") for n, s in self.inputs.items()]
+        rows = self.rows_per_request
+        return [(n, list(s.shape), s.dtype, s.pad_bytes(), rows[n], s.padding == "each_step")
+                for n, s in self.inputs.items()]
 
     def out_buffers(self) -> Dict[str, torch.Tensor]:
         """The caller's output buffers by output name ("output", "output['logits']")."""

@@ -334,18 +334,25 @@ def main(argv: List[str] = None) -> int:
     return write_results(args, res)
 
 
+def save_results(out: Path, stem: str, report: str, res: Dict[str, object],
+                 draw: Callable[[Dict[str, object], Path], None]) -> Dict[str, object]:
+    """Prints `report` and writes out/stem.txt, .png (by `draw`) and .json (keys not starting with "_");
+    returns what went into the JSON."""
+    out.mkdir(parents=True, exist_ok=True)
+    print(report)
+    (out / f"{stem}.txt").write_text(report + "\n")
+    draw(res, out / f"{stem}.png")
+    flat = {k: v for k, v in res.items() if not k.startswith("_")}
+    (out / f"{stem}.json").write_text(json.dumps(flat, indent=1, sort_keys=True) + "\n")
+    return flat
+
+
 def write_results(args: argparse.Namespace, res: Dict[str, object]) -> int:
     tp = f"x{args.tp}" if res["distributed"] else ""
     name = args.name or gpu_tag() + tp + ("" if args.attn == "sdpa" else f"-{args.attn}")
     if res["distributed"]:  # the headline numbers again, under names that say how many ranks
         res.update(headline(f"tp{args.tp}", res))
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = table(res)
-    print(report)
-    (args.out / f"bench-{name}.txt").write_text(report + "\n")
-    plot(res, args.out / f"bench-{name}.png")
-    flat = {k: v for k, v in res.items() if not k.startswith("_")}
-    (args.out / f"bench-{name}.json").write_text(json.dumps(flat, indent=1, sort_keys=True) + "\n")
+    flat = save_results(args.out, f"bench-{name}", table(res), res, plot)
     if args.attn in BACKEND_KEY_PREFIX and args.name is None:
         add_backend_keys(args.out / f"bench-{gpu_tag()}{tp}.json", BACKEND_KEY_PREFIX[args.attn], flat)
     return 0

@@ -14,7 +14,6 @@ stays on the device). Writes bench-<gpu>-spec.json, .txt and .png into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable, Dict, List
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.bench import gpu_tag
+from graphrunner.workloads.bench import gpu_tag, save_results
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
@@ -268,13 +267,7 @@ def main(argv: List[str] = None) -> int:
               file=sys.stderr)
         return 2
     res = run(args)
-    name = args.name or gpu_tag()
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = table(res)
-    print(report)
-    (args.out / f"bench-{name}-spec.txt").write_text(report + "\n")
-    plot(res, args.out / f"bench-{name}-spec.png")
-    (args.out / f"bench-{name}-spec.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    save_results(args.out, f"bench-{args.name or gpu_tag()}-spec", table(res), res, plot)
     return 0
 
 
