@@ -21,6 +21,7 @@ from graphrunner._native import _C
 from graphrunner.capture_guard import GraphHazardError
 from graphrunner.graph import Graph
 from graphrunner.messages import BORROW_FIX
+from graphrunner.pool import pool_segments
 from graphrunner.record import CaptureRecord
 
 MiB = 1024 * 1024
@@ -122,9 +123,7 @@ Range = Tuple[int, int, str]  # (address, bytes, what it is)
 def record_ranges(record: CaptureRecord) -> List[Range]:
     """Memory that lives as long as the record's graphs: the pool, the static inputs, the launcher's staging
     memory, the graphs' RNG state and the kept workspaces."""
-    out = [(seg["address"], seg["total_size"], "the runners' graph pool")
-           for seg in torch.cuda.memory_snapshot(mempool_id=record.pool, include_traces=False)
-           if tuple(seg["segment_pool_id"]) == tuple(record.pool)]
+    out = [(seg.address, seg.size, "the runners' graph pool") for seg in pool_segments(record.pool, record.device)]
     out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer")
             for t in record.static_inputs.values()]
     out += [(address, nbytes, f"the runner's {what}") for address, nbytes, what in record.launcher.owned_memory]
