@@ -129,9 +129,7 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "add_graph",
           [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
-          py::arg("size"), py::arg("graph"))
-      .def_property_readonly("owned_memory", [](const PyLauncher& s) { return s.launcher->owned_memory(); },
-                             "Memory the staging kernel reads besides the static buffers: [(address, bytes, what)].");
+          py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.");
 
   py::class_<WorkspaceHold, std::shared_ptr<WorkspaceHold>>(
       m, "WorkspaceHold", "Library workspaces taken over from torch's caches, kept alive until release().")

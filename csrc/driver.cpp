@@ -28,6 +28,7 @@ const DriverCalls& driver() {
   static const DriverCalls calls{
       entry_point<decltype(DriverCalls::ctx_get_current)>("cuCtxGetCurrent", 12000),
       entry_point<decltype(DriverCalls::graph_launch)>("cuGraphLaunch", 12000),
+      entry_point<decltype(DriverCalls::exec_kernel_node_set_params)>("cuGraphExecKernelNodeSetParams", 12000),
       // Version 12000 of this symbol is the one that fills CUDA_KERNEL_NODE_PARAMS_v2 (with `kern`).
       entry_point<decltype(DriverCalls::kernel_node_get_params)>("cuGraphKernelNodeGetParams", 12000),
       entry_point<decltype(DriverCalls::kernel_get_name)>("cuKernelGetName", 12030),

@@ -11,6 +11,8 @@ struct DriverCalls {
   // cudaGraphLaunch's own checks) is a measurable part of it.
   CUresult (*ctx_get_current)(CUcontext*) = nullptr;
   CUresult (*graph_launch)(CUgraphExec, CUstream) = nullptr;
+  // Staging: each step's argument set on the executable graph's staging node.
+  CUresult (*exec_kernel_node_set_params)(CUgraphExec, CUgraphNode, const CUDA_KERNEL_NODE_PARAMS*) = nullptr;
   // The capture audit: a kernel node's parameters, and the kernel's name and parameter layout. A node's
   // `func` can be a sentinel that function APIs crash on; its `kern` handle is the one to ask (CUDA 12.4+).
   CUresult (*kernel_node_get_params)(CUgraphNode, CUDA_KERNEL_NODE_PARAMS*) = nullptr;

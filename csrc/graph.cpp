@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <optional>
 #include <type_traits>
 #include <utility>
 
@@ -151,19 +152,81 @@ void Graph::finish_capture() noexcept {
   rng_.end();
 }
 
+void Graph::set_argument_node(cudaGraphNode_t node) {
+  require_graph("set_argument_node()");
+  const auto get = driver().kernel_node_get_params;
+  if (get == nullptr || driver().exec_kernel_node_set_params == nullptr) {
+    throw CudaError("the CUDA driver gives out no cuGraphKernelNodeGetParams/cuGraphExecKernelNodeSetParams (CUDA "
+                    "12.0+ drivers do): update the NVIDIA driver");
+  }
+  CUDA_KERNEL_NODE_PARAMS params{};
+  if (get(node, &params) != CUDA_SUCCESS) {
+    throw StateError("set_argument_node(): the node is not a kernel node of this graph");
+  }
+  // A captured node may name its kernel by a `func` that only the driver's own calls understand; its `kern`
+  // handle is the stable name, used when `func` is null.
+  if (params.kern != nullptr) {
+    params.func = nullptr;
+  }
+  if (params.kernelParams == nullptr) {
+    throw StateError("set_argument_node(): the node passes its parameters through `extra`, not kernelParams");
+  }
+  params.extra = nullptr;
+  argument_node_ = node;
+  argument_params_ = params;
+  argument_changed_ = false;
+}
+
+void Graph::set_argument(void* const* args) {
+  CUDA_KERNEL_NODE_PARAMS params = argument_params_;
+  params.kernelParams = const_cast<void**>(args);
+  const CUresult err = driver().exec_kernel_node_set_params(exec_, argument_node_, &params);
+  if (err != CUDA_SUCCESS) {
+    throw CudaError("cuGraphExecKernelNodeSetParams failed with CUresult " + std::to_string(static_cast<int>(err)) +
+                    " while setting the staging node's argument");
+  }
+}
+
+void Graph::replay_with(const void* arg) {
+  if (exec_ == nullptr || argument_node_ == nullptr) {
+    throw StateError("replay_with() needs a captured graph with an argument node");
+  }
+  void* args[1] = {const_cast<void*>(arg)};
+  launch_current(args);
+}
+
 void Graph::replay() {
   if (exec_ == nullptr) {
     throw StateError(capturing_ ? "replay() during capture; call capture_end() first"
                                 : "replay() before capture (or after reset()); capture the graph first");
   }
+  launch_current(nullptr);
+}
+
+void Graph::launch_current(void* const* args) {
   // A serving thread replays with the graph's device current: no guard needed, and none built. Any other
-  // thread (another device current, or no context yet) takes the runtime's path under a device guard.
-  if (context_ != nullptr && current_context() == context_) {
-    launch(c10::cuda::getCurrentCUDAStream(device_).stream());
-    return;
+  // thread (another device current, or no context yet) takes the runtime's path under a device guard, which
+  // also makes the device's context current for the driver's calls.
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (context_ == nullptr || current_context() != context_) {
+    guard.emplace(device_);
   }
-  c10::cuda::CUDAGuard guard(device_);
+  if (args != nullptr) {
+    set_argument(args);
+    argument_changed_ = true;
+  } else {
+    restore_argument();
+  }
   launch(c10::cuda::getCurrentCUDAStream(device_).stream());
+}
+
+void Graph::restore_argument() {
+  // After replay_with(), the node still holds that step's argument: a bare replay would stage it again from
+  // sources the caller may have freed since. Give the node back the argument it was captured with.
+  if (argument_changed_) {
+    set_argument(argument_params_.kernelParams);
+    argument_changed_ = false;
+  }
 }
 
 void Graph::launch(cudaStream_t stream) {
@@ -192,6 +255,8 @@ void Graph::reset() {
   }
   num_nodes_ = 0;
   context_ = nullptr;
+  argument_node_ = nullptr;
+  argument_changed_ = false;
   footprint_.clear();
   rng_.release();
   release_pool();

@@ -31,8 +31,15 @@ class Graph {
   // Ends a capture that failed part-way: the partial graph is dropped, the pool hold given back and
   // the stream left usable. Safe to call when nothing is being captured.
   void abort_capture() noexcept;
-  // Launches the graph on the current torch stream of its device.
+  // Launches the graph on the current torch stream of its device. A graph with an argument node runs it
+  // with the arguments it was captured with (the staging node's: no step).
   void replay();
+  // Marks `node`, a kernel node of this graph with one parameter, as the node whose argument each
+  // replay_with() sets. Needs keep_graph=true: the executable graph finds its node through the graph's.
+  void set_argument_node(cudaGraphNode_t node);
+  // Sets the argument node's parameter to `*arg` (copied now) for this launch and later ones, then launches as
+  // replay() does. Launches already queued keep the argument they were launched with.
+  void replay_with(const void* arg);
   // Destroys the executable graph and gives back this graph's hold on the pool.
   void reset();
 
@@ -56,7 +63,11 @@ class Graph {
   // What capture_end() and abort_capture() both do once the stream's capture has ended: stop the
   // footprint, pool routing and RNG capture state.
   void finish_capture() noexcept;
+  // Launches on the device's current stream, with `args` as the argument node's (null: the captured ones).
+  void launch_current(void* const* args);
   void launch(cudaStream_t stream);
+  void set_argument(void* const* args);
+  void restore_argument();
   void release_pool() noexcept;
   void require_graph(const char* what) const;
 
@@ -71,6 +82,9 @@ class Graph {
   size_t num_nodes_ = 0;
   bool capturing_ = false;
   bool holds_pool_ = false;
+  cudaGraphNode_t argument_node_ = nullptr;
+  CUDA_KERNEL_NODE_PARAMS argument_params_{};  // as captured; kernelParams point into graph_'s node
+  bool argument_changed_ = false;               // the last launch ran with another argument than the captured one
   GraphRng rng_;
   std::vector<AddressRange> footprint_;
 };

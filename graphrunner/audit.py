@@ -121,12 +121,11 @@ Range = Tuple[int, int, str]  # (address, bytes, what it is)
 
 
 def record_ranges(record: CaptureRecord) -> List[Range]:
-    """Memory that lives as long as the record's graphs: the pool, the static inputs, the launcher's staging
-    memory, the graphs' RNG state and the kept workspaces."""
+    """Memory that lives as long as the record's graphs: the pool, the static inputs, the graphs' RNG state
+    and the kept workspaces."""
     out = [(seg.address, seg.size, "the runners' graph pool") for seg in pool_segments(record.pool, record.device)]
     out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer")
             for t in record.static_inputs.values()]
-    out += [(address, nbytes, f"the runner's {what}") for address, nbytes, what in record.launcher.owned_memory]
     out += [(address, nbytes, f"a {library} workspace the runner keeps alive")
             for library, address, nbytes in record.workspace_blocks()]
     for entry in record.entries.values():

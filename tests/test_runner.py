@@ -85,7 +85,7 @@ def test_every_batch_matches_eager_with_poisoned_outputs(runner, model):
 
 
 def test_host_may_run_ahead_of_the_gpu(runner, model):
-    """Many steps without a sync: descriptors are consumed in launch order."""
+    """Many steps without a sync: each launch carries its own staging argument."""
     steps = [make_inputs(b) for b in [3, 64, 1, 17, 40, 2] * 30]
     outs = [gr_out["logits"].clone() for gr_out in (runner(**s) for s in steps)]
     for s, got in zip(steps, outs):
