@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -174,7 +175,7 @@ void Graph::set_argument_node(cudaGraphNode_t node) {
   params.extra = nullptr;
   argument_node_ = node;
   argument_params_ = params;
-  argument_changed_ = false;
+  argument_.clear();
 }
 
 void Graph::set_argument(void* const* args) {
@@ -187,12 +188,11 @@ void Graph::set_argument(void* const* args) {
   }
 }
 
-void Graph::replay_with(const void* arg) {
+void Graph::replay_with(const void* arg, size_t bytes) {
   if (exec_ == nullptr || argument_node_ == nullptr) {
     throw StateError("replay_with() needs a captured graph with an argument node");
   }
-  void* args[1] = {const_cast<void*>(arg)};
-  launch_current(args);
+  launch_current(arg, bytes);
 }
 
 void Graph::replay() {
@@ -200,10 +200,10 @@ void Graph::replay() {
     throw StateError(capturing_ ? "replay() during capture; call capture_end() first"
                                 : "replay() before capture (or after reset()); capture the graph first");
   }
-  launch_current(nullptr);
+  launch_current(nullptr, 0);
 }
 
-void Graph::launch_current(void* const* args) {
+void Graph::launch_current(const void* arg, size_t bytes) {
   // A serving thread replays with the graph's device current: no guard needed, and none built. Any other
   // thread (another device current, or no context yet) takes the runtime's path under a device guard, which
   // also makes the device's context current for the driver's calls.
@@ -211,22 +211,18 @@ void Graph::launch_current(void* const* args) {
   if (context_ == nullptr || current_context() != context_) {
     guard.emplace(device_);
   }
-  if (args != nullptr) {
+  const auto* given = static_cast<const unsigned char*>(arg);
+  if (arg != nullptr && !(argument_.size() == bytes && std::memcmp(argument_.data(), given, bytes) == 0)) {
+    void* args[1] = {const_cast<void*>(arg)};
     set_argument(args);
-    argument_changed_ = true;
-  } else {
-    restore_argument();
+    argument_.assign(given, given + bytes);
+  } else if (arg == nullptr && !argument_.empty()) {
+    // The node still holds the last step's argument: a bare replay would stage again from sources the caller
+    // may have freed since. It gets the argument it was captured with back.
+    set_argument(argument_params_.kernelParams);
+    argument_.clear();
   }
   launch(c10::cuda::getCurrentCUDAStream(device_).stream());
-}
-
-void Graph::restore_argument() {
-  // After replay_with(), the node still holds that step's argument: a bare replay would stage it again from
-  // sources the caller may have freed since. Give the node back the argument it was captured with.
-  if (argument_changed_) {
-    set_argument(argument_params_.kernelParams);
-    argument_changed_ = false;
-  }
 }
 
 void Graph::launch(cudaStream_t stream) {
@@ -256,7 +252,7 @@ void Graph::reset() {
   num_nodes_ = 0;
   context_ = nullptr;
   argument_node_ = nullptr;
-  argument_changed_ = false;
+  argument_.clear();
   footprint_.clear();
   rng_.release();
   release_pool();

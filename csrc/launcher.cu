@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 
 #include "errors.h"
@@ -17,7 +18,8 @@ constexpr int kThreads = 256;
 // Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value (or,
 // for an input that keeps its padding rows, are left as they are). Everything it needs is in its parameter,
 // so the copy starts at once: no descriptor to fetch, no counter to retire.
-__global__ void stage_inputs(const __grid_constant__ StageParams p) {
+template <int N>
+__global__ void stage_inputs(const __grid_constant__ StageParams<N> p) {
   if (p.batch < 0) {
     return;
   }
@@ -25,7 +27,7 @@ __global__ void stage_inputs(const __grid_constant__ StageParams p) {
   unsigned char* dst = p.dst[i];
   const unsigned char* src = p.src[i];
   const long long copy_bytes = p.batch * p.row_bytes[i];
-  const long long total = (p.pad_each_step[i] ? p.size : p.batch) * p.row_bytes[i];
+  const long long total = ((p.pad_each_step >> i) & 1 ? p.size : p.batch) * p.row_bytes[i];
   const bool src_aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
   const uint4 pad = p.pad[i];
   const unsigned char* pad_bytes = reinterpret_cast<const unsigned char*>(&p.pad[i]);
@@ -61,6 +63,33 @@ cudaGraphNode_t last_captured_node(cudaStream_t stream) {
   return deps[0];
 }
 
+// Every N shares the head (batch, size, src), which is all a launch writes.
+static_assert(offsetof(StageParams<4>, src) == offsetof(StageParams<kMaxInputs>, src) &&
+              offsetof(StageParams<8>, src) == offsetof(StageParams<kMaxInputs>, src));
+
+template <int N>
+std::vector<unsigned char> table_bytes(const std::vector<InputSpec>& specs, const std::vector<at::Tensor>& buffers,
+                                       int64_t size) {
+  StageParams<N> p{};
+  p.batch = -1;
+  p.size = size;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    p.dst[i] = static_cast<unsigned char*>(buffers[i].data_ptr());
+    p.row_bytes[i] = specs[i].row_bytes();
+    std::memcpy(&p.pad[i], specs[i].pad_pattern.data(), 16);
+    p.pad_each_step |= specs[i].pad_each_step ? 1u << i : 0u;
+  }
+  const auto* bytes = reinterpret_cast<const unsigned char*>(&p);
+  return std::vector<unsigned char>(bytes, bytes + sizeof(p));
+}
+
+template <int N>
+void launch_staging(const std::vector<unsigned char>& params, dim3 grid, cudaStream_t stream) {
+  StageParams<N> p;
+  std::memcpy(&p, params.data(), sizeof(p));
+  stage_inputs<N><<<grid, kThreads, 0, stream>>>(p);
+}
+
 }  // namespace
 
 Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes)
@@ -69,33 +98,41 @@ Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor
   // Staged inputs are a few KB to a few MB: two blocks per SM (264 on an H100) already keep every SM's copy
   // busy, and a larger grid only takes longer to launch and retire.
   max_blocks_ = 2u * static_cast<unsigned>(at::cuda::getDeviceProperties(checker_->device())->multiProcessorCount);
+  const size_t inputs = checker_->specs().size();
+  inputs_bound_ = inputs <= 4 ? 4 : inputs <= 8 ? 8 : static_cast<int>(kMaxInputs);
 }
 
-StageParams Launcher::params_for(int64_t size) const {
-  const auto& specs = checker_->specs();
-  StageParams p{};
-  p.batch = -1;
-  p.size = size;
-  for (size_t i = 0; i < specs.size(); ++i) {
-    p.dst[i] = static_cast<unsigned char*>(static_buffers_[i].data_ptr());
-    p.row_bytes[i] = specs[i].row_bytes();
-    std::memcpy(&p.pad[i], specs[i].pad_pattern.data(), 16);
-    p.pad_each_step[i] = specs[i].pad_each_step;
+std::vector<unsigned char> Launcher::params_for(int64_t size) const {
+  switch (inputs_bound_) {
+    case 4:
+      return table_bytes<4>(checker_->specs(), static_buffers_, size);
+    case 8:
+      return table_bytes<8>(checker_->specs(), static_buffers_, size);
+    default:
+      return table_bytes<kMaxInputs>(checker_->specs(), static_buffers_, size);
   }
-  return p;
 }
 
 void Launcher::stage(int64_t size) {
-  const StageParams p = params_for(size);
   long long largest = 0;
-  for (size_t i = 0; i < checker_->specs().size(); ++i) {
-    largest = std::max(largest, size * p.row_bytes[i]);
+  for (const auto& spec : checker_->specs()) {
+    largest = std::max<long long>(largest, size * spec.row_bytes());
   }
   const long long chunks = (largest + 15) / 16;
   dim3 grid(static_cast<unsigned>(std::clamp<long long>((chunks + kThreads - 1) / kThreads, 1, max_blocks_)),
             static_cast<unsigned>(checker_->specs().size()));
   auto stream = c10::cuda::getCurrentCUDAStream(checker_->device());
-  stage_inputs<<<grid, kThreads, 0, stream.stream()>>>(p);
+  const auto params = params_for(size);
+  switch (inputs_bound_) {
+    case 4:
+      launch_staging<4>(params, grid, stream.stream());
+      break;
+    case 8:
+      launch_staging<8>(params, grid, stream.stream());
+      break;
+    default:
+      launch_staging<kMaxInputs>(params, grid, stream.stream());
+  }
   GR_CUDA_CHECK(cudaGetLastError());
   staging_nodes_[size] = last_captured_node(stream.stream());
 }
@@ -108,7 +145,11 @@ void Launcher::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
   }
   graph->set_argument_node(node->second);
   staging_nodes_.erase(node);
-  auto captured = std::make_shared<Captured>(Captured{std::move(graph), params_for(size)});
+  auto captured = std::make_shared<Captured>();
+  captured->graph = std::move(graph);
+  const auto params = params_for(size);
+  std::memcpy(captured->params, params.data(), params.size());
+  captured->param_bytes = params.size();
   for (int64_t b = 1; b <= sizes_.max_batch_size(); ++b) {
     if (sizes_.size_for(b) == size) {
       captured_for_batch_[b] = captured;
@@ -121,6 +162,7 @@ void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
     throw StateError("no captured graph holds batch " + std::to_string(batch) + "; run this step eagerly");
   }
   Captured& c = *captured_for_batch_[batch];
+  auto* step = reinterpret_cast<StageParams<kMaxInputs>*>(c.params);  // its head: batch and src
   // A non-contiguous input is staged from a contiguous copy made on the graph's stream: when the copy
   // is freed on return, the allocator reuses its memory only for work queued behind this graph. The usual
   // step has none, and then this vector never allocates.
@@ -128,14 +170,14 @@ void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     const at::Tensor& t = *inputs[i];
     if (t.is_contiguous()) {
-      c.params.src[i] = static_cast<const unsigned char*>(t.const_data_ptr());
+      step->src[i] = static_cast<const unsigned char*>(t.const_data_ptr());
     } else {
       copies.push_back(t.contiguous());
-      c.params.src[i] = static_cast<const unsigned char*>(copies.back().const_data_ptr());
+      step->src[i] = static_cast<const unsigned char*>(copies.back().const_data_ptr());
     }
   }
-  c.params.batch = batch;
-  c.graph->replay_with(&c.params);
+  step->batch = batch;
+  c.graph->replay_with(c.params, c.param_bytes);
 }
 
 }  // namespace graphrunner

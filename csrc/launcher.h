@@ -12,6 +12,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstddef>
 #include <map>
 #include <memory>
 #include <vector>
@@ -22,16 +23,18 @@
 
 namespace graphrunner {
 
-// The staging kernel's one parameter. The captured node holds it with batch -1 (no step), so a bare
-// Graph::replay() leaves the static buffers as they are.
+// The staging kernel's one parameter, for up to N inputs: the step (batch, sources) and the size's table. The
+// driver copies it into every launch, so it is kept as small as the runner's inputs allow (N = 4, 8 or 16).
+// The captured node holds batch -1 (no step), so a bare Graph::replay() leaves the static buffers as they are.
+template <int N>
 struct StageParams {
   long long batch;  // rows per input to copy from src; -1: no step
   long long size;   // the graph's captured size: rows [batch, size) are padding
-  unsigned char* dst[kMaxInputs];
-  const unsigned char* src[kMaxInputs];
-  long long row_bytes[kMaxInputs];
-  uint4 pad[kMaxInputs];
-  bool pad_each_step[kMaxInputs];
+  const unsigned char* src[N];
+  unsigned char* dst[N];
+  long long row_bytes[N];
+  uint4 pad[N];
+  unsigned pad_each_step;  // bit i: input i writes its padding rows each step
 };
 
 class Launcher {
@@ -53,9 +56,12 @@ class Launcher {
  private:
   struct Captured {
     std::shared_ptr<Graph> graph;
-    StageParams params;  // the size's table; each launch fills in batch and src
+    // The size's StageParams<inputs_bound_>, with its table filled in; each launch fills in batch and src.
+    alignas(16) unsigned char params[sizeof(StageParams<kMaxInputs>)];
+    size_t param_bytes;
   };
-  StageParams params_for(int64_t size) const;
+  // The staging argument of `size` with no step, as bytes of StageParams<inputs_bound_>.
+  std::vector<unsigned char> params_for(int64_t size) const;
 
   std::shared_ptr<InputChecker> checker_;
   std::vector<at::Tensor> static_buffers_;
@@ -63,6 +69,7 @@ class Launcher {
   std::map<int64_t, cudaGraphNode_t> staging_nodes_;  // per size, between stage() and add_graph()
   std::vector<std::shared_ptr<Captured>> captured_for_batch_;
   unsigned max_blocks_ = 1;  // per input: two per SM
+  int inputs_bound_ = 4;     // N of the staging kernel: 4, 8 or 16, the least that holds every input
 };
 
 }  // namespace graphrunner
