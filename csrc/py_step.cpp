@@ -45,7 +45,7 @@ struct StepCallObject {
   PyObject_HEAD
   PyObject* launcher;       // the Python Launcher while armed, else NULL
   PyObject* outputs;        // list: item b is what a step of batch b returns
-  PyObject* before_replay;  // hook(batch, size) called before each step, or NULL
+  PyObject* before_replay;  // hook(batch, size, inputs) called before each step, or NULL
   PyObject* finish;         // finish(outputs) makes the returned value (cloned outputs), or NULL
   PyObject* eager;          // eager(**inputs): a step no captured graph holds
   PyObject* unarmed;        // unarmed(**inputs): every call while not armed, or NULL before the first _disarm
@@ -82,8 +82,8 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     if (self->before_replay != nullptr) {
       // The hook is Python code: it could close the runner, so hold the launcher across it.
       py::object held = py::reinterpret_borrow<py::object>(self->launcher);
-      PyObject* done = PyObject_CallFunction(self->before_replay, "LL", static_cast<long long>(batch),
-                                             static_cast<long long>(size));
+      PyObject* done = PyObject_CallFunction(self->before_replay, "LLO", static_cast<long long>(batch),
+                                             static_cast<long long>(size), kwargs);
       if (done == nullptr) {
         return nullptr;
       }

@@ -14,13 +14,13 @@ from graphrunner.inputs import StaticInput
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry, SizeReport
 from graphrunner.runner import GraphRunner, RunnerState, capture_all, validate_all
 from graphrunner.schedule import default_capture_sizes
-from graphrunner.spec import RunnerSpec
+from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import ValidationReport
 from graphrunner.workspace import WorkspaceError, workspace
 
 __all__ = [
     "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",
     "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
-    "SizeEntry", "SizeReport", "StaticInput", "ValidationReport", "WorkspaceError", "capture_all",
+    "SizeEntry", "SizeReport", "StaticInput", "StepInfo", "ValidationReport", "WorkspaceError", "capture_all",
     "default_capture_sizes", "validate_all", "workspace",
 ]

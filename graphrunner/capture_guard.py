@@ -22,12 +22,15 @@ class GraphHazardError(RuntimeError):
         size: the captured size at fault, where one is known.
         buffer: the buffer at fault (an output's name, a block's label), where one is known.
         offset: the byte offset of the first bad byte in that buffer, where one is known.
+        runner: the name of the runner whose graph is at fault, where one is known.
+        owner: the graph whose memory was written, as (runner name, size), where it belongs to one.
     """
 
     def __init__(self, message: str, size: "int | None" = None, buffer: "str | None" = None,
-                 offset: "int | None" = None) -> None:
+                 offset: "int | None" = None, runner: "str | None" = None,
+                 owner: "Tuple[str, int] | None" = None) -> None:
         super().__init__(message)
-        self.size, self.buffer, self.offset = size, buffer, offset
+        self.size, self.buffer, self.offset, self.runner, self.owner = size, buffer, offset, runner, owner
 
 
 class CaptureGuardWarning(UserWarning):

@@ -112,4 +112,4 @@ class PoolView:
             raise GraphHazardError(
                 f"{record.describe(size)} (batch {batch}) wrote out of bounds into {hit.describe()} at byte "
                 f"offset {offset} ({first.numel()} bytes changed), memory its capture never allocated: {WRITE_FIX}.",
-                size=size, buffer=hit.label, offset=offset)
+                size=size, buffer=hit.label, offset=offset, runner=record.name, owner=hit.owner)

@@ -24,7 +24,7 @@ from graphrunner.isolate import validate_in_child
 from graphrunner.memory import alias
 from graphrunner.outputs import clone_tensors, map_tensors
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
-from graphrunner.spec import RunnerSpec, checked_spec
+from graphrunner.spec import RunnerSpec, StepInfo, checked_spec
 from graphrunner.validate import MakeInputs, Target, ValidationReport, validate
 from graphrunner.workspace import workspace_tensors
 
@@ -71,9 +71,11 @@ class GraphRunner(_C.StepCall):
         warmup: eager runs of fn at the largest size before the first capture (lazy workspaces, handles and
             compiled kernels are made then, outside the pool).
         fallback: "eager" runs batches above max_batch_size eagerly; "error" raises ValueError for them.
-        on_capture: on_capture(size), called before each size is captured.
-        before_replay: before_replay(batch, size), called before each step, after its inputs are checked;
-            size is 0 for a step that runs eagerly.
+        on_capture: on_capture(info), called before each size is captured, with a gr.StepInfo: the size's
+            request and token counts and its static input views (a backend builds its per-size state here).
+        before_replay: before_replay(info), called before each step, after its inputs are checked, with a
+            gr.StepInfo: raw and padded request and token counts, the static views of the size it runs at
+            (padded_requests 0 for a step that runs eagerly), and the step's inputs.
         clone_outputs: return copies instead of views into graph memory.
         no_grad: run fn (captured and eager) with autograd off.
         device: the GPU (an index, "cuda:N" or a torch.device); default the current device.
@@ -111,8 +113,8 @@ class GraphRunner(_C.StepCall):
         pool: PoolLike = None,
         warmup: int = 1,
         fallback: str = "eager",
-        on_capture: Optional[Callable[[int], None]] = None,
-        before_replay: Optional[Callable[[int, int], None]] = None,
+        on_capture: Optional[Callable[[StepInfo], None]] = None,
+        before_replay: Optional[Callable[[StepInfo], None]] = None,
         clone_outputs: bool = False,
         no_grad: bool = True,
         device: Optional[Union[int, str, torch.device]] = None,
@@ -205,7 +207,8 @@ class GraphRunner(_C.StepCall):
         spec = self.spec
         self._stage_capture_inputs(record, size)
         if spec.on_capture is not None:
-            spec.on_capture(size)
+            tokens = size * spec.tokens_per_request
+            spec.on_capture(StepInfo(size, size, tokens, tokens, record.static_views(size)))
         with guard.watch((spec.name, size), record.label(size)) as kept:
             reserved = torch.cuda.memory_reserved(self.device)
             graph = Graph(keep_graph=True)  # the audit reads its nodes
@@ -261,7 +264,11 @@ class GraphRunner(_C.StepCall):
         """Arms the native step on the record's graphs."""
         spec = self.spec
         outputs = [None] + [self._sliced_outputs(record, b) for b in range(1, spec.max_batch_size + 1)]
-        self._arm(record.launcher, outputs, spec.before_replay, clone_tensors if spec.clone_outputs else None,
+        before_replay = None
+        if spec.before_replay is not None:
+            views = {size: record.static_views(size) for size in spec.capture_sizes}
+            before_replay = functools.partial(_before_replay, spec.before_replay, views, spec.tokens_per_request)
+        self._arm(record.launcher, outputs, before_replay, clone_tensors if spec.clone_outputs else None,
                   self._eager)
         self.record, self.state = record, RunnerState.ARMED
 
@@ -460,6 +467,13 @@ def _audit(runners: Sequence[GraphRunner]) -> AuditReport:
     """The audit of armed runners' graphs, with what their specs and gr.workspace declare long-lived."""
     records = [r._require_armed("audit()") for r in runners]
     return audit(records, [t for r in runners for t in r.spec.declared()] + workspace_tensors())
+
+
+def _before_replay(hook: Callable[[StepInfo], None], views: Dict[int, Dict[str, torch.Tensor]], tokens: int,
+                   batch: int, size: int, inputs: Dict[str, torch.Tensor]) -> None:
+    """What the native step calls before a launch: the user's hook, with the step's StepInfo. Like the other
+    callables the runner arms, it does not refer back to the runner."""
+    hook(StepInfo(batch, size, batch * tokens, size * tokens, views.get(size, {}), inputs))
 
 
 def _refuse(message: str, **inputs: torch.Tensor) -> Any:

@@ -21,6 +21,30 @@ Long = Union[torch.Tensor, torch.nn.Module]
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    """What the `on_capture` and `before_replay` hooks get: the step's counts and the buffers they may fill.
+
+    Args:
+        requests: requests in the step (at capture: the size captured).
+        padded_requests: the captured size the step runs at; 0 for a step that runs eagerly.
+        tokens: requests * tokens_per_request: the rows of per-token inputs and outputs.
+        padded_tokens: padded_requests * tokens_per_request.
+        static: input name -> the runner's static buffer at padded_requests rows (padded_tokens for a per-token
+            input). The graph stages the step's inputs into them in its first node, after the hook: a hook
+            reads what the previous step left there, and may write the padding rows of inputs with
+            padding="keep" (for the same step) or any buffer at capture. Empty for an eager step.
+        inputs: the step's inputs as passed to the runner; None at capture.
+    """
+
+    requests: int
+    padded_requests: int
+    tokens: int
+    padded_tokens: int
+    static: Mapping[str, torch.Tensor]
+    inputs: Optional[Mapping[str, torch.Tensor]] = None
+
+
+@dataclass(frozen=True)
 class RunnerSpec:
     """A GraphRunner's arguments, checked (see GraphRunner for what each one means)."""
 
@@ -31,8 +55,8 @@ class RunnerSpec:
     pool: PoolLike = None
     warmup: int = 1
     fallback: str = "eager"
-    on_capture: Optional[Callable[[int], None]] = None
-    before_replay: Optional[Callable[[int, int], None]] = None
+    on_capture: Optional[Callable[[StepInfo], None]] = None
+    before_replay: Optional[Callable[[StepInfo], None]] = None
     clone_outputs: bool = False
     no_grad: bool = True
     device: int = 0

@@ -144,7 +144,7 @@ def _checked_replay(target: Target, view: Optional[PoolView], size: int, batch: 
         raise GraphHazardError(
             f"{whose} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or {STATE_FIX}. This process's "
             "CUDA context may be lost: validate(isolate=True) runs the check in a child process instead.",
-            size=size) from exc
+            size=size, runner=target.record.name) from exc
     if guard:
         view.check_guarded(copies, target.record, size, batch)
     got = named_tensors(out)

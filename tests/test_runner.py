@@ -201,8 +201,9 @@ def test_fn_returning_non_tensor_is_refused(model):
 
 def test_hooks_see_sizes_in_order(model):
     seen_capture, seen_replay = [], []
-    r = gr.GraphRunner(model, INPUTS, capture_sizes=[4, 8, 12], on_capture=seen_capture.append,
-                       before_replay=lambda b, s: seen_replay.append((b, s)))
+    r = gr.GraphRunner(model, INPUTS, capture_sizes=[4, 8, 12],
+                       on_capture=lambda info: seen_capture.append(info.padded_requests),
+                       before_replay=lambda info: seen_replay.append((info.requests, info.padded_requests)))
     r.capture()
     assert seen_capture == r.capture_order and r.spec.max_batch_size == 12
     for batch in (5, 12, 14, 20):  # 14 and 20: above max_batch_size (the largest size), so eager
@@ -213,10 +214,10 @@ def test_hooks_see_sizes_in_order(model):
 
 
 def test_hook_errors_leave_the_runner_usable(model):
-    def hook(batch, size):
-        if batch == 3:
+    def hook(info):
+        if info.requests == 3:
             raise RuntimeError("hook failed at batch 3")
-        if batch == 4:
+        if info.requests == 4:
             r.close()
 
     r = gr.GraphRunner(model, INPUTS, max_batch_size=8, before_replay=hook)
@@ -247,7 +248,7 @@ def test_captured_steps_never_enter_python(model):
     clone of the outputs); no method of the runner runs."""
     seen = []
     with gr.GraphRunner(model, INPUTS, max_batch_size=8, clone_outputs=True,
-                        before_replay=lambda b, s: seen.append((b, s))) as r:
+                        before_replay=lambda info: seen.append((info.requests, info.padded_requests))) as r:
         r.capture()
         step = make_inputs(5)
         called = []
@@ -256,7 +257,8 @@ def test_captured_steps_never_enter_python(model):
             got = r(**step)
         finally:
             sys.setprofile(None)
-        assert set(called) <= {"<lambda>", "clone_tensors", "map_tensors"}, called
+        # _before_replay hands the hook its StepInfo (a dataclass's __init__); neither refers to the runner
+        assert set(called) <= {"<lambda>", "_before_replay", "__init__", "clone_tensors", "map_tensors"}, called
         torch.testing.assert_close(got["logits"], model(**step)["logits"], rtol=1e-4, atol=1e-4)
         assert got["logits"].data_ptr() != r.record.entries[8].outputs["logits"].data_ptr()  # a clone, not a view
         assert seen == [(5, 8)]

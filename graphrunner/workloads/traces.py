@@ -1,0 +1,193 @@
+"""The benchmark's traces: every contender on one decoder preset, with the host waiting each step and running ahead.
+
+A trace is a random walk of batch sizes over 1..max_batch_size with fresh inputs each step. Contenders:
+- run: graphrunner (staging inside the graph);
+- baseline: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
+- bare: graphrunner's graph of each step's size replayed with nothing staged (the inputs already in place);
+- compile_ro: torch.compile(mode="reduce-overhead") with each step's inputs padded, outside the timed loop, to the
+  size graphrunner runs it at;
+- run_compiled: graphrunner around torch.compile(mode="default") of the same model, compiled at every capture
+  size before capture;
+- eager (synchronised only, on the first steps).
+Synchronised: the host waits for each step, as a loop reading sampled tokens does. Pipelined: no wait inside the
+loop, as overlap schedulers run. Each contender also runs 200 steps of batch 1 and of batch 64 back to back, timed
+with CUDA events: the time of one step while the GPU never waits for the host (for contenders whose host time
+per step exceeds their GPU time, that host time).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import graphrunner as gr
+from graphrunner.workloads.common_runner import CommonRunner
+from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
+
+Step = Callable[[int], object]  # runs step i of the trace (or of a fixed-batch run)
+ROUNDS = 3  # each (contender, regime) runs this many times, in turns; the median is reported, the spread kept
+EAGER_STEPS = 200
+GPU_STEPS = 200
+GPU_BATCHES = (1, 64)
+
+
+def walk(max_batch_size: int, steps: int, seed: int = 1) -> List[int]:
+    """Batch sizes of a random walk over 1..max_batch_size starting at half of it."""
+    order = torch.Generator().manual_seed(seed)
+    batches, batch = [], max(1, max_batch_size // 2)
+    for _ in range(steps):
+        batch = min(max_batch_size, max(1, batch + int(torch.randint(-8, 9, (1,), generator=order))))
+        batches.append(batch)
+    return batches
+
+
+def padded(cfg: DecoderConfig, step: Dict[str, torch.Tensor], size: int) -> Dict[str, torch.Tensor]:
+    """`step` with padding rows up to `size`, each holding its input's pad value."""
+    specs = decode_inputs(cfg)
+    out = {}
+    for name, t in step.items():
+        pad = torch.full((size - t.shape[0], *t.shape[1:]), specs[name].pad, dtype=t.dtype, device=t.device)
+        out[name] = torch.cat([t, pad])
+    return out
+
+
+class Contenders:
+    """Every contender built on one model, with the steps each runs prepared outside the timed loops."""
+
+    def __init__(self, cfg: DecoderConfig, batches: List[int], compiled: bool, gen: torch.Generator) -> None:
+        self.cfg, self.model = cfg, Decoder(cfg)
+        self.sizes = gr.default_capture_sizes(cfg.max_batch_size)
+        self.steps = [random_decode_inputs(cfg, b, gen) for b in batches]
+        self.fixed = {b: random_decode_inputs(cfg, b, gen) for b in GPU_BATCHES if b <= cfg.max_batch_size}
+        example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
+        self.compile_ro: Optional[Callable[..., object]] = None
+        self.run_compiled: Optional[gr.GraphRunner] = None
+        # Compiled first: reduce-overhead frees cuBLAS workspaces whenever it records, which the common runner's
+        # graphs captured before would still use (graphrunner's own graphs keep theirs).
+        if compiled:
+            self._compile(example)
+        self.runner = gr.GraphRunner(self.model, decode_inputs(cfg), capture_sizes=self.sizes)
+        self.runner.capture()
+        self.baseline = CommonRunner(self.model, example, self.sizes)
+
+    def _compile(self, example: Dict[str, torch.Tensor]) -> None:
+        torch._dynamo.reset()
+        self.compile_ro = torch.compile(self.model, mode="reduce-overhead", dynamic=True)
+        compiled = torch.compile(self.model, dynamic=True)
+        for size in self.sizes:  # compile (and, for reduce-overhead, record) every size before anything is timed
+            views = {n: t[:size] for n, t in example.items()}
+            compiled(**views)
+            for _ in range(3):
+                torch.compiler.cudagraph_mark_step_begin()
+                self.compile_ro(**views)
+        self.run_compiled = gr.GraphRunner(compiled, decode_inputs(self.cfg), capture_sizes=self.sizes,
+                                           name="run_compiled")
+        self.run_compiled.capture()
+
+    def trace_steps(self) -> Dict[str, Step]:
+        """Per contender, a function running step i of the trace."""
+        runner, baseline, steps = self.runner, self.baseline, self.steps
+        graphs = [runner.record.entries[runner.size_for(s["input_ids"].shape[0])].graph for s in steps]
+        out: Dict[str, Step] = {"run": lambda i: runner(**steps[i]), "baseline": lambda i: baseline(**steps[i]),
+                                "bare": lambda i: graphs[i].replay()}
+        out.update(self._compiled_steps(steps))
+        return out
+
+    def fixed_steps(self, batch: int) -> Dict[str, Step]:
+        """Per contender, a function running one step of `batch` rows (the same inputs every time)."""
+        runner, baseline, step = self.runner, self.baseline, self.fixed[batch]
+        graph = runner.record.entries[runner.size_for(batch)].graph
+        out: Dict[str, Step] = {"run": lambda i: runner(**step), "baseline": lambda i: baseline(**step),
+                                "bare": lambda i: graph.replay()}
+        out.update(self._compiled_steps([step]))
+        return out
+
+    def _compiled_steps(self, steps: List[Dict[str, torch.Tensor]]) -> Dict[str, Step]:
+        if self.compile_ro is None:
+            return {}
+        ro, rc = self.compile_ro, self.run_compiled
+        pad = [padded(self.cfg, s, self.runner.size_for(s["input_ids"].shape[0])) for s in steps]
+
+        def compile_ro(i: int) -> object:
+            torch.compiler.cudagraph_mark_step_begin()
+            return ro(**pad[i % len(pad)])
+
+        return {"compile_ro": compile_ro, "run_compiled": lambda i: rc(**steps[i % len(steps)])}
+
+    def eager_step(self) -> Step:
+        return lambda i: self.model(**self.steps[i])
+
+    def close(self) -> None:
+        self.runner.close()
+        self.baseline.close()
+        if self.run_compiled is not None:
+            self.run_compiled.close()
+        self.compile_ro = self.run_compiled = None
+        torch._dynamo.reset()
+
+
+def steps_per_s(step: Step, n: int, synced: bool) -> float:
+    stream = torch.cuda.current_stream()
+    for i in range(min(n, 20)):  # after another contender ran: its caches, not this one's first steps
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        step(i)
+        if synced:
+            stream.synchronize()
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def queued_us(step: Step, n: int = GPU_STEPS) -> float:
+    """Microseconds per step of n steps queued back to back, between two CUDA events."""
+    for i in range(10):
+        step(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(n):
+        step(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / n
+
+
+def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str,
+               gen: torch.Generator) -> Dict[str, object]:
+    """Results keyed `{prefix}trace_{pipelined,synced}_steps_s_{contender}`, `{prefix}gpu_us_bs{1,64}_{contender}`,
+    the ratios the targets read, and the spread over rounds under `_{prefix}spread`."""
+    res: Dict[str, object] = {}
+    spread: Dict[str, List[float]] = {}
+    contenders = Contenders(cfg, walk(cfg.max_batch_size, trace_steps), compiled, gen)
+    try:
+        with torch.no_grad():
+            trace = contenders.trace_steps()
+            for _ in range(ROUNDS):
+                for name, step in trace.items():
+                    for regime, synced in (("pipelined", False), ("synced", True)):
+                        spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
+                            steps_per_s(step, trace_steps, synced))
+            spread[f"{prefix}trace_synced_steps_s_eager"] = [steps_per_s(contenders.eager_step(), EAGER_STEPS, True)]
+            for batch in contenders.fixed:
+                for _ in range(ROUNDS):
+                    for name, step in contenders.fixed_steps(batch).items():
+                        spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(step))
+    finally:
+        contenders.close()
+    res.update({key: statistics.median(values) for key, values in spread.items()})
+    res[f"_{prefix}spread"] = {key: (min(values), max(values)) for key, values in spread.items()}
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        return res[a] / res[b] if a in res and b in res else None
+
+    for regime in ("pipelined", "synced"):
+        for other in ("baseline", "bare"):
+            res[f"{prefix}{regime}_run_vs_{other}"] = ratio(f"{prefix}trace_{regime}_steps_s_run",
+                                                            f"{prefix}trace_{regime}_steps_s_{other}")
+    res[f"{prefix}run_compiled_vs_compile_ro"] = ratio(f"{prefix}trace_pipelined_steps_s_run_compiled",
+                                                       f"{prefix}trace_pipelined_steps_s_compile_ro")
+    return {k: v for k, v in res.items() if v is not None}
