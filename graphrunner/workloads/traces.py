@@ -64,10 +64,15 @@ class Contenders:
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         self.compile_ro: Optional[Callable[..., object]] = None
         self.run_compiled: Optional[gr.GraphRunner] = None
+        self.compile_error: Optional[str] = None
         # Compiled first: reduce-overhead frees cuBLAS workspaces whenever it records, which the common runner's
         # graphs captured before would still use (graphrunner's own graphs keep theirs).
         if compiled:
-            self._compile(example)
+            try:
+                self._compile(example)
+            except Exception as exc:  # the report says why these contenders are missing; the others still run
+                self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+                self.close_compiled()
         self.runner = gr.GraphRunner(self.model, decode_inputs(cfg), capture_sizes=self.sizes)
         self.runner.capture()
         self.baseline = CommonRunner(self.model, example, self.sizes)
@@ -119,13 +124,16 @@ class Contenders:
     def eager_step(self) -> Step:
         return lambda i: self.model(**self.steps[i])
 
-    def close(self) -> None:
-        self.runner.close()
-        self.baseline.close()
+    def close_compiled(self) -> None:
         if self.run_compiled is not None:
             self.run_compiled.close()
         self.compile_ro = self.run_compiled = None
         torch._dynamo.reset()
+
+    def close(self) -> None:
+        self.runner.close()
+        self.baseline.close()
+        self.close_compiled()
 
 
 def steps_per_s(step: Step, n: int, synced: bool) -> float:
@@ -156,28 +164,38 @@ def queued_us(step: Step, n: int = GPU_STEPS) -> float:
     return start.elapsed_time(end) * 1000 / n
 
 
+def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
+                    spread: Dict[str, List[float]]) -> Optional[str]:
+    """Runs every contender's traces and fixed-batch steps in turns, ROUNDS times, into `spread`; closes the
+    contenders. Returns why the compiled contenders are missing, if they are."""
+    try:
+        trace = contenders.trace_steps()
+        for _ in range(ROUNDS):
+            for name, step in trace.items():
+                for regime, synced in (("pipelined", False), ("synced", True)):
+                    spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
+                        steps_per_s(step, trace_steps, synced))
+        spread[f"{prefix}trace_synced_steps_s_eager"] = [steps_per_s(contenders.eager_step(), EAGER_STEPS, True)]
+        for batch in contenders.fixed:
+            for _ in range(ROUNDS):
+                for name, step in contenders.fixed_steps(batch).items():
+                    spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(step))
+        return contenders.compile_error
+    finally:
+        contenders.close()
+
+
 def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str,
                gen: torch.Generator) -> Dict[str, object]:
     """Results keyed `{prefix}trace_{pipelined,synced}_steps_s_{contender}`, `{prefix}gpu_us_bs{1,64}_{contender}`,
     the ratios the targets read, and the spread over rounds under `_{prefix}spread`."""
     res: Dict[str, object] = {}
     spread: Dict[str, List[float]] = {}
-    contenders = Contenders(cfg, walk(cfg.max_batch_size, trace_steps), compiled, gen)
-    try:
-        with torch.no_grad():
-            trace = contenders.trace_steps()
-            for _ in range(ROUNDS):
-                for name, step in trace.items():
-                    for regime, synced in (("pipelined", False), ("synced", True)):
-                        spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
-                            steps_per_s(step, trace_steps, synced))
-            spread[f"{prefix}trace_synced_steps_s_eager"] = [steps_per_s(contenders.eager_step(), EAGER_STEPS, True)]
-            for batch in contenders.fixed:
-                for _ in range(ROUNDS):
-                    for name, step in contenders.fixed_steps(batch).items():
-                        spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(step))
-    finally:
-        contenders.close()
+    # Everything under no_grad, compiling included: a compiled function compiled with autograd on would compile
+    # again (inside a capture) when called with it off.
+    with torch.no_grad():
+        res[f"{prefix}compile_error"] = _run_contenders(
+            Contenders(cfg, walk(cfg.max_batch_size, trace_steps), compiled, gen), trace_steps, prefix, spread)
     res.update({key: statistics.median(values) for key, values in spread.items()})
     res[f"_{prefix}spread"] = {key: (min(values), max(values)) for key, values in spread.items()}
 
