@@ -31,6 +31,8 @@ ROUNDS = 3  # each (contender, regime) runs this many times, in turns; the media
 EAGER_STEPS = 200
 GPU_STEPS = 200
 GPU_BATCHES = (1, 64)
+PLAIN = ("run", "baseline", "bare")
+COMPILED = ("compile_ro", "run_compiled")
 
 
 def walk(max_batch_size: int, steps: int, seed: int = 1) -> List[int]:
@@ -170,16 +172,24 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
     contenders. Returns why the compiled contenders are missing, if they are."""
     try:
         trace = contenders.trace_steps()
-        for _ in range(ROUNDS):
-            for name, step in trace.items():
-                for regime, synced in (("pipelined", False), ("synced", True)):
-                    spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
-                        steps_per_s(step, trace_steps, synced))
-        spread[f"{prefix}trace_synced_steps_s_eager"] = [steps_per_s(contenders.eager_step(), EAGER_STEPS, True)]
-        for batch in contenders.fixed:
+        fixed = {batch: contenders.fixed_steps(batch) for batch in contenders.fixed}
+        # The compiled contenders run after every round of the others: a reduce-overhead function may free cuBLAS
+        # workspaces when it runs, and the common runner's graphs (unlike graphrunner's) would then use freed
+        # memory (the co-tenant hazard; an illegal memory access here when the two took turns).
+        for group in (PLAIN, COMPILED):
             for _ in range(ROUNDS):
-                for name, step in contenders.fixed_steps(batch).items():
-                    spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(step))
+                for name in group:
+                    if name not in trace:
+                        continue
+                    for regime, synced in (("pipelined", False), ("synced", True)):
+                        spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
+                            steps_per_s(trace[name], trace_steps, synced))
+            for batch, steps in fixed.items():
+                for _ in range(ROUNDS):
+                    for name in group:
+                        if name in steps:
+                            spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(steps[name]))
+        spread[f"{prefix}trace_synced_steps_s_eager"] = [steps_per_s(contenders.eager_step(), EAGER_STEPS, True)]
         return contenders.compile_error
     finally:
         contenders.close()
