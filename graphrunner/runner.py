@@ -195,6 +195,9 @@ class GraphRunner(_C.StepCall):
         record = CaptureRecord(spec.name, self.device, pool, static, rows,
                                _C.Launcher(self._checker, list(static.values()), self.sizes))
         self._stage_capture_inputs(record, spec.max_batch_size)
+        # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not
+        # read them before the fill (recycled memory holds anything until then: an out-of-range index, say).
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         start = time.perf_counter()
         with torch.cuda.stream(stream):
             for _ in range(spec.warmup):
