@@ -332,3 +332,21 @@ def test_a_dropped_runner_frees_its_memory_at_once(model, fresh_memory):
         assert torch.cuda.memory_reserved() == start, segments_since(before)
     finally:
         gc.enable()
+
+
+def test_warm_up_sees_the_filled_static_buffers():
+    """The static buffers are filled on the current stream and the warm-up runs on the capture stream: with the
+    current stream busy and the buffers on recycled memory, the warm-up must still see the pad values."""
+    seen = []
+
+    def fn(ids):
+        if not torch.cuda.is_current_stream_capturing():
+            seen.append(ids.clone())
+        return ids * 2
+
+    junk = torch.full((4096,), 10 ** 9, dtype=torch.long, device="cuda")
+    del junk  # its block goes back to the cache, still holding the junk, for the static buffer to reuse
+    torch.cuda._sleep(100_000_000)  # keeps the current stream busy while the runner is built
+    with gr.GraphRunner(fn, {"ids": gr.StaticInput((), torch.long, pad=3)}, capture_sizes=[4096]) as r:
+        r.capture()
+        assert seen and (seen[0] == 3).all(), seen[0][:4]
