@@ -1,20 +1,36 @@
-import torch, graphrunner as gr
-from torch.profiler import profile, ProfilerActivity
+"""Where a decoder step's GPU time goes: the kernels of graphrunner's replays at batch 1 and 64, from
+torch.profiler (CUPTI), for the 8-layer preset and the 2-layer draft preset. On the GPU machine, after the build:
+    PYTHONPATH=. python3 benchmarks/kernel_profile.py
+"""
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import graphrunner as gr
 from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
-for layers, cache in ((8, 512), (2, 256)):
-    cfg = DecoderConfig(layers=layers, cache_len=cache, max_batch_size=64)
-    m = Decoder(cfg)
-    r = gr.GraphRunner(m, decode_inputs(cfg), capture_sizes=[1, 64]); r.capture()
-    for b in (1, 64):
-        s = random_decode_inputs(cfg, b)
-        for _ in range(20): r(**s)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(20): r(**s)
-            torch.cuda.synchronize()
-        ev = [e for e in p.key_averages()]
-        tot = sum(e.device_time_total for e in ev) / 20
-        print(f"layers {layers} cache {cache} batch {b}: kernel us per step {tot:.1f}")
-        for e in sorted(ev, key=lambda e: -e.device_time_total)[:6]:
-            print(f"   {e.device_time_total/20:8.1f} us  x{e.count//20:<3} {e.key[:90]}")
-    r.close()
+
+STEPS = 20
+
+
+def main() -> None:
+    for layers, cache_len in ((8, 512), (2, 256)):
+        cfg = DecoderConfig(layers=layers, cache_len=cache_len, max_batch_size=64)
+        with gr.GraphRunner(Decoder(cfg), decode_inputs(cfg), capture_sizes=[1, 64]) as runner:
+            runner.capture()
+            for batch in (1, 64):
+                step = random_decode_inputs(cfg, batch)
+                for _ in range(STEPS):
+                    runner(**step)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(STEPS):
+                        runner(**step)
+                    torch.cuda.synchronize()
+                kernels = prof.key_averages()
+                total = sum(k.device_time_total for k in kernels) / STEPS
+                print(f"layers {layers} cache {cache_len} batch {batch}: kernel us per step {total:.1f}")
+                for k in sorted(kernels, key=lambda k: -k.device_time_total)[:6]:
+                    print(f"   {k.device_time_total / STEPS:8.1f} us  x{k.count // STEPS:<3} {k.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
