@@ -55,7 +55,7 @@ struct StepCallObject {
 StepCallObject* as_step_call(PyObject* self) { return reinterpret_cast<StepCallObject*>(self); }
 
 // The step itself. The inputs are checked before anything else runs, so a bad call leaves nothing
-// half-done; the hook runs after the checks and before the descriptor is written, so a hook that raises
+// half-done; the hook runs after the checks and before the staging argument is set, so a hook that raises
 // leaves the runner as it was.
 PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
   if (PyTuple_GET_SIZE(args) != 0) {

@@ -74,7 +74,7 @@ def test_pad_bytes_follow_dtype():
 
 
 def test_input_count_is_bounded():
-    """The staging descriptor holds up to 16 source pointers; more inputs are refused when the runner is built."""
+    """The staging argument holds up to 16 source pointers; more inputs are refused when the runner is built."""
     specs = [(f"x{i}", [], torch.long, b"\0", 1, True) for i in range(17)]
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
         _C.InputChecker(specs, 8, True, 0)
