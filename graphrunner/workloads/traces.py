@@ -56,7 +56,14 @@ def padded(cfg: DecoderConfig, step: Dict[str, torch.Tensor], size: int) -> Dict
 
 
 class Contenders:
-    """Every contender built on one model, with the steps each runs prepared outside the timed loops."""
+    """Every contender built on one model, with the steps each runs prepared outside the timed loops.
+
+    Args:
+        cfg: the decoder preset.
+        batches: the trace's batch sizes, one per step.
+        compiled: build the torch.compile contenders too.
+        gen: the CUDA generator the steps' inputs are drawn from.
+    """
 
     def __init__(self, cfg: DecoderConfig, batches: List[int], compiled: bool, gen: torch.Generator) -> None:
         self.cfg, self.model = cfg, Decoder(cfg)
@@ -112,6 +119,7 @@ class Contenders:
         return out
 
     def _compiled_steps(self, steps: List[Dict[str, torch.Tensor]]) -> Dict[str, Step]:
+        """The compiled contenders' step functions over `steps` (none when they were left out)."""
         if self.compile_ro is None:
             return {}
         ro, rc = self.compile_ro, self.run_compiled
@@ -124,21 +132,25 @@ class Contenders:
         return {"compile_ro": compile_ro, "run_compiled": lambda i: rc(**steps[i % len(steps)])}
 
     def eager_step(self) -> Step:
+        """A function running step i of the trace eagerly."""
         return lambda i: self.model(**self.steps[i])
 
     def close_compiled(self) -> None:
+        """Drops the compiled contenders and dynamo's caches."""
         if self.run_compiled is not None:
             self.run_compiled.close()
         self.compile_ro = self.run_compiled = None
         torch._dynamo.reset()
 
     def close(self) -> None:
+        """Gives back every contender's graphs and pools."""
         self.runner.close()
         self.baseline.close()
         self.close_compiled()
 
 
 def steps_per_s(step: Step, n: int, synced: bool) -> float:
+    """Steps per second over steps 0..n-1, the host waiting for each (synced) or never inside the loop."""
     stream = torch.cuda.current_stream()
     for i in range(min(n, 20)):  # after another contender ran: its caches, not this one's first steps
         step(i)
@@ -198,7 +210,15 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
 def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str,
                gen: torch.Generator) -> Dict[str, object]:
     """Results keyed `{prefix}trace_{pipelined,synced}_steps_s_{contender}`, `{prefix}gpu_us_bs{1,64}_{contender}`,
-    the ratios the targets read, and the spread over rounds under `_{prefix}spread`."""
+    the ratios the targets read, and the spread over rounds under `_{prefix}spread`.
+
+    Args:
+        cfg: the decoder preset.
+        trace_steps: steps of the random-walk trace.
+        compiled: include the torch.compile contenders.
+        prefix: the keys' prefix ("draft_" for the draft preset, "" for the main one).
+        gen: the CUDA generator the steps' inputs are drawn from.
+    """
     res: Dict[str, object] = {}
     spread: Dict[str, List[float]] = {}
     # Everything under no_grad, compiling included: a compiled function compiled with autograd on would compile
