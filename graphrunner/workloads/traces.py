@@ -100,36 +100,23 @@ class Contenders:
                                            name="run_compiled")
         self.run_compiled.capture()
 
-    def trace_steps(self) -> Dict[str, Step]:
-        """Per contender, a function running step i of the trace."""
-        runner, baseline, steps = self.runner, self.baseline, self.steps
+    def step_functions(self, steps: List[Dict[str, torch.Tensor]]) -> Dict[str, Step]:
+        """Per contender, a function running step i % len(steps) of `steps`: the trace, or one fixed batch."""
+        runner, baseline, n = self.runner, self.baseline, len(steps)
         graphs = [runner.record.entries[runner.size_for(s["input_ids"].shape[0])].graph for s in steps]
-        out: Dict[str, Step] = {"run": lambda i: runner(**steps[i]), "baseline": lambda i: baseline(**steps[i]),
-                                "bare": lambda i: graphs[i].replay()}
-        out.update(self._compiled_steps(steps))
+        out: Dict[str, Step] = {"run": lambda i: runner(**steps[i % n]),
+                                "baseline": lambda i: baseline(**steps[i % n]),
+                                "bare": lambda i: graphs[i % n].replay()}
+        if self.compile_ro is not None:
+            ro, rc = self.compile_ro, self.run_compiled
+            pad = [padded(self.cfg, s, runner.size_for(s["input_ids"].shape[0])) for s in steps]
+
+            def compile_ro(i: int) -> object:
+                torch.compiler.cudagraph_mark_step_begin()
+                return ro(**pad[i % n])
+
+            out.update({"compile_ro": compile_ro, "run_compiled": lambda i: rc(**steps[i % n])})
         return out
-
-    def fixed_steps(self, batch: int) -> Dict[str, Step]:
-        """Per contender, a function running one step of `batch` rows (the same inputs every time)."""
-        runner, baseline, step = self.runner, self.baseline, self.fixed[batch]
-        graph = runner.record.entries[runner.size_for(batch)].graph
-        out: Dict[str, Step] = {"run": lambda i: runner(**step), "baseline": lambda i: baseline(**step),
-                                "bare": lambda i: graph.replay()}
-        out.update(self._compiled_steps([step]))
-        return out
-
-    def _compiled_steps(self, steps: List[Dict[str, torch.Tensor]]) -> Dict[str, Step]:
-        """The compiled contenders' step functions over `steps` (none when they were left out)."""
-        if self.compile_ro is None:
-            return {}
-        ro, rc = self.compile_ro, self.run_compiled
-        pad = [padded(self.cfg, s, self.runner.size_for(s["input_ids"].shape[0])) for s in steps]
-
-        def compile_ro(i: int) -> object:
-            torch.compiler.cudagraph_mark_step_begin()
-            return ro(**pad[i % len(pad)])
-
-        return {"compile_ro": compile_ro, "run_compiled": lambda i: rc(**steps[i % len(steps)])}
 
     def eager_step(self) -> Step:
         """A function running step i of the trace eagerly."""
@@ -183,8 +170,8 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
     """Runs every contender's traces and fixed-batch steps in turns, ROUNDS times, into `spread`; closes the
     contenders. Returns why the compiled contenders are missing, if they are."""
     try:
-        trace = contenders.trace_steps()
-        fixed = {batch: contenders.fixed_steps(batch) for batch in contenders.fixed}
+        trace = contenders.step_functions(contenders.steps)
+        fixed = {batch: contenders.step_functions([step]) for batch, step in contenders.fixed.items()}
         # The compiled contenders run after every round of the others: a reduce-overhead function may free cuBLAS
         # workspaces when it runs, and the common runner's graphs (unlike graphrunner's) would then use freed
         # memory (the co-tenant hazard; an illegal memory access here when the two took turns).
