@@ -154,6 +154,7 @@ class Decoder(torch.nn.Module):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("slots", torch.arange(cfg.max_batch_size, device=device), persistent=False)
+        self.register_buffer("layer_ids", torch.arange(cfg.layers, device=device), persistent=False)
         self.register_buffer("cache_positions", torch.arange(cfg.cache_len, device=device), persistent=False)
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,21 +182,23 @@ class Decoder(torch.nn.Module):
         meta = AttentionMeta(seq_lens, page_table)
         if cfg.attention == "sdpa":
             meta.valid = self.cache_positions[None, :] < seq_lens[:, None]
-        if cfg.paged and kv_slots is not None:
-            where = (kv_slots,)
-        elif cfg.paged:  # the cache slot of each row's new token: its page, then its place in the page
-            where = (kv_slot(page_table, positions, cfg.page_size),)
+        # Where each row's new key and value go, as an index into the whole cache after the layer's index:
+        # one index_put_ on the cache buffer itself, which torch.compile does in place (an indexed write into
+        # a layer's view of the cache made it copy the whole layer cache each step).
+        if cfg.paged:  # the cache slot of each row's new token: its page, then its place in the page
+            slots = kv_slots if kv_slots is not None else kv_slot(page_table, positions, cfg.page_size)
+            where = [slots // cfg.page_size, slots % cfg.page_size]
         else:
-            where = (self.slots[:batch], slice(None), positions)
+            where = [self.slots[:batch], None, positions]
         x = self.embed[input_ids]
         for i, layer in enumerate(self.layers):
             q, k, v = (rms_norm(x, layer.norm1) @ layer.qkv.t()).view(batch, 3, self.heads, cfg.head_dim).unbind(1)
             q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            # (aten's index_put_, as Tensor.index_put_ takes no None, the full slice over heads, in its index)
+            torch.ops.aten.index_put_(self.k_cache, [self.layer_ids[i], *where], k)
+            torch.ops.aten.index_put_(self.v_cache, [self.layer_ids[i], *where], v)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            if cfg.paged:
-                k_cache.flatten(0, 1)[where], v_cache.flatten(0, 1)[where] = k, v
-            else:
-                k_cache[where], v_cache[where] = k, v
+            if not cfg.paged:
                 k_cache, v_cache = k_cache[:batch], v_cache[:batch]
             attn = self.attend(q, k_cache, v_cache, meta)
             x = x + self._all_reduce(attn.reshape(batch, -1) @ layer.o.t())
