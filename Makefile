@@ -1,8 +1,8 @@
 # make test   makes .venv (it sees the system's packages), installs what is missing there, builds and installs
 #             graphrunner into it, and runs the suite against the installed package (GPU tests skip without a GPU)
 # make bench  the built-in benchmarks on one GPU, into benchmarks/results/: the decoder step and speculative
-#             decoding (ATTN=flash-attn-4 picks the decoder's attention backend; TP=2 runs the decoder
-#             tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags to the decoder's)
+#             decoding (ATTN=sdpa or ATTN=flash-attn-4 picks the decoder's attention, default decode; TP=2 runs
+#             the decoder tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags to the decoder's)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,7 +29,7 @@ install: deps
 test: install
 	$(PY) -P -m pytest tests -ra -q
 
-ATTN ?= sdpa
+ATTN ?= decode
 TP ?= 1
 
 bench: install

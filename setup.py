@@ -92,6 +92,10 @@ def extensions() -> list:
         cpp_extension.CUDAExtension(name="graphrunner.workloads._launch_floor",
                                     sources=["graphrunner/workloads/launch_floor.cpp"],
                                     extra_compile_args=flags, extra_link_args=["-s"]),
+        # The decoder's decode attention kernel, registered as a torch op: a workload too, never in the core.
+        cpp_extension.CUDAExtension(name="graphrunner.workloads._decode_attention",
+                                    sources=["graphrunner/workloads/decode_attention.cu"],
+                                    extra_compile_args=flags, extra_link_args=["-s"]),
     ]
 
 

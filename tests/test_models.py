@@ -56,8 +56,16 @@ def test_attention_choices_are_checked():
         DecoderConfig(page_size=100)
     assert DecoderConfig(attention="flash-attn-4").page_size == 128
     assert DecoderConfig(attention="flash-attn").page_size == 256
+    assert DecoderConfig(attention="decode").page_size == 0 and DecoderConfig(attention="decode", page_size=16).paged
     assert "page_table" in decode_inputs(DecoderConfig(page_size=128))
     assert "page_table" not in decode_inputs(DecoderConfig())
+
+
+def test_decode_attention_on_the_cpu_names_the_fix():
+    cfg = DecoderConfig(attention="decode", layers=1, hidden=64, heads=2, head_dim=32, intermediate=64, vocab=10,
+                        max_batch_size=2)
+    with pytest.raises(ValueError, match=r"attention 'decode' runs on CUDA devices only; use attention='sdpa' on cpu"):
+        Decoder(cfg, device="cpu")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")

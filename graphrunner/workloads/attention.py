@@ -1,13 +1,21 @@
-"""Attention backends of the built-in decoder: SDPA (always there), flash-attn 4 and flash-attn 2.
+"""Attention backends of the built-in decoder: SDPA (always there, any device), graphrunner's decode kernel
+(CUDA), flash-attn 4 and flash-attn 2.
 
 Every backend takes q [batch, heads, dim], one layer's KV cache and the step's `AttentionMeta`, and
 returns [batch, heads, dim]. A paged cache is [num_pages, page_size, heads, dim] with each row's pages
-listed in `meta.page_table`; a contiguous one (SDPA only) is [batch, heads, cache_len, dim].
+listed in `meta.page_table`; a contiguous one (SDPA and decode) is [batch, heads, cache_len, dim].
+
+SDPA masks every row's keys beyond its length, so it reads and computes over the whole cache each step. "decode"
+reads only the keys each row has, as a serving engine's decode kernel does (split over the keys, then merged:
+decode_attention.cu); it is registered as a torch op with a fake, so torch.compile traces it as one call.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,24 @@ def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out[:, :, 0, :]
 
 
+@functools.lru_cache(None)
+def decode_op() -> Callable[..., torch.Tensor]:
+    """graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table): its kernels load with
+    the module graphrunner.workloads._decode_attention; its fake (output shape only) is registered here, once."""
+    importlib.import_module("graphrunner.workloads._decode_attention")  # registers the op and its kernels
+
+    @torch.library.register_fake("graphrunner_workloads::decode_attention")
+    def _fake(q, k_cache, v_cache, seq_lens, page_table):
+        return q.new_empty(q.shape)
+
+    return torch.ops.graphrunner_workloads.decode_attention
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMeta) -> torch.Tensor:
+    return decode_op()(q, k_cache, v_cache, meta.seq_lens, meta.page_table)
+
+
 def flash_attn_4_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMeta) -> torch.Tensor:
     # Lengths and pages are read on the device (seqused_k, page_table), so one captured graph serves every
@@ -57,10 +83,10 @@ def flash_attn_2_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out[:, 0]
 
 
-BACKENDS = {"sdpa": sdpa_attention, "flash-attn-4": flash_attn_4_attention, "flash-attn": flash_attn_2_attention}
+BACKENDS = {"sdpa": sdpa_attention, "decode": decode_attention, "flash-attn-4": flash_attn_4_attention, "flash-attn": flash_attn_2_attention}
 # Page size each backend gets by default: flash-attn 4 loads whole pages by TMA when a page is one key tile
-# (128); flash-attn 2's paged path needs multiples of 256; SDPA defaults to a contiguous cache (0).
-DEFAULT_PAGE_SIZE = {"sdpa": 0, "flash-attn-4": 128, "flash-attn": 256}
+# (128); flash-attn 2's paged path needs multiples of 256; SDPA and decode default to a contiguous cache (0).
+DEFAULT_PAGE_SIZE = {"sdpa": 0, "decode": 0, "flash-attn-4": 128, "flash-attn": 256}
 
 
 def attention_backend(name: str) -> Attention:
@@ -74,4 +100,6 @@ def attention_backend(name: str) -> Attention:
         except ImportError as exc:
             raise ImportError(f"attention backend {name!r} needs the package that provides {module}: "
                               f"{install}") from exc
+    if name == "decode":
+        decode_op()  # loads the kernels now: a build without them fails here, not in the first step
     return BACKENDS[name]

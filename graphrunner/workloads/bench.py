@@ -34,6 +34,7 @@ from graphrunner.workloads.decoder import (ATTENTION_BACKENDS, Decoder, DecoderC
                                            random_decode_inputs)
 
 BATCHES = [1, 3, 8, 17, 64, 200, 256]
+DEFAULT_ATTENTION = "decode"  # results files of other backends are named with a suffix
 MiB = 1024 * 1024
 
 
@@ -48,7 +49,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=d.vocab)
     p.add_argument("--cache-len", type=int, default=d.cache_len)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--attn", choices=ATTENTION_BACKENDS, default="sdpa")
+    p.add_argument("--attn", choices=ATTENTION_BACKENDS, default=DEFAULT_ATTENTION,
+                   help="the decoder's attention (default: decode, the kernel reading only each row's keys; "
+                   "sdpa masks the whole cache)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one per GPU: run under "
                    "torchrun --nproc-per-node N -m graphrunner.workloads.bench --tp N")
     p.add_argument("--steps", type=int, default=300, help="timed steps per contender and batch")
@@ -384,7 +387,7 @@ def save_results(out: Path, stem: str, report: str, res: Dict[str, object],
 
 def write_results(args: argparse.Namespace, res: Dict[str, object]) -> int:
     tp = f"x{args.tp}" if res["distributed"] else ""
-    name = args.name or gpu_tag() + tp + ("" if args.attn == "sdpa" else f"-{args.attn}")
+    name = args.name or gpu_tag() + tp + ("" if args.attn == DEFAULT_ATTENTION else f"-{args.attn}")
     if res["distributed"]:  # the headline numbers again, under names that say how many ranks
         res.update(headline(f"tp{args.tp}", res))
     flat = save_results(args.out, f"bench-{name}", table(res), res, plot)

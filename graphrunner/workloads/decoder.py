@@ -27,6 +27,7 @@ from graphrunner.graph import require_cuda
 from graphrunner.inputs import StaticInput
 
 ATTENTION_BACKENDS = tuple(BACKENDS)
+CONTIGUOUS_BACKENDS = ("sdpa", "decode")  # the backends that also read a contiguous cache
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class DecoderConfig:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         if self.page_size is None:
             object.__setattr__(self, "page_size", DEFAULT_PAGE_SIZE[self.attention])
-        if self.page_size == 0 and self.attention != "sdpa":
+        if self.page_size == 0 and self.attention not in CONTIGUOUS_BACKENDS:
             raise ValueError(f"attention {self.attention!r} needs a paged KV cache: set page_size, e.g. "
                              f"{DEFAULT_PAGE_SIZE[self.attention]}")
         if self.page_size < 0 or (self.page_size and self.cache_len % self.page_size):
@@ -110,6 +111,9 @@ class Decoder(torch.nn.Module):
         self.cfg, self.tp_size, self.tp_group = cfg, tp_size, tp_group
         self.heads = cfg.heads // tp_size
         self.attend = attention_backend(cfg.attention)
+        if torch.device(device).type != "cuda" and cfg.attention != "sdpa":
+            raise ValueError(f"attention {cfg.attention!r} runs on CUDA devices only; use attention='sdpa' on "
+                             f"{device}")
         gen = torch.Generator().manual_seed(cfg.seed)
         h, d, inter = cfg.hidden, cfg.heads * cfg.head_dim, cfg.intermediate
 

@@ -22,9 +22,9 @@ from typing import Callable, Dict, List
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.bench import gpu_tag, save_results
+from graphrunner.workloads.bench import DEFAULT_ATTENTION, gpu_tag, save_results
 from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, kv_slot
+from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
 
 MiB = 1024 * 1024
@@ -142,12 +142,12 @@ def timed_trace(trace: Trace, run: Round, synced: bool, rounds: int) -> float:
 def run(args: argparse.Namespace) -> Dict[str, object]:
     target_cfg = DecoderConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, head_dim=args.head_dim,
                                intermediate=args.intermediate, vocab=args.vocab, cache_len=args.cache_len,
-                               page_size=16, max_batch_size=args.max_batch_size)
+                               page_size=16, max_batch_size=args.max_batch_size, attention=args.attn)
     cfg = SpecConfig(target=target_cfg, draft_layers=args.draft_layers, steps=args.steps)
     target, draft = make_models(cfg)
     sizes = gr.default_capture_sizes(target_cfg.max_batch_size)
     res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "spec_target_layers": cfg.target.layers, "spec_draft_layers": cfg.draft_layers,
+                              "spec_attention": target_cfg.attention, "spec_target_layers": cfg.target.layers, "spec_draft_layers": cfg.draft_layers,
                               "spec_steps": cfg.steps, "spec_max_batch_size": target_cfg.max_batch_size,
                               "spec_capture_sizes": len(sizes), "spec_rounds": args.rounds}
     trace = Trace(cfg, args.rounds)
@@ -206,7 +206,8 @@ TARGETS = [("spec_run_vs_baseline_synced", ">=", 1.10), ("spec_run_vs_baseline_p
 def table(res: Dict[str, object]) -> str:
     out = [f"{res['gpu']}, torch {res['torch']}: speculative decoding, target {res['spec_target_layers']} layers, "
            f"draft {res['spec_draft_layers']}, {res['spec_steps']} draft tokens a round, batch random walk over "
-           f"1..{res['spec_max_batch_size']}, {res['spec_rounds']} rounds, random acceptance", "",
+           f"1..{res['spec_max_batch_size']}, {res['spec_rounds']} rounds, random acceptance, attention "
+           f"{res['spec_attention']}", "",
            f"{'tokens/s':<12} {'synchronised':>13} {'pipelined':>10}"]
     for name, label in (("run", "graphrunner"), ("baseline", "common"), ("eager", "eager")):
         out.append(f"{label:<12} {res[f'spec_tokens_s_{name}_synced']:>13.0f} "
@@ -252,6 +253,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--cache-len", type=int, default=256)
+    p.add_argument("--attn", choices=ATTENTION_BACKENDS, default=DEFAULT_ATTENTION,
+                   help="both models' attention over their paged caches")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2000)
     p.add_argument("--eager-rounds", type=int, default=300)
@@ -267,7 +270,8 @@ def main(argv: List[str] = None) -> int:
               file=sys.stderr)
         return 2
     res = run(args)
-    save_results(args.out, f"bench-{args.name or gpu_tag()}-spec", table(res), res, plot)
+    name = args.name or gpu_tag() + ("" if args.attn == DEFAULT_ATTENTION else f"-{args.attn}")
+    save_results(args.out, f"bench-{name}-spec", table(res), res, plot)
     return 0
 
 
