@@ -7,7 +7,7 @@ listed in `meta.page_table`; a contiguous one (SDPA and decode) is [batch, heads
 
 SDPA masks every row's keys beyond its length, so it reads and computes over the whole cache each step. "decode"
 reads only the keys each row has, as a serving engine's decode kernel does (split over the keys, then merged:
-decode_attention.cu); it is registered as a torch op with a fake, so torch.compile traces it as one call.
+decode_attention.cu); it is a torch custom op with a fake, so torch.compile traces it as one call.
 """
 from __future__ import annotations
 
@@ -47,20 +47,27 @@ def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 @functools.lru_cache(None)
 def decode_op() -> Callable[..., torch.Tensor]:
-    """graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table): its kernels load with
-    the module graphrunner.workloads._decode_attention; its fake (output shape only) is registered here, once."""
-    importlib.import_module("graphrunner.workloads._decode_attention")  # registers the op and its kernels
+    """The op graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table), defined on first
+    use around the kernels of graphrunner.workloads._decode_attention, with a fake (the output's shape) for
+    torch.compile. Bad arguments raise ValueError naming them."""
+    kernels = importlib.import_module("graphrunner.workloads._decode_attention")
 
-    @torch.library.register_fake("graphrunner_workloads::decode_attention")
-    def _fake(q, k_cache, v_cache, seq_lens, page_table):
+    @torch.library.custom_op("graphrunner_workloads::decode_attention", mutates_args=(), device_types="cuda")
+    def op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+           page_table: Optional[torch.Tensor]) -> torch.Tensor:
+        return kernels.forward(q, k_cache, v_cache, seq_lens, page_table)
+
+    @op.register_fake
+    def _(q, k_cache, v_cache, seq_lens, page_table):
         return q.new_empty(q.shape)
 
-    return torch.ops.graphrunner_workloads.decode_attention
+    return op
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMeta) -> torch.Tensor:
-    return decode_op()(q, k_cache, v_cache, meta.seq_lens, meta.page_table)
+    # Through torch.ops, which torch.compile traces; attention_backend("decode") defined the op.
+    return torch.ops.graphrunner_workloads.decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.page_table)
 
 
 def flash_attn_4_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -4,8 +4,8 @@
 // weighted values), and a second kernel merges a row's chunks. Only the keys a row has are read, so its cost
 // follows the lengths, as a serving engine's decode kernel does (the masked SDPA it replaces reads the whole cache).
 //
-// Registered as the op graphrunner_workloads::decode_attention, so torch.compile traces it as one opaque call
-// (its fake is registered in attention.py). Both kernels write every element they own each call, so the
+// attention.py registers `forward` as the op graphrunner_workloads::decode_attention, with a fake, so torch.compile
+// traces it as one opaque call. Bad arguments raise ValueError (std::invalid_argument through pybind11). Both kernels write every element they own each call, so the
 // partials buffer, taken from the caching allocator per call, carries no state between calls or replays.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,7 +13,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/extension.h>
-#include <torch/library.h>
+
+#include <sstream>
+#include <stdexcept>
 
 namespace {
 
@@ -185,36 +187,47 @@ void dispatch_dim(int dim, const at::Tensor& q, const at::Tensor& k, const at::T
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+// Raises std::invalid_argument (ValueError in Python) with the parts of the message joined.
+template <typename... Parts>
+void check(bool ok, const Parts&... parts) {
+  if (!ok) {
+    std::ostringstream message;
+    message << "";
+    (message << ... << parts);
+    throw std::invalid_argument(message.str());
+  }
+}
+
+at::Tensor forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& seq_lens, const std::optional<at::Tensor>& page_table) {
   const bool paged = page_table.has_value();
-  TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && seq_lens.is_cuda(),
-              "decode_attention: q, k_cache, v_cache and seq_lens must be CUDA tensors");
-  TORCH_CHECK(q.dim() == 3, "decode_attention: q must be [rows, heads, dim], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
-              "decode_attention: k_cache and v_cache must be 4-d with one shape and layout, got ", k_cache.sizes(),
+  check(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && seq_lens.is_cuda(),
+              "q, k_cache, v_cache and seq_lens must be CUDA tensors");
+  check(q.dim() == 3, "q must be [rows, heads, dim], got ", q.sizes());
+  check(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
+              "k_cache and v_cache must be 4-d with one shape and layout, got ", k_cache.sizes(),
               " and ", v_cache.sizes());
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "decode_attention: q, k_cache and v_cache must share a dtype");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
-              "decode_attention: seq_lens must be a contiguous int32 [rows] tensor");
+  check(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q, k_cache and v_cache must share a dtype");
+  check(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
+              "seq_lens must be a contiguous int32 [rows] tensor");
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  TORCH_CHECK(dim == 32 || dim == 64 || dim == 128 || dim == 256,
-              "decode_attention: head dim must be 32, 64, 128 or 256, got ", dim, "; use attention='sdpa'");
-  TORCH_CHECK(seq_lens.size(0) == rows, "decode_attention: seq_lens has ", seq_lens.size(0), " rows, q has ", rows);
+  check(dim == 32 || dim == 64 || dim == 128 || dim == 256,
+              "head dim must be 32, 64, 128 or 256, got ", dim, "; use attention='sdpa'");
+  check(seq_lens.size(0) == rows, "seq_lens has ", seq_lens.size(0), " rows, q has ", rows);
   // Layouts: contiguous [rows, heads, cache_len, dim]; paged [num_pages, page_size, heads, dim].
   const int head_index = paged ? 2 : 1, pos_index = paged ? 1 : 2;
-  TORCH_CHECK(k_cache.size(head_index) == heads, "decode_attention: the cache has ", k_cache.size(head_index),
+  check(k_cache.size(head_index) == heads, "the cache has ", k_cache.size(head_index),
               " heads, q has ", heads);
-  TORCH_CHECK(k_cache.size(3) == dim, "decode_attention: the cache's head dim is ", k_cache.size(3), ", q's ", dim);
-  TORCH_CHECK(paged || k_cache.size(0) >= rows, "decode_attention: the contiguous cache has ",
+  check(k_cache.size(3) == dim, "the cache's head dim is ", k_cache.size(3), ", q's ", dim);
+  check(paged || k_cache.size(0) >= rows, "the contiguous cache has ",
               k_cache.size(0), " rows, q has ", rows);
   const int vec = dim / 32, bytes = vec * q.element_size();
   for (const at::Tensor* t : {&q, &k_cache, &v_cache}) {
-    TORCH_CHECK(t->stride(-1) == 1 && reinterpret_cast<uintptr_t>(t->data_ptr()) % bytes == 0,
-                "decode_attention: q and the caches need a unit stride and ", bytes, "-byte aligned rows of the head dim");
+    check(t->stride(-1) == 1 && reinterpret_cast<uintptr_t>(t->data_ptr()) % bytes == 0,
+                "q and the caches need a unit stride and ", bytes, "-byte aligned rows of the head dim");
     for (int i = 0; i < t->dim() - 1; ++i) {
-      TORCH_CHECK(t->stride(i) % vec == 0, "decode_attention: strides must be multiples of ", vec, " elements");
+      check(t->stride(i) % vec == 0, "strides must be multiples of ", vec, " elements");
     }
   }
   Shape s{};
@@ -223,9 +236,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   s.c_outer = k_cache.stride(0), s.c_head = k_cache.stride(head_index), s.c_pos = k_cache.stride(pos_index);
   if (paged) {
     const at::Tensor& table = *page_table;
-    TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == rows &&
+    check(table.is_cuda() && table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == rows &&
                     table.stride(1) == 1,
-                "decode_attention: page_table must be a CUDA int32 [rows, pages_per_seq] tensor with unit column "
+                "page_table must be a CUDA int32 [rows, pages_per_seq] tensor with unit column "
                 "stride, got ", table.sizes());
     s.page_table = table.data_ptr<int>();
     s.pt_row = table.stride(0);
@@ -248,18 +261,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     case at::kBFloat16:
       dispatch_dim<__nv_bfloat16>(dim, q, k_cache, v_cache, seq_lens, partials, out, s, stream);
       break;
-    default: TORCH_CHECK(false, "decode_attention: dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
+    default: check(false, "dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
   }
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(graphrunner_workloads, m) {
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor? page_table) -> Tensor");
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "Decode attention: [rows, heads, dim] from each row's first seq_lens keys.", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("seq_lens"), py::arg("page_table"));
 }
-
-TORCH_LIBRARY_IMPL(graphrunner_workloads, CUDA, m) { m.impl("decode_attention", &decode_attention); }
-
-// Importing the module registers the op; it has nothing else to bind.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
