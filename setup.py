@@ -94,7 +94,8 @@ def extensions() -> list:
                                     extra_compile_args=flags, extra_link_args=["-s"]),
         # The decoder's decode attention kernel, registered as a torch op: a workload too, never in the core.
         cpp_extension.CUDAExtension(name="graphrunner.workloads._decode_attention",
-                                    sources=["graphrunner/workloads/decode_attention.cu"],
+                                    sources=["graphrunner/workloads/decode_attention.cpp",
+                                             "graphrunner/workloads/decode_attention_kernels.cu"],
                                     extra_compile_args=flags, extra_link_args=["-s"]),
     ]
 

@@ -1,10 +1,11 @@
-"""Graph against graph, nothing staged: GPU microseconds per step of graphrunner's graphs and of the common runner's
-graphs (both of one model, one pool each) replayed bare, queued back to back between CUDA events, at each capture
+"""Graph against graph, nothing staged: GPU microseconds per step of graphrunner's graphs, of graphrunner's Graph
+captured without a staging node, and of the common runner's torch graphs (one model, one pool each) replayed bare, queued back to back between CUDA events, at each capture
 size and over the benchmark's random walk of sizes; then, at the size where they differ most, the kernels that
 differ. Answers whether the graphs themselves, or switching between them, cost one contender more GPU time.
 On the GPU machine, after the build:
-    PYTHONPATH=. python3 benchmarks/graph_probe.py [attention ...]      (default: decode sdpa)
+    PYTHONPATH=. python3 benchmarks/graph_probe.py [attention ...]      (default: decode)
 """
+import random
 import statistics
 import sys
 from collections import Counter
@@ -17,7 +18,7 @@ from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 from graphrunner.workloads.traces import walk
 
-ROUNDS = 5
+ROUNDS = 3
 STEPS = 400
 
 
@@ -52,38 +53,51 @@ def probe(attention: str) -> None:
         runner = gr.GraphRunner(model, decode_inputs(cfg), capture_sizes=sizes)
         runner.capture()
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
-        runner(**example)  # the same static contents for both: one full step staged in each
+        runner(**example)  # the same static contents for all: one full step staged in each
         baseline = CommonRunner(model, example, sizes)
         baseline(**example)
-    ours = {s: runner.record.entries[s].graph for s in sizes}
-    theirs = baseline.graphs
+        # graphrunner's Graph without a staging node: the common runner's static views, captured into one pool
+        # largest first (the common runner warmed every size up)
+        plain, pool = {}, torch.cuda.graph_pool_handle()
+        for size in sorted(sizes, reverse=True):
+            plain[size] = gr.Graph()
+            with plain[size].capture(pool=pool):
+                model(**{name: buf[:size] for name, buf in baseline.static.items()})
+    contenders = {"graphrunner": {s: runner.record.entries[s].graph for s in sizes},
+                  "gr.Graph, no staging": plain, "torch CUDAGraph": baseline.graphs}
     print(f"\n== attention {attention}, 2 layers, cache 256, sizes {sizes}")
+    walked = [runner.size_for(b) for b in walk(cfg.max_batch_size, STEPS)]
+    shuffled = sizes * (STEPS // len(sizes))
+    random.Random(0).shuffle(shuffled)
     patterns = {f"size {s}": [s] * STEPS for s in sizes}
-    patterns["walk"] = [runner.size_for(b) for b in walk(cfg.max_batch_size, STEPS)]
-    patterns["64/128 alternating"] = [64, 128] * (STEPS // 2)
-    gaps = {}
-    for name, order in patterns.items():
-        times = {"graphrunner": [], "common": []}
-        for _ in range(ROUNDS):
-            times["graphrunner"].append(queued_us([ours[s] for s in order]))
-            times["common"].append(queued_us([theirs[s] for s in order]))
-        a, b = statistics.median(times["graphrunner"]), statistics.median(times["common"])
-        print(f"  {name:<20} graphrunner {a:8.1f} ({min(times['graphrunner']):.1f}-{max(times['graphrunner']):.1f})"
-              f"  common {b:8.1f} ({min(times['common']):.1f}-{max(times['common']):.1f})  ratio {a / b:.4f}")
-        if name.startswith("size"):
-            gaps[int(name.split()[1])] = a - b
-    worst = max(gaps, key=lambda s: abs(gaps[s]))
-    mine, other = kernels(ours[worst]), kernels(theirs[worst])
+    patterns.update({"walk": walked, "64/128 alternating": [64, 128] * (STEPS // 2),
+                     "every size in turn": sizes * (STEPS // len(sizes)), "sizes shuffled": shuffled})
+    per_size = {name: {} for name in contenders}
+    print(f"  {'pattern':<20}" + "".join(f"{name:>24}" for name in contenders) + "   (GPU us per step, median)")
+    for pattern, order in patterns.items():
+        medians = {}
+        for name, graphs in contenders.items():
+            medians[name] = statistics.median(queued_us([graphs[s] for s in order]) for _ in range(ROUNDS))
+            if pattern.startswith("size"):
+                per_size[name][order[0]] = medians[name]
+        print(f"  {pattern:<20}" + "".join(f"{medians[n]:24.1f}" for n in contenders))
+        if not pattern.startswith("size"):  # what the same steps cost without switching graphs
+            expected = {n: statistics.fmean(per_size[n][s] for s in order) for n in contenders}
+            print(f"  {'  same, unswitched':<20}" + "".join(f"{expected[n]:24.1f}" for n in contenders))
+    worst = max(sizes, key=lambda s: abs(per_size["graphrunner"][s] - per_size["torch CUDAGraph"][s]))
+    mine, other = kernels(contenders["graphrunner"][worst]), kernels(baseline.graphs[worst])
     print(f"  kernels at size {worst} (us per replay), graphrunner - common, largest differences:")
     diff = {k: mine.get(k, 0.0) - other.get(k, 0.0) for k in set(mine) | set(other)}
     for k in sorted(diff, key=lambda k: -abs(diff[k]))[:8]:
         print(f"    {diff[k]:+7.1f}  (ours {mine.get(k, 0):6.1f}, common {other.get(k, 0):6.1f})  {k}")
+    for graph in plain.values():
+        graph.reset()
     runner.close()
     baseline.close()
 
 
 def main() -> None:
-    for attention in sys.argv[1:] or ["decode", "sdpa"]:
+    for attention in sys.argv[1:] or ["decode"]:
         probe(attention)
 
 

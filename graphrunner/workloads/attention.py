@@ -7,7 +7,7 @@ listed in `meta.page_table`; a contiguous one (SDPA and decode) is [batch, heads
 
 SDPA masks every row's keys beyond its length, so it reads and computes over the whole cache each step. "decode"
 reads only the keys each row has, as a serving engine's decode kernel does (split over the keys, then merged:
-decode_attention.cu); it is a torch custom op with a fake, so torch.compile traces it as one call.
+decode_attention_kernels.cu); it is a torch custom op with a fake, so torch.compile traces it as one call.
 """
 from __future__ import annotations
 

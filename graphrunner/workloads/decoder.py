@@ -181,8 +181,11 @@ class Decoder(torch.nn.Module):
         cfg, batch = self.cfg, input_ids.shape[0]
         if cfg.paged != (page_table is not None):
             raise ValueError("a paged decoder (page_size > 0) takes page_table, a contiguous one does not")
+        # Rotary tables of the step, for q and k together [rows, 1, 1, head_dim]: x * cos + roll(x, half) * sin.
         angles = positions[:, None].float() * self.inv_freq
-        cos, sin = angles.cos()[:, None, :].to(cfg.dtype), angles.sin()[:, None, :].to(cfg.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        cos = torch.cat([cos, cos], -1)[:, None, None, :].to(cfg.dtype)
+        sin = torch.cat([-sin, sin], -1)[:, None, None, :].to(cfg.dtype)
         meta = AttentionMeta(seq_lens, page_table)
         if cfg.attention == "sdpa":
             meta.valid = self.cache_positions[None, :] < seq_lens[:, None]
@@ -196,8 +199,9 @@ class Decoder(torch.nn.Module):
             where = [self.slots[:batch], None, positions]
         x = self.embed[input_ids]
         for i, layer in enumerate(self.layers):
-            q, k, v = (rms_norm(x, layer.norm1) @ layer.qkv.t()).view(batch, 3, self.heads, cfg.head_dim).unbind(1)
-            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+            qkv = (rms_norm(x, layer.norm1) @ layer.qkv.t()).view(batch, 3, self.heads, cfg.head_dim)
+            q, k = rotary(qkv[:, :2], cos, sin).unbind(1)
+            v = qkv[:, 2]
             # (aten's index_put_, as Tensor.index_put_ takes no None, the full slice over heads, in its index)
             torch.ops.aten.index_put_(self.k_cache, [self.layer_ids[i], *where], k)
             torch.ops.aten.index_put_(self.v_cache, [self.layer_ids[i], *where], v)
@@ -218,10 +222,11 @@ def kv_slot(page_table: torch.Tensor, positions: torch.Tensor, page_size: int) -
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    """RMSNorm over the last dim (one fused kernel on CUDA, computed in float32)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, -1)
-    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+    """Rotary embedding of x [..., head_dim], its halves rotated: x * cos + [x2, x1] * sin, where the tables
+    hold (cos, cos) and (-sin, sin) of each position's angles."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
