@@ -155,8 +155,12 @@ class Decoder(torch.nn.Module):
             shard = full.chunk(tp_size, head_dim_index)[tp_rank].contiguous()
             del full
             self.register_buffer(name, shard, persistent=False)
+        # Each frequency twice (both halves of a head rotate by it); the sine's sign is - on the first half.
         inv_freq = 1.0 / (10000 ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.repeat(2), persistent=False)
+        signs = torch.ones(cfg.head_dim, device=device)
+        signs[: cfg.head_dim // 2] = -1
+        self.register_buffer("sin_signs", signs, persistent=False)
         self.register_buffer("slots", torch.arange(cfg.max_batch_size, device=device), persistent=False)
         self.register_buffer("layer_ids", torch.arange(cfg.layers, device=device), persistent=False)
         self.register_buffer("cache_positions", torch.arange(cfg.cache_len, device=device), persistent=False)
@@ -182,10 +186,10 @@ class Decoder(torch.nn.Module):
         if cfg.paged != (page_table is not None):
             raise ValueError("a paged decoder (page_size > 0) takes page_table, a contiguous one does not")
         # Rotary tables of the step, for q and k together [rows, 1, 1, head_dim]: x * cos + roll(x, half) * sin.
-        angles = positions[:, None].float() * self.inv_freq
-        cos, sin = angles.cos(), angles.sin()
-        cos = torch.cat([cos, cos], -1)[:, None, None, :].to(cfg.dtype)
-        sin = torch.cat([-sin, sin], -1)[:, None, None, :].to(cfg.dtype)
+        # Built without torch.cat: its kernel's parameters carry uninitialised bytes, which the capture audit may
+        # read as addresses of memory nothing keeps alive.
+        angles = (positions[:, None].float() * self.inv_freq)[:, None, None, :]
+        cos, sin = angles.cos().to(cfg.dtype), (angles.sin() * self.sin_signs).to(cfg.dtype)
         meta = AttentionMeta(seq_lens, page_table)
         if cfg.attention == "sdpa":
             meta.valid = self.cache_positions[None, :] < seq_lens[:, None]
