@@ -45,6 +45,39 @@ def kernels(graph, n: int = 20) -> Counter:
     return Counter({k.key[:70]: k.device_time_total / n for k in prof.key_averages() if k.device_time_total > 0})
 
 
+def queued_steps_us(steps) -> float:
+    """GPU us per call of `steps` (callables), queued back to back between CUDA events."""
+    for step in steps[:10]:
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for step in steps:
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / len(steps)
+
+
+def argument_probe(runner: gr.GraphRunner, cfg: DecoderConfig, gen: torch.Generator) -> None:
+    """graphrunner's steps with one input set each step (the staging argument never changes, so it is not set
+    again) against two copies of it in turn (the same data, other addresses: the argument is set every step)."""
+    print("  staging argument, GPU us per step (median): same inputs | two copies in turn | bare")
+    for batch in (1, 64):
+        step = random_decode_inputs(cfg, batch, gen)
+        copy = {name: t.clone() for name, t in step.items()}
+        graph = runner.record.entries[runner.size_for(batch)].graph
+        same = [lambda: runner(**step)] * STEPS
+        turns = [lambda: runner(**step), lambda: runner(**copy)] * (STEPS // 2)
+        times = {"same": [], "turns": [], "bare": []}
+        for _ in range(ROUNDS):
+            times["same"].append(queued_steps_us(same))
+            times["turns"].append(queued_steps_us(turns))
+            runner(**step)
+            times["bare"].append(queued_steps_us([graph.replay] * STEPS))
+        print(f"  batch {batch:3d}: " + " | ".join(f"{statistics.median(v):7.1f}" for v in times.values()))
+
+
 def probe(attention: str) -> None:
     cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention=attention)
     model, gen = Decoder(cfg), torch.Generator(device="cuda").manual_seed(0)
@@ -90,6 +123,8 @@ def probe(attention: str) -> None:
     diff = {k: mine.get(k, 0.0) - other.get(k, 0.0) for k in set(mine) | set(other)}
     for k in sorted(diff, key=lambda k: -abs(diff[k]))[:8]:
         print(f"    {diff[k]:+7.1f}  (ours {mine.get(k, 0):6.1f}, common {other.get(k, 0):6.1f})  {k}")
+    with torch.no_grad():
+        argument_probe(runner, cfg, gen)
     for graph in plain.values():
         graph.reset()
     runner.close()

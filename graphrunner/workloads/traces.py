@@ -3,7 +3,9 @@
 A trace is a random walk of batch sizes over 1..max_batch_size with fresh inputs each step. Contenders:
 - run: graphrunner (staging inside the graph);
 - baseline: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
-- bare: graphrunner's graph of each step's size replayed with nothing staged (the inputs already in place);
+- bare: graphrunner's graph of each step's size replayed with nothing staged. The static buffers hold, per row, the
+  row's mean length over the trace (a padding row counting as length 1): attention reads only the keys each row
+  has, so a bare replay costs what the trace's steps cost on average, not what the last staged step did;
 - compile_ro: torch.compile(mode="reduce-overhead") with each step's inputs padded, outside the timed loop, to the
   size graphrunner runs it at;
 - run_compiled: graphrunner around torch.compile(mode="default") of the same model, compiled at every capture
@@ -70,6 +72,7 @@ class Contenders:
         self.sizes = gr.default_capture_sizes(cfg.max_batch_size)
         self.steps = [random_decode_inputs(cfg, b, gen) for b in batches]
         self.fixed = {b: random_decode_inputs(cfg, b, gen) for b in GPU_BATCHES if b <= cfg.max_batch_size}
+        self.bare_step = self._mean_step(gen)
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         self.compile_ro: Optional[Callable[..., object]] = None
         self.run_compiled: Optional[gr.GraphRunner] = None
@@ -85,6 +88,23 @@ class Contenders:
         self.runner = gr.GraphRunner(self.model, decode_inputs(cfg), capture_sizes=self.sizes)
         self.runner.capture()
         self.baseline = CommonRunner(self.model, example, self.sizes)
+
+    def _mean_step(self, gen: torch.Generator) -> Dict[str, torch.Tensor]:
+        """A step of the largest size whose row r has the mean length of row r over the trace's steps whose
+        graph holds row r (as a padding row, length 1)."""
+        cfg = self.cfg
+        total = torch.zeros(cfg.max_batch_size, device="cuda")
+        count = torch.zeros_like(total)
+        for step in self.steps:
+            batch = step["seq_lens"].shape[0]
+            size = self.sizes[next(i for i, s in enumerate(self.sizes) if s >= batch)]
+            total[:batch] += step["seq_lens"]
+            total[batch:size] += 1
+            count[:size] += 1
+        out = random_decode_inputs(cfg, cfg.max_batch_size, gen)
+        out["seq_lens"] = (total / count.clamp(min=1)).round().clamp(1, cfg.cache_len).int()
+        out["positions"] = (out["seq_lens"] - 1).long()
+        return out
 
     def _compile(self, example: Dict[str, torch.Tensor]) -> None:
         torch._dynamo.reset()
@@ -180,6 +200,8 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
                 for name in group:
                     if name not in trace:
                         continue
+                    if name == "bare":  # the trace's mean step in the static buffers (see the module's docstring)
+                        contenders.runner(**contenders.bare_step)
                     for regime, synced in (("pipelined", False), ("synced", True)):
                         spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
                             steps_per_s(trace[name], trace_steps, synced))
