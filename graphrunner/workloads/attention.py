@@ -49,13 +49,17 @@ def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 def decode_op() -> Callable[..., torch.Tensor]:
     """The op graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table), defined on first
     use around the kernels of graphrunner.workloads._decode_attention, with a fake (the output's shape) for
-    torch.compile. Bad arguments raise ValueError naming them."""
+    torch.compile. Bad arguments raise ValueError naming them, a failed launch RuntimeError."""
     kernels = importlib.import_module("graphrunner.workloads._decode_attention")
 
     @torch.library.custom_op("graphrunner_workloads::decode_attention", mutates_args=(), device_types="cuda")
     def op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
            page_table: Optional[torch.Tensor]) -> torch.Tensor:
-        return kernels.forward(q, k_cache, v_cache, seq_lens, page_table)
+        out = q.new_empty(q.shape)
+        status, why = kernels.forward(q, k_cache, v_cache, seq_lens, page_table, out)
+        if status:
+            raise (ValueError if status == 1 else RuntimeError)(why)
+        return out
 
     @op.register_fake
     def _(q, k_cache, v_cache, seq_lens, page_table):

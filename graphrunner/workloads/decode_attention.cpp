@@ -1,13 +1,15 @@
-// The decode attention op's host side: checks every argument, raising ValueError (std::invalid_argument through
-// pybind11) that names it, then launches the kernels of decode_attention_kernels.cu. attention.py wraps `forward`
-// as the torch op graphrunner_workloads::decode_attention, with a fake, so torch.compile traces it as one call.
+// The decode attention op's host side: checks every argument, then launches the kernels of
+// decode_attention_kernels.cu. attention.py wraps `forward` as the torch op graphrunner_workloads::decode_attention,
+// with a fake, so torch.compile traces it as one call, and raises the errors `forward` returns.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include <cmath>
 #include <sstream>
-#include <stdexcept>
+#include <string>
+#include <utility>
 
 #include "decode_attention.h"
 
@@ -16,67 +18,73 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Raises std::invalid_argument with the parts of the message joined.
+// The parts of a message, joined.
 template <typename... Parts>
-void check(bool ok, const Parts&... parts) {
-  if (!ok) {
-    std::ostringstream message;
-    message << "decode_attention: ";
-    (message << ... << parts);
-    throw std::invalid_argument(message.str());
-  }
+std::string join(const Parts&... parts) {
+  std::ostringstream message;
+  message << "decode_attention: ";
+  (message << ... << parts);
+  return message.str();
 }
 
-Dtype dtype_of(const at::Tensor& q) {
-  switch (q.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: check(false, "q's dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
-  }
-  return Dtype::kFloat;
-}
-
-at::Tensor forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& seq_lens, const std::optional<at::Tensor>& page_table) {
+// Why the arguments cannot be used, or "" when they can; fills `s` as it goes.
+std::string argument_error(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& seq_lens, const std::optional<at::Tensor>& page_table,
+                           const at::Tensor& out, DecodeShape& s) {
   const bool paged = page_table.has_value();
-  check(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && seq_lens.is_cuda(),
-        "q, k_cache, v_cache and seq_lens must be CUDA tensors");
-  check(q.dim() == 3, "q must be [rows, heads, dim], got ", q.sizes());
-  check(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides(),
-        "k_cache and v_cache must be 4-d with one shape and layout, got ", k_cache.sizes(), " and ", v_cache.sizes());
-  check(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-        "q, k_cache and v_cache must share a dtype");
-  const Dtype dtype = dtype_of(q);
-  check(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(),
-        "seq_lens must be a contiguous int32 [rows] tensor");
+  if (!(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && seq_lens.is_cuda())) {
+    return join("q, k_cache, v_cache and seq_lens must be CUDA tensors");
+  }
+  if (q.dim() != 3) return join("q must be [rows, heads, dim], got ", q.sizes());
+  if (!(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides())) {
+    return join("k_cache and v_cache must be 4-d with one shape and layout, got ", k_cache.sizes(), " and ",
+                v_cache.sizes());
+  }
+  if (!(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type())) {
+    return join("q, k_cache and v_cache must share a dtype");
+  }
+  if (!(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16)) {
+    return join("q's dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
+  }
+  if (!(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous())) {
+    return join("seq_lens must be a contiguous int32 [rows] tensor");
+  }
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  check(dim == 32 || dim == 64 || dim == 128 || dim == 256, "head dim must be 32, 64, 128 or 256, got ", dim,
-        "; use attention='sdpa'");
-  check(seq_lens.size(0) == rows, "seq_lens has ", seq_lens.size(0), " rows, q has ", rows);
+  if (!(dim == 32 || dim == 64 || dim == 128 || dim == 256)) {
+    return join("head dim must be 32, 64, 128 or 256, got ", dim, "; use attention='sdpa'");
+  }
+  if (seq_lens.size(0) != rows) return join("seq_lens has ", seq_lens.size(0), " rows, q has ", rows);
   // Layouts: contiguous [rows, heads, cache_len, dim]; paged [num_pages, page_size, heads, dim].
   const int head_index = paged ? 2 : 1, pos_index = paged ? 1 : 2;
-  check(k_cache.size(head_index) == heads, "the cache has ", k_cache.size(head_index), " heads, q has ", heads);
-  check(k_cache.size(3) == dim, "the cache's head dim is ", k_cache.size(3), ", q's ", dim);
-  check(paged || k_cache.size(0) >= rows, "the contiguous cache has ", k_cache.size(0), " rows, q has ", rows);
+  if (k_cache.size(head_index) != heads) {
+    return join("the cache has ", k_cache.size(head_index), " heads, q has ", heads);
+  }
+  if (k_cache.size(3) != dim) return join("the cache's head dim is ", k_cache.size(3), ", q's ", dim);
+  if (!paged && k_cache.size(0) < rows) {
+    return join("the contiguous cache has ", k_cache.size(0), " rows, q has ", rows);
+  }
   const int64_t vec = dim / 32, bytes = vec * q.element_size();
   for (const at::Tensor* t : {&q, &k_cache, &v_cache}) {
-    check(t->stride(-1) == 1 && reinterpret_cast<uintptr_t>(t->data_ptr()) % bytes == 0,
-          "q and the caches need a unit stride over the head dim and ", bytes, "-byte aligned heads");
+    if (!(t->stride(-1) == 1 && reinterpret_cast<uintptr_t>(t->data_ptr()) % bytes == 0)) {
+      return join("q and the caches need a unit stride over the head dim and ", bytes, "-byte aligned heads");
+    }
     for (int64_t i = 0; i < t->dim() - 1; ++i) {
-      check(t->stride(i) % vec == 0, "q's and the caches' strides must be multiples of ", vec, " elements");
+      if (t->stride(i) % vec != 0) return join("q's and the caches' strides must be multiples of ", vec, " elements");
     }
   }
-  DecodeShape s{};
+  if (!(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type())) {
+    return join("out must be a contiguous tensor of q's shape and dtype");
+  }
   s.rows = rows, s.heads = heads, s.dim = dim;
   s.q_row = q.stride(0), s.q_head = q.stride(1);
   s.c_outer = k_cache.stride(0), s.c_head = k_cache.stride(head_index), s.c_pos = k_cache.stride(pos_index);
   if (paged) {
     const at::Tensor& table = *page_table;
-    check(table.is_cuda() && table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == rows &&
-              table.stride(1) == 1,
-          "page_table must be a CUDA int32 [rows, pages_per_seq] tensor with unit column stride, got ",
-          table.sizes());
+    if (!(table.is_cuda() && table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == rows &&
+          table.stride(1) == 1)) {
+      return join("page_table must be a CUDA int32 [rows, pages_per_seq] tensor with unit column stride, got ",
+                  table.sizes());
+    }
     s.page_table = table.data_ptr<int>();
     s.pt_row = table.stride(0);
     s.page_size = k_cache.size(1);
@@ -86,18 +94,32 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   }
   s.splits = std::max<int64_t>(1, (s.cache_len + kChunk - 1) / kChunk);
   s.scale_log2 = kLog2e / std::sqrt(static_cast<float>(dim));
+  return "";
+}
 
-  at::Tensor out = at::empty({rows, heads, dim}, q.options());
-  if (rows == 0) return out;
+Dtype dtype_of(const at::Tensor& q) {
+  return q.scalar_type() == at::kFloat ? Dtype::kFloat : q.scalar_type() == at::kHalf ? Dtype::kHalf
+                                                                                       : Dtype::kBFloat16;
+}
+
+// Writes the attention into `out`. Returns (0, "") when done, (1, why) for bad arguments, (2, why) when a launch
+// failed: nothing here throws (a C++ exception thrown out of this module crashed the process on the H100
+// machine), attention.py raises.
+std::pair<int, std::string> forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& seq_lens, const std::optional<at::Tensor>& page_table,
+                                    at::Tensor& out) {
+  DecodeShape s{};
+  std::string why = argument_error(q, k_cache, v_cache, seq_lens, page_table, out, s);
+  if (!why.empty()) return {1, why};
+  if (s.rows == 0) return {0, ""};
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor partials = at::empty({rows, heads, s.splits, 2 + dim}, q.options().dtype(at::kFloat));
-  const cudaError_t err = launch_decode_attention(dtype, s, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                                  seq_lens.data_ptr<int>(), partials.data_ptr<float>(),
-                                                  out.data_ptr(), c10::cuda::getCurrentCUDAStream());
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("decode_attention: kernel launch failed: ") + cudaGetErrorString(err));
-  }
-  return out;
+  at::Tensor partials = at::empty({s.rows, s.heads, s.splits, 2 + s.dim}, q.options().dtype(at::kFloat));
+  const cudaError_t err = launch_decode_attention(dtype_of(q), s, q.data_ptr(), k_cache.data_ptr(),
+                                                  v_cache.data_ptr(), seq_lens.data_ptr<int>(),
+                                                  partials.data_ptr<float>(), out.data_ptr(),
+                                                  c10::cuda::getCurrentCUDAStream());
+  if (err != cudaSuccess) return {2, join("kernel launch failed: ", cudaGetErrorString(err))};
+  return {0, ""};
 }
 
 }  // namespace
@@ -105,6 +127,7 @@ at::Tensor forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &graphrunner_workloads::forward,
-        "Decode attention: [rows, heads, dim] from each row's first seq_lens keys.", py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("seq_lens"), py::arg("page_table"));
+        "Decode attention into out [rows, heads, dim] from each row's first seq_lens keys; returns (status, why).",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seq_lens"), py::arg("page_table"),
+        py::arg("out"));
 }
