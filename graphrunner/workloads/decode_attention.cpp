@@ -7,7 +7,6 @@
 #include <torch/extension.h>
 
 #include <cmath>
-#include <sstream>
 #include <string>
 #include <utility>
 
@@ -18,13 +17,21 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Message parts as text. Built with std::string alone: std::ostringstream crashed the process on the H100
+// machine, whose toolchain's libstdc++ is newer than the one the process loads.
+std::string text(const char* x) { return x; }
+std::string text(int64_t x) { return std::to_string(x); }
+std::string text(at::ScalarType x) { return c10::toString(x); }
+std::string text(at::IntArrayRef x) {
+  std::string out = "[";
+  for (size_t i = 0; i < x.size(); ++i) out += (i ? ", " : "") + std::to_string(x[i]);
+  return out + "]";
+}
+
 // The parts of a message, joined.
 template <typename... Parts>
 std::string join(const Parts&... parts) {
-  std::ostringstream message;
-  message << "decode_attention: ";
-  (message << ... << parts);
-  return message.str();
+  return ("decode_attention: " + ... + text(parts));
 }
 
 // Why the arguments cannot be used, or "" when they can; fills `s` as it goes.
