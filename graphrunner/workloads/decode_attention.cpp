@@ -110,8 +110,8 @@ Dtype dtype_of(const at::Tensor& q) {
 }
 
 // Writes the attention into `out`. Returns (0, "") when done, (1, why) for bad arguments, (2, why) when a launch
-// failed: nothing here throws (a C++ exception thrown out of this module crashed the process on the H100
-// machine), attention.py raises.
+// failed; attention.py raises. (The first version threw, with messages from an ostringstream, and its error paths
+// crashed the process on the H100 machine.)
 std::pair<int, std::string> forward(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                     const at::Tensor& seq_lens, const std::optional<at::Tensor>& page_table,
                                     at::Tensor& out) {
