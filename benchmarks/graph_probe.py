@@ -1,8 +1,9 @@
 """Graph against graph, nothing staged: GPU microseconds per step of graphrunner's graphs, of graphrunner's Graph
-captured without a staging node, and of the common runner's torch graphs (one model, one pool each) replayed bare, queued back to back between CUDA events, at each capture
-size and over the benchmark's random walk of sizes; then, at the size where they differ most, the kernels that
-differ. Answers whether the graphs themselves, or switching between them, cost one contender more GPU time.
-On the GPU machine, after the build:
+captured without a staging node, and of the common runner's torch graphs (one model, one pool each) replayed bare,
+queued back to back between CUDA events, at each capture size and over the benchmark's random walk of sizes; at
+the size where they differ most, the kernels that differ; and graphrunner's steps with the staging argument set
+every step against never. Answers whether the graphs themselves, switching between them, or setting the argument
+costs one contender more GPU time. On the GPU machine, after the build:
     PYTHONPATH=. python3 benchmarks/graph_probe.py [attention ...]      (default: decode)
 """
 import random

@@ -134,7 +134,8 @@ def test_decode_op_traces_under_torch_compile():
 
 @gpu
 @pytest.mark.parametrize("change, message", [
-    (lambda q, k, seq: (q[..., :48].contiguous(), k[..., :48].contiguous(), seq), r"head dim must be 32, 64, 128 or 256, got 48; use attention='sdpa'"),
+    (lambda q, k, seq: (q[..., :48].contiguous(), k[..., :48].contiguous(), seq),
+     r"head dim must be 32, 64, 128 or 256, got 48; use attention='sdpa'"),
     (lambda q, k, seq: (q, k, seq.long()), r"seq_lens must be a contiguous int32 \[rows\] tensor"),
     (lambda q, k, seq: (q, k[:, :1], seq), r"the cache has 1 heads, q has 2"),
     (lambda q, k, seq: (q.half(), k, seq), r"q, k_cache and v_cache must share a dtype"),

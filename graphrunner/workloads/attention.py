@@ -11,11 +11,10 @@ decode_attention_kernels.cu); it is a torch custom op with a fake, so torch.comp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
-
 import functools
 import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +93,8 @@ def flash_attn_2_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out[:, 0]
 
 
-BACKENDS = {"sdpa": sdpa_attention, "decode": decode_attention, "flash-attn-4": flash_attn_4_attention, "flash-attn": flash_attn_2_attention}
+BACKENDS = {"sdpa": sdpa_attention, "decode": decode_attention, "flash-attn-4": flash_attn_4_attention,
+            "flash-attn": flash_attn_2_attention}
 # Page size each backend gets by default: flash-attn 4 loads whole pages by TMA when a page is one key tile
 # (128); flash-attn 2's paged path needs multiples of 256; SDPA and decode default to a contiguous cache (0).
 DEFAULT_PAGE_SIZE = {"sdpa": 0, "decode": 0, "flash-attn-4": 128, "flash-attn": 256}

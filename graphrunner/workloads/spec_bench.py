@@ -147,9 +147,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     target, draft = make_models(cfg)
     sizes = gr.default_capture_sizes(target_cfg.max_batch_size)
     res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "spec_attention": target_cfg.attention, "spec_target_layers": cfg.target.layers, "spec_draft_layers": cfg.draft_layers,
-                              "spec_steps": cfg.steps, "spec_max_batch_size": target_cfg.max_batch_size,
-                              "spec_capture_sizes": len(sizes), "spec_rounds": args.rounds}
+                              "spec_attention": target_cfg.attention, "spec_target_layers": cfg.target.layers,
+                              "spec_draft_layers": cfg.draft_layers, "spec_steps": cfg.steps,
+                              "spec_max_batch_size": target_cfg.max_batch_size, "spec_capture_sizes": len(sizes),
+                              "spec_rounds": args.rounds}
     trace = Trace(cfg, args.rounds)
 
     # Pool memory: what the captures add to the pool, each runner alone in a fresh pool, then both together.

@@ -97,7 +97,7 @@ class Contenders:
         count = torch.zeros_like(total)
         for step in self.steps:
             batch = step["seq_lens"].shape[0]
-            size = self.sizes[next(i for i, s in enumerate(self.sizes) if s >= batch)]
+            size = next(s for s in self.sizes if s >= batch)
             total[:batch] += step["seq_lens"]
             total[batch:size] += 1
             count[:size] += 1
