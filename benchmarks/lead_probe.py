@@ -1,0 +1,59 @@
+"""How far ahead of the GPU the host runs, against steps per second: the benchmark's random-walk trace of the draft
+preset for graphrunner, the common runner and bare replays, the host allowed to lead by at most k steps (it waits
+for the event of step i - k before it issues step i; k = 1 is a wait every step, as the synchronised trace; no
+bound is the pipelined trace, where the launch queue fills). Overlap schedulers run one or two steps ahead.
+Answers whether a full launch queue, which the 200-step queued runs never reach, is what costs graphrunner's
+pipelined trace its lead over the common runner. On the GPU machine, after the build:
+    PYTHONPATH=. python3 benchmarks/lead_probe.py
+"""
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+from graphrunner.workloads.decoder import DecoderConfig
+from graphrunner.workloads.traces import Contenders, Step, walk
+
+STEPS = 2000
+ROUNDS = 3
+LEADS = (1, 2, 4, 16, 64, None)  # None: no bound
+
+
+def steps_per_s(step: Step, n: int, lead: Optional[int]) -> float:
+    """Steps per second over steps 0..n-1, the host at most `lead` steps ahead of the GPU."""
+    events = [torch.cuda.Event() for _ in range(lead or 1)]
+    for i in range(20):
+        step(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        if lead is not None and i >= lead:
+            events[i % lead].synchronize()  # step i - lead has finished
+        step(i)
+        if lead is not None:
+            events[i % lead].record()
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), False, gen)
+        steps = contenders.step_functions(contenders.steps)
+        print(f"draft preset, {STEPS}-step walk, steps/s (median of {ROUNDS}) by the host's lead")
+        print(f"  {'lead':>6}" + "".join(f"{name:>12}" for name in steps))
+        for lead in LEADS:
+            medians = []
+            for name, step in steps.items():
+                if name == "bare":  # the trace's mean step in the static buffers, as the benchmark does
+                    contenders.runner(**contenders.bare_step)
+                medians.append(statistics.median(steps_per_s(step, STEPS, lead) for _ in range(ROUNDS)))
+            print(f"  {lead or 'none':>6}" + "".join(f"{m:12.1f}" for m in medians))
+        contenders.close()
+
+
+if __name__ == "__main__":
+    main()
