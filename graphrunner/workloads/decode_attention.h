@@ -1,5 +1,6 @@
-// The decode attention kernels' interface: decode_attention.cpp checks the arguments (and raises), then calls
-// launch_decode_attention, which only launches (decode_attention_kernels.cu) and reports CUDA's status.
+// The decode attention kernels' interface: decode_attention.cpp checks the arguments (returning what is wrong,
+// not throwing), then calls launch_decode_attention, which only launches (decode_attention_kernels.cu) and
+// reports CUDA's status.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -5,8 +5,8 @@
 // lengths, as a serving engine's decode kernel does (the masked SDPA it replaces reads the whole cache).
 //
 // Both kernels write every element they own each call, so the partials buffer, taken from the caching allocator
-// per call, carries no state between calls or graph replays. Nothing here throws: the checks are in
-// decode_attention.cpp.
+// per call, carries no state between calls or graph replays. The checks are in decode_attention.cpp; this file
+// only launches and returns CUDA's status.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
