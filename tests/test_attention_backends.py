@@ -87,7 +87,6 @@ def reference_attention(q, k_cache, v_cache, seq_lens, page_table):
     return out
 
 
-@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("page_size", [0, 16])
@@ -107,8 +106,7 @@ def test_decode_op_matches_softmax_over_each_rows_keys(dtype, dim, page_size):
         table, shape = None, (rows, heads, cache_len, dim)
     k, v = (torch.randn(shape, generator=gen, device="cuda").to(dtype) for _ in range(2))
     want = reference_attention(q, k, v, seq_lens, table)
-    out = torch.full_like(q, float("nan"))
-    out.copy_(decode_op()(q, k, v, seq_lens, table))
+    out = decode_op()(q, k, v, seq_lens, table)
     assert out.dtype == dtype and out.shape == q.shape
     assert torch.equal(out[0], torch.zeros_like(out[0])), "a row with no keys attends to nothing"
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -116,7 +114,6 @@ def test_decode_op_matches_softmax_over_each_rows_keys(dtype, dim, page_size):
     assert err < tol, f"relative error {err:.3g}"
 
 
-@gpu
 def test_decode_op_traces_under_torch_compile():
     op = decode_op()
 
@@ -132,7 +129,6 @@ def test_decode_op_traces_under_torch_compile():
         torch.testing.assert_close(compiled(q, k, v, seq_lens), attend(q, k, v, seq_lens))
 
 
-@gpu
 @pytest.mark.parametrize("change, message", [
     (lambda q, k, seq: (q[..., :48].contiguous(), k[..., :48].contiguous(), seq),
      r"head dim must be 32, 64, 128 or 256, got 48; use attention='sdpa'"),
