@@ -67,6 +67,11 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def attention_suffix(attention: str) -> str:
+    """What a results file's name gains for a decoder attention other than the default: "-sdpa", say."""
+    return "" if attention == DEFAULT_ATTENTION else f"-{attention}"
+
+
 def gpu_tag() -> str:
     name = torch.cuda.get_device_name().lower()
     return next((t for t in ("h100", "h200", "a100", "b200", "l40s") if t in name), name.split()[-1])
@@ -387,7 +392,7 @@ def save_results(out: Path, stem: str, report: str, res: Dict[str, object],
 
 def write_results(args: argparse.Namespace, res: Dict[str, object]) -> int:
     tp = f"x{args.tp}" if res["distributed"] else ""
-    name = args.name or gpu_tag() + tp + ("" if args.attn == DEFAULT_ATTENTION else f"-{args.attn}")
+    name = args.name or gpu_tag() + tp + attention_suffix(args.attn)
     if res["distributed"]:  # the headline numbers again, under names that say how many ranks
         res.update(headline(f"tp{args.tp}", res))
     flat = save_results(args.out, f"bench-{name}", table(res), res, plot)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.bench import DEFAULT_ATTENTION, gpu_tag, save_results
+from graphrunner.workloads.bench import DEFAULT_ATTENTION, attention_suffix, gpu_tag, save_results
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
@@ -271,7 +271,7 @@ def main(argv: List[str] = None) -> int:
               file=sys.stderr)
         return 2
     res = run(args)
-    name = args.name or gpu_tag() + ("" if args.attn == DEFAULT_ATTENTION else f"-{args.attn}")
+    name = args.name or gpu_tag() + attention_suffix(args.attn)
     save_results(args.out, f"bench-{name}-spec", table(res), res, plot)
     return 0
 
