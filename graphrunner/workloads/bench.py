@@ -62,8 +62,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--draft-max-batch-size", type=int, default=128)
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the torch.compile contenders (compile_ro, run_compiled)")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for the results files")
-    p.add_argument("--name", default=None, help="results file suffix (default: the GPU, e.g. h100)")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -358,11 +357,23 @@ def init_tensor_parallel(tp: int) -> None:
         raise SystemExit(f"--tp {tp} needs {tp} processes, torchrun started {dist.get_world_size()}")
 
 
+def gpu_missing(program: str) -> bool:
+    """True, with a line on stderr saying so, where no CUDA GPU is visible: a benchmark then exits with status 2."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{program} needs a CUDA GPU; torch.cuda.is_available() is False on this machine.", file=sys.stderr)
+    return True
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """--out and --name, as every benchmark takes them."""
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the results files")
+    p.add_argument("--name", default=None, help="results file suffix (default: the GPU, e.g. h100)")
+
+
 def main(argv: List[str] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available():
-        print("graphrunner.workloads.bench needs a CUDA GPU; torch.cuda.is_available() is False on this machine.",
-              file=sys.stderr)
+    if gpu_missing("graphrunner.workloads.bench"):
         return 2
     distributed = args.tp > 1 or "LOCAL_RANK" in os.environ
     if distributed:

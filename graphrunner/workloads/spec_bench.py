@@ -22,7 +22,8 @@ from typing import Callable, Dict, List
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.bench import DEFAULT_ATTENTION, attention_suffix, gpu_tag, save_results
+from graphrunner.workloads.bench import (DEFAULT_ATTENTION, add_output_arguments, attention_suffix, gpu_missing,
+                                         gpu_tag, save_results)
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
@@ -259,16 +260,13 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2000)
     p.add_argument("--eager-rounds", type=int, default=300)
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for the results files")
-    p.add_argument("--name", default=None, help="results file suffix (default: the GPU, e.g. h100)")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv: List[str] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available():
-        print("graphrunner.workloads.spec_bench needs a CUDA GPU; torch.cuda.is_available() is False here.",
-              file=sys.stderr)
+    if gpu_missing("graphrunner.workloads.spec_bench"):
         return 2
     res = run(args)
     name = args.name or gpu_tag() + attention_suffix(args.attn)
