@@ -6,13 +6,14 @@ from their cause, or not at all, depending on which graph ran last. The checks m
 
 - scrub fills the pool's free memory, and other graphs' kept-alive capture allocations, with a pattern that
   reads as NaN in every float type and as INT_MAX in int32, before a replay;
-- guard copies every pool segment and the static inputs other graphs read (the running graph's rows past its
-  padded size, and every row of other runners' buffers) before a replay, and names the first byte that
-  changed outside what the running graph's capture allocated.
+- guard copies every pool segment, the static inputs other graphs read (the running graph's rows past its
+  padded size, and every row of other runners' buffers) and the state buffers other runners declared (their
+  modules' buffers, out= buffers, keep=) before a replay, and names the first byte that changed outside what
+  the running graph's capture allocated, and the writer's buffer that ends where the write starts.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +26,19 @@ from graphrunner.pool import Block, BlockKind, pool_blocks, pool_segments
 from graphrunner.record import CaptureRecord
 
 Owner = Tuple[str, int]  # (runner name, captured size)
+
+
+# The caching allocator rounds every block up to a multiple of this: a write past a buffer's end lands at most
+# this far from it in the next block.
+ALLOCATION_ROUNDING = 512
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """The first byte and the length of the memory a tensor (maybe a strided view) covers."""
+    if not t.numel():
+        return t.data_ptr(), 0
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), (last + 1) * t.element_size()
 
 
 def _storage_span(t: torch.Tensor) -> Tuple[int, int]:
@@ -78,18 +92,43 @@ class PoolView:
         return Block(address, 1), 0
 
     def guarded(self, record: CaptureRecord, size: int) -> List[Tuple[Block, torch.Tensor]]:
-        """Copies, taken just before the replay of `record`'s graph of `size`, of every pool segment and of the
-        static input rows that replay must not touch."""
+        """Copies, taken just before the replay of `record`'s graph of `size`, of every pool segment, of the
+        static input rows that replay must not touch, and of other runners' state buffers (those it does not
+        declare itself: runners may share a module)."""
         blocks = pool_segments(self.pool, self.device)
         for rec in self.records:
+            whose = f" of runner {rec.name!r}" if rec.name else ""
             for name, buf in rec.static_inputs.items():
                 first = size * rec.rows_per_request[name] if rec is record else 0
                 rows = buf[first:]
                 if rows.numel():
-                    whose = f" of runner {rec.name!r}" if rec.name else ""
                     blocks.append(Block(rows.data_ptr(), rows.numel() * rows.element_size(), BlockKind.STATIC_ROWS,
-                                        None, f"static input {name!r}{whose} rows {first}..{buf.shape[0] - 1}"))
+                                        (rec.name, 0), f"static input {name!r}{whose} rows {first}..{buf.shape[0] - 1}"))
+        mine = [_span(t) for t in record.state_buffers.values()]
+        seen = set(mine)
+        for rec in self.records:
+            for name, t in rec.state_buffers.items():
+                address, nbytes = _span(t)
+                if rec is record or not nbytes or (address, nbytes) in seen or \
+                        any(a < address + nbytes and address < a + n for a, n in mine):
+                    continue
+                seen.add((address, nbytes))
+                blocks.append(Block(address, nbytes, BlockKind.STATE, (rec.name, 0), f"{name} of runner {rec.name!r}"))
         return [(b, raw_bytes(b.address, b.size, self.device).clone()) for b in blocks]
+
+    def overrun(self, record: CaptureRecord, size: int, address: int) -> Optional[Block]:
+        """The writer's own memory that ends where a write out of bounds starts (within the allocator's
+        512-byte rounding): its state buffers, static inputs, and what its capture allocated."""
+        mine = [Block(*_span(t), BlockKind.STATE, (record.name, 0), f"{name} of runner {record.name!r}")
+                for name, t in record.state_buffers.items()]
+        mine += [Block(*_span(t), BlockKind.STATIC_ROWS, (record.name, 0), f"static input {name!r}")
+                 for name, t in record.static_inputs.items()]
+        footprint = self.footprints[(record.name, size)]
+        mine += [Block(b.address, b.size, b.kind, b.owner, f"the {b.size}-byte buffer that the capture of "
+                       f"{record.label(size)} allocated (its allocation {i + 1} of {len(footprint)})")
+                 for i, b in enumerate(footprint)]
+        before = [b for b in mine if 0 <= address - (b.address + b.size) < ALLOCATION_ROUNDING]
+        return max(before, key=lambda b: b.address + b.size, default=None)
 
     def check_guarded(self, copies: List[Tuple[Block, torch.Tensor]], record: CaptureRecord, size: int,
                       batch: int) -> None:
@@ -109,7 +148,11 @@ class PoolView:
             address = block.address + int(first[0])
             hit, offset = (self.owner_of(address, writer) if block.kind is BlockKind.SEGMENT
                            else (block, address - block.address))
+            over = self.overrun(record, size, address)
+            overran = f"; the write starts right past the end of {over.describe()}, which it most likely overran" \
+                if over is not None else ""
             raise GraphHazardError(
                 f"{record.describe(size)} (batch {batch}) wrote out of bounds into {hit.describe()} at byte "
-                f"offset {offset} ({first.numel()} bytes changed), memory its capture never allocated: {WRITE_FIX}.",
-                size=size, buffer=hit.label, offset=offset, runner=record.name, owner=hit.owner)
+                f"offset {offset} ({first.numel()} bytes changed), memory its capture never allocated{overran}: "
+                f"{WRITE_FIX}.", size=size, buffer=hit.label, offset=offset, runner=record.name, owner=hit.owner,
+                overrun=over.label if over is not None else None)

@@ -17,6 +17,7 @@ class BlockKind(enum.Enum):
     FOOTPRINT = "memory a capture allocated"
     SEGMENT = "a pool segment"
     STATIC_ROWS = "static input rows"
+    STATE = "a buffer a runner declared (RunnerSpec.state_buffers)"
 
 
 @dataclass

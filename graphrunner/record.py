@@ -58,6 +58,8 @@ class CaptureRecord:
         workspaces: the library workspaces the graphs use, kept alive with them (shared by runners captured
             together), or None.
         warmup_ms: wall time of the warm-up before the first capture.
+        state_buffers: the long-lived tensors the caller declared that a step may write (RunnerSpec.state_buffers),
+            by how messages name them; guard watches them while other runners replay.
     """
 
     name: str
@@ -69,6 +71,7 @@ class CaptureRecord:
     entries: Dict[int, SizeEntry] = field(default_factory=dict)
     workspaces: Optional[Any] = None
     warmup_ms: float = 0.0
+    state_buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def static_views(self, size: int) -> Dict[str, torch.Tensor]:
         """The rows of `size` requests of every static input buffer."""
@@ -94,6 +97,7 @@ class CaptureRecord:
         self.entries.clear()
         self.workspaces = None
         self.static_inputs.clear()
+        self.state_buffers.clear()
         self.launcher = None
 
     def report(self, rank: int = 0) -> "CaptureReport":

@@ -193,7 +193,8 @@ class GraphRunner(_C.StepCall):
         static = {n: torch.full((spec.max_batch_size * rows[n], *s.shape), s.pad, dtype=s.dtype, device=self.device)
                   for n, s in spec.inputs.items()}
         record = CaptureRecord(spec.name, self.device, pool, static, rows,
-                               _C.Launcher(self._checker, list(static.values()), self.sizes))
+                               _C.Launcher(self._checker, list(static.values()), self.sizes),
+                               state_buffers=spec.state_buffers())
         self._stage_capture_inputs(record, spec.max_batch_size)
         # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not
         # read them before the fill (recycled memory holds anything until then: an out-of-range index, say).

@@ -94,19 +94,37 @@ class RunnerSpec:
             return {"output": self.out}
         return {f"output[{key!r}]": t for key, t in self.out.items()}
 
+    def _owners(self) -> List[Tuple[str, Long]]:
+        """What the caller keeps alive for the graphs, named: keep's entries, then fn's module (fn itself, or
+        the module whose method fn is), if any."""
+        owners: List[Tuple[str, Long]] = [(f"keep[{i}]", owner) for i, owner in enumerate(self.keep)]
+        module = self.fn if isinstance(self.fn, torch.nn.Module) else getattr(self.fn, "__self__", None)
+        if isinstance(module, torch.nn.Module):
+            owners.append(("fn", module))
+        return owners
+
     def declared(self) -> List[torch.Tensor]:
         """Tensors this runner's graphs may use that the caller keeps alive: fn's parameters and buffers when fn
         is a module (or a module's method), and everything in keep."""
-        owners: List[Long] = list(self.keep)
-        module = self.fn if isinstance(self.fn, torch.nn.Module) else getattr(self.fn, "__self__", None)
-        if isinstance(module, torch.nn.Module):
-            owners.append(module)
         out: List[torch.Tensor] = list(self.out_buffers().values())
-        for owner in owners:
+        for _, owner in self._owners():
             if isinstance(owner, torch.nn.Module):
                 out += [*owner.parameters(), *owner.buffers()]
             else:
                 out.append(owner)
+        return out
+
+    def state_buffers(self) -> Dict[str, torch.Tensor]:
+        """The declared tensors a step may write, by how messages name them: the caller's output buffers,
+        the buffers of fn's module and of keep's modules (a KV cache, engine metadata), and keep's tensors.
+        Parameters are left out: a step only reads its weights, and guard would copy them every replay."""
+        out = dict(self.out_buffers())
+        for where, owner in self._owners():
+            if isinstance(owner, torch.nn.Module):
+                suffix = "" if where == "fn" else f" of {where}"
+                out.update((f"buffer {name!r}{suffix}", t) for name, t in owner.named_buffers())
+            else:
+                out[where] = owner
         return out
 
     def without_pool(self) -> "RunnerSpec":

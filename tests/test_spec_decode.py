@@ -73,9 +73,10 @@ def test_acceptance_takes_the_longest_agreeing_prefix():
 SEED_CFG = sd.SEED_BUG_CONFIG
 
 
-def seed_bug_outcome(metadata: str) -> str:
+def seed_bug_outcome(metadata: str):
     """Builds both runners in one pool with the draft's metadata made as `metadata` says, validates them
-    together; returns what validate_all said. Runs in a child process: a buggy graph may fault."""
+    together; returns what validate_all said, and the hazard's fields. Runs in a child process: a buggy graph
+    may fault."""
     target, draft = sd.make_models(SEED_CFG)
     verify, drafter = sd.make_runners(SEED_CFG, target, draft, metadata=metadata, capture_sizes=sd.SEED_BUG_SIZES)
     gr.capture_all(verify, drafter)
@@ -83,17 +84,22 @@ def seed_bug_outcome(metadata: str) -> str:
         gr.validate_all(verify, drafter, scrub=True, guard=True, steps_per_size=3,
                         make_inputs={"verify": functools.partial(sd.random_verify_step, SEED_CFG),
                                      "draft": functools.partial(sd.random_draft_step, SEED_CFG)})
-        return "passed"
+        return "passed", None
     except gr.GraphHazardError as exc:
-        return f"GraphHazardError: {exc}"
+        return f"GraphHazardError: {exc}", (exc.runner, exc.size, exc.buffer, exc.owner, exc.overrun, exc.offset)
 
 
 @pytest.mark.parametrize("metadata", ["kernel-seed-bug", "kernel"])
 def test_the_seed_bug_is_named_and_its_fixed_twin_passes(metadata):
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        said = pool.submit(seed_bug_outcome, metadata).result(timeout=600)
+        said, fields = pool.submit(seed_bug_outcome, metadata).result(timeout=600)
     print(said)
     if metadata == "kernel":
         assert said == "passed"
-    else:
-        assert said.startswith("GraphHazardError: the graph of size ") and "of runner 'draft'" in said, said
+        return
+    assert said.startswith("GraphHazardError: the graph of size ") and "of runner 'draft'" in said, said
+    runner, size, buffer, owner, overrun, offset = fields
+    # The draft's part holds 64 entries; at size 32 and 64 its kernel writes 128 and 256, the rest into verify's.
+    assert (runner, owner) == ("draft", ("verify", 0)) and size in (32, 64), said
+    assert buffer == "buffer 'slots' of runner 'verify'" and offset < 8, said  # its first entry
+    assert overrun == "buffer 'slots' of runner 'draft'", said

@@ -64,7 +64,7 @@ def checked(name: str) -> None:
 
 def plain_spec(fixed: bool) -> None:
     """The speculative pair on plain shared-pool runners (one pool, copy_ staging): does the loop still give
-    the target's greedy tokens with the seed bug?"""
+    the target's greedy tokens with the seed bug, and does a draft replay change the verify step's memory?"""
     import torch
 
     from graphrunner.workloads import spec_decode as sd
@@ -74,17 +74,20 @@ def plain_spec(fixed: bool) -> None:
     target, draft = sd.make_models(cfg)
     gen = torch.Generator(device="cuda").manual_seed(0)
     pool, b = torch.cuda.graph_pool_handle(), max(sizes)
-    state = sd.random_verify_step(cfg, b, gen)
-    verify = CommonRunner(sd.VerifyStep(target, cfg.steps + 1), state, sizes, pool=pool, zero_padding=True)
-    drafter = CommonRunner(sd.DraftStep(draft, cfg.steps, "kernel" if fixed else "kernel-seed-bug"),
-                           sd.random_draft_step(cfg, b, gen), sizes, pool=pool, zero_padding=True)
+    verify_step, draft_step = sd.make_steps(cfg, target, draft, "kernel" if fixed else "kernel-seed-bug")
+    verify = CommonRunner(verify_step, sd.random_verify_step(cfg, b, gen), sizes, pool=pool, zero_padding=True)
+    drafter = CommonRunner(draft_step, sd.random_draft_step(cfg, b, gen), sizes, pool=pool, zero_padding=True)
     prompts = torch.randint(0, cfg.target.vocab, (61, 16), generator=gen, device="cuda")
     tokens, capacity = 100, 100 + cfg.steps + 2
     got = sd.generate(cfg, sd.prefill(cfg, [target, draft], prompts, capacity), drafter, verify, tokens)
     want = sd.greedy(cfg, target, sd.prefill(cfg, [target], prompts, capacity), tokens)
+    before = verify_step.slots.clone()
+    drafter(**sd.random_draft_step(cfg, b, gen))
     torch.cuda.synchronize()
     wrong = int((got != want).any(1).sum())
-    print(f"RESULT {wrong}/61 requests' tokens differ from greedy decoding of the target (batch 61, graph of size 64)")
+    changed = int((verify_step.slots != before).sum())
+    print(f"RESULT {wrong}/61 requests' tokens differ from greedy decoding of the target (batch 61, graph of size "
+          f"64); one draft replay at batch 64 changed {changed} of the verify step's {before.numel()} slot entries")
 
 
 def checked_spec(fixed: bool) -> None:

@@ -7,9 +7,10 @@ longest matching prefix is accepted on the device. Both runners capture into one
   greedy token at every position.
 - `DraftStep`: `steps` greedy draft decodes in one graph. Each step's metadata (positions, lengths, KV slots)
   is computed inside the graph from the request's start and page-table row. Its `metadata` option picks how
-  the KV slots are made: with torch ops ("torch"), with a CUDA kernel into a buffer sized for batch x steps
-  ("kernel"), or with the seed bug of sglang issue 26532: the buffer sized for the batch alone on the graph
-  path ("kernel-seed-bug"), so the kernel writes past it into whatever the pool put next.
+  the KV slots are made: with torch ops ("torch"), or with a CUDA kernel into a buffer the engine made at
+  start-up for both steps (`slot_buffers`), the draft's part sized for batch x steps ("kernel") or, the seed
+  bug of sglang issue 26532, for the batch alone ("kernel-seed-bug"): the kernel then writes past it into the
+  verify step's part. Plain runners never notice (verify rewrites its part before reading it); guard names it.
 - `generate`: the loop, with graphs or eagerly; acceptance and cache advance stay on the device.
 
 The draft shares the target's embedding and LM head (as EAGLE drafts do), so it proposes the target's tokens
@@ -49,9 +50,8 @@ class SpecConfig:
         return dataclasses.replace(self.target, layers=self.draft_layers)
 
 
-# The seed bug's setting: sizes up to 64 and 4 steps. A metadata buffer of one entry per request is 64 * 8 bytes
-# at most, and the allocator rounds small blocks up to 512 bytes, so the kernel's steps x requests entries spill
-# past it at sizes 32 and 64.
+# The seed bug's setting: sizes up to 64 and 4 steps. The draft's part of the engine's slot buffer holds 64
+# entries; at size s its kernel writes 4 s, past the part at sizes 32 and 64 (into 64 and 192 of verify's).
 SEED_BUG_CONFIG = SpecConfig(target=DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512,
                                                   vocab=1000, cache_len=256, page_size=16, max_batch_size=64,
                                                   dtype=torch.float32), steps=4)
@@ -67,52 +67,83 @@ def make_models(cfg: SpecConfig, device: str = "cuda") -> Tuple[Decoder, Decoder
     return target, draft
 
 
+def slot_buffers(cfg: SpecConfig, metadata: str, device: str = "cuda") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The draft's and the verify step's KV-slot buffers for the kernel metadata paths, made once at start-up
+    for every graph family, as engines do (SGLang's `init_cuda_graph_state`): one int64 allocation, the
+    draft's part first (max batch x steps entries; with the seed bug, max batch), then verify's (max batch x
+    (steps + 1)). The seed bug's draft kernel writes past its part into verify's at sizes above max batch /
+    steps."""
+    rows, steps = cfg.target.max_batch_size, cfg.steps
+    draft = rows if metadata == "kernel-seed-bug" else rows * steps
+    engine = torch.zeros(draft + rows * (steps + 1), dtype=torch.long, device=device)
+    return engine[:draft], engine[draft:]
+
+
+def _slots_kernel() -> Callable[..., None]:
+    """The KV-slot kernel (graphrunner.workloads.reproductions): slots[k * rows + r] = the flat slot of request
+    r's token at start[r] + k, for k < steps, written through the raw pointer however big `slots` is."""
+    from graphrunner.workloads.reproductions import ops
+
+    return ops().kv_slots_op
+
+
 class VerifyStep(torch.nn.Module):
     """fn(input_ids [requests * tokens], start [requests], page_table [requests, pages]) -> {"tokens": target's
-    greedy token at each of the requests * tokens positions}."""
+    greedy token at each of the requests * tokens positions}. With `slots` (an engine buffer, see
+    slot_buffers), a kernel writes the KV slots there first, as an attention backend's metadata."""
 
-    def __init__(self, target: Decoder, tokens: int) -> None:
+    def __init__(self, target: Decoder, tokens: int, slots: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.target, self.tokens = target, tokens
         self.register_buffer("offsets", torch.arange(tokens, device=target.embed.device), persistent=False)
+        self.register_buffer("slots", slots, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor,
                 page_table: torch.Tensor) -> Dict[str, torch.Tensor]:
         positions = (start[:, None] + self.offsets).flatten()
-        logits = self.target(input_ids, positions, (positions + 1).int(), page_table.repeat_interleave(self.tokens, 0))
+        slots = None
+        if self.slots is not None:
+            rows = start.shape[0]
+            _slots_kernel()(start, page_table, self.slots, self.tokens, self.target.cfg.page_size)
+            slots = self.slots[: rows * self.tokens].view(self.tokens, rows).t().flatten()  # request-major
+        logits = self.target(input_ids, positions, (positions + 1).int(), page_table.repeat_interleave(self.tokens, 0),
+                             kv_slots=slots)
         return {"tokens": logits.argmax(-1)}
 
 
 class DraftStep(torch.nn.Module):
     """fn(last [requests], start [requests], page_table [requests, pages]) -> {"tokens": [requests, steps]}: the
-    draft's greedy continuation of each request's last token, `steps` decodes in one call."""
+    draft's greedy continuation of each request's last token, `steps` decodes in one call.
 
-    def __init__(self, draft: Decoder, steps: int, metadata: str = "torch") -> None:
+    `metadata` picks how each step's KV slots are made: "torch" with torch ops inside the graph; "kernel" and
+    "kernel-seed-bug" with a kernel, into `slots` (an engine buffer, see slot_buffers), all steps at once."""
+
+    def __init__(self, draft: Decoder, steps: int, metadata: str = "torch",
+                 slots: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         if metadata not in METADATA:
             raise ValueError(f"metadata must be one of {METADATA}, got {metadata!r}")
+        if (metadata == "torch") != (slots is None):
+            raise ValueError(f"metadata {metadata!r} takes {'no ' if metadata == 'torch' else ''}slots buffer: "
+                             "make one with slot_buffers()")
         self.draft, self.steps, self.metadata = draft, steps, metadata
         self.register_buffer("offsets", torch.arange(steps, device=draft.embed.device), persistent=False)
+        self.register_buffer("slots", slots, persistent=False)
 
-    def kv_slots(self, start: torch.Tensor, page_table: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Every step's KV slot per request, step-major [steps * requests]; and the buffer behind it, which must
-        stay alive until every kernel reading it is queued."""
+    def kv_slots(self, start: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+        """Every step's KV slot per request, step-major [steps * requests]."""
         rows, page_size = start.shape[0], self.draft.cfg.page_size
-        if self.metadata == "torch":
+        if self.slots is None:
             positions = (start[None, :] + self.offsets[:, None]).flatten()
-            return kv_slot(page_table.repeat(self.steps, 1), positions, page_size), None
-        from graphrunner.workloads.reproductions import ops
-
-        seed_bug = self.metadata == "kernel-seed-bug" and torch.cuda.is_current_stream_capturing()
-        buffer = torch.empty(rows if seed_bug else rows * self.steps, dtype=torch.long, device=start.device)
-        # The kernel's (and every later step's) view: steps x rows entries at the buffer's address, whatever its size.
-        slots = raw_bytes(buffer.data_ptr(), rows * self.steps * 8, start.device).view(torch.long)
-        ops().kv_slots_op(start, page_table, slots, self.steps, page_size)
-        return slots, buffer
+            return kv_slot(page_table.repeat(self.steps, 1), positions, page_size)
+        _slots_kernel()(start, page_table, self.slots, self.steps, page_size)
+        # What the kernel wrote, as every later step reads it: steps x rows entries from the buffer's first,
+        # however big the buffer is.
+        return raw_bytes(self.slots.data_ptr(), rows * self.steps * 8, start.device).view(torch.long)
 
     def forward(self, last: torch.Tensor, start: torch.Tensor, page_table: torch.Tensor) -> Dict[str, torch.Tensor]:
         rows = last.shape[0]
-        slots, buffer = self.kv_slots(start, page_table)
+        slots = self.kv_slots(start, page_table)
         token, proposed = last, []
         for k in range(self.steps):
             positions = start + k
@@ -120,8 +151,16 @@ class DraftStep(torch.nn.Module):
                                 kv_slots=slots[k * rows:(k + 1) * rows])
             token = logits.argmax(-1)
             proposed.append(token)
-        del buffer
         return {"tokens": torch.stack(proposed, 1)}
+
+
+def make_steps(cfg: SpecConfig, target: Decoder, draft: Decoder,
+               metadata: str = "torch") -> Tuple[VerifyStep, DraftStep]:
+    """The verify and draft step modules, sharing the engine's slot buffers on the kernel metadata paths."""
+    if metadata == "torch":
+        return VerifyStep(target, cfg.steps + 1), DraftStep(draft, cfg.steps)
+    draft_slots, verify_slots = slot_buffers(cfg, metadata, str(target.embed.device))
+    return VerifyStep(target, cfg.steps + 1, verify_slots), DraftStep(draft, cfg.steps, metadata, draft_slots)
 
 
 def verify_inputs(cfg: SpecConfig) -> Dict[str, gr.StaticInput]:
@@ -162,10 +201,10 @@ def make_runners(cfg: SpecConfig, target: Decoder, draft: Decoder, metadata: str
                  capture_sizes: Optional[List[int]] = None) -> Tuple[gr.GraphRunner, gr.GraphRunner]:
     """The verify and draft runners, built for one pool (capture them together with gr.capture_all)."""
     sizes = capture_sizes or gr.default_capture_sizes(cfg.target.max_batch_size)
-    verify = gr.GraphRunner(VerifyStep(target, cfg.steps + 1), verify_inputs(cfg), capture_sizes=sizes,
-                            tokens_per_request=cfg.steps + 1, name="verify")
-    drafter = gr.GraphRunner(DraftStep(draft, cfg.steps, metadata), draft_inputs(cfg), capture_sizes=sizes,
-                             name="draft")
+    verify_step, draft_step = make_steps(cfg, target, draft, metadata)
+    verify = gr.GraphRunner(verify_step, verify_inputs(cfg), capture_sizes=sizes, tokens_per_request=cfg.steps + 1,
+                            name="verify")
+    drafter = gr.GraphRunner(draft_step, draft_inputs(cfg), capture_sizes=sizes, name="draft")
     return verify, drafter
 
 
