@@ -120,16 +120,28 @@ PYBIND11_MODULE(_C, m) {
           py::arg("inputs"), "The batch size of the dict `inputs`; raises naming the input and the fix.");
 
   py::class_<PyLauncher>(m, "Launcher", "Stages a step's inputs and launches the graph of its size.")
-      .def(py::init([](const PyInputChecker& inputs, std::vector<at::Tensor> static_buffers, const SizeTable& sizes) {
-             return PyLauncher{inputs, std::make_unique<Launcher>(inputs.checker, std::move(static_buffers), sizes)};
+      .def(py::init([](const PyInputChecker& inputs, std::vector<at::Tensor> static_buffers, const SizeTable& sizes,
+                       int max_lead) {
+             return PyLauncher{inputs,
+                               std::make_unique<Launcher>(inputs.checker, std::move(static_buffers), sizes, max_lead)};
            }),
-           py::arg("inputs"), py::arg("static_buffers"), py::arg("sizes"))
+           py::arg("inputs"), py::arg("static_buffers"), py::arg("sizes"), py::arg("max_lead") = 0)
       .def("stage", [](PyLauncher& s, int64_t size) { s.launcher->stage(size); }, py::arg("size"),
            "Inside the capture of `size`: records the staging kernel.")
       .def(
           "add_graph",
           [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
           py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.");
+
+  py::class_<LeadLimit>(m, "LeadLimit",
+                        "Bounds how far the host runs ahead of the GPU (what each runner's launcher does with "
+                        "max_lead), for a loop of bare replays.")
+      .def(py::init<int, c10::DeviceIndex>(), py::arg("lead"), py::arg("device"))
+      .def("before_launch", &LeadLimit::before_launch, "Before a launch: waits when the mark `lead` back is due.")
+      .def(
+          "after_launch",
+          [](LeadLimit& l, uintptr_t stream) { l.after_launch(reinterpret_cast<cudaStream_t>(stream)); },
+          py::arg("stream"), "After it, with its raw stream as an int: marks it every lead // 2 launches.");
 
   py::class_<WorkspaceHold, std::shared_ptr<WorkspaceHold>>(
       m, "WorkspaceHold", "Library workspaces taken over from torch's caches, kept alive until release().")

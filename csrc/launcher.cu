@@ -92,8 +92,49 @@ void launch_staging(const std::vector<unsigned char>& params, dim3 grid, cudaStr
 
 }  // namespace
 
-Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes)
-    : checker_(std::move(checker)), static_buffers_(std::move(static_buffers)), sizes_(std::move(sizes)) {
+LeadLimit::LeadLimit(int lead, c10::DeviceIndex device) : lead_(lead), stride_(std::max(1, lead / 2)) {
+  if (lead <= 0) {
+    return;
+  }
+  c10::cuda::CUDAGuard guard(device);
+  marks_.resize(lead_ / stride_, nullptr);
+  for (auto& event : marks_) {
+    GR_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  }
+}
+
+LeadLimit::~LeadLimit() {
+  // A mark still pending is released by CUDA once it completes.
+  for (auto event : marks_) {
+    if (event != nullptr) {
+      cudaEventDestroy(event);
+    }
+  }
+}
+
+void LeadLimit::before_launch() {
+  // The mark about to be reused was recorded `lead` launches ago.
+  if (!marks_.empty() && launched_ % stride_ == 0 && launched_ >= lead_) {
+    GR_CUDA_CHECK(cudaEventSynchronize(mark()));
+  }
+}
+
+void LeadLimit::after_launch(cudaStream_t stream) {
+  if (marks_.empty()) {
+    return;
+  }
+  if (launched_ % stride_ == 0) {
+    GR_CUDA_CHECK(cudaEventRecord(mark(), stream));
+  }
+  ++launched_;
+}
+
+Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes,
+                   int max_lead)
+    : checker_(std::move(checker)),
+      static_buffers_(std::move(static_buffers)),
+      sizes_(std::move(sizes)),
+      lead_(max_lead, checker_->device()) {
   captured_for_batch_.resize(sizes_.max_batch_size() + 1);
   // Staged inputs are a few KB to a few MB: two blocks per SM (264 on an H100) already keep every SM's copy
   // busy, and a larger grid only takes longer to launch and retire.
@@ -177,7 +218,9 @@ void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
     }
   }
   step->batch = batch;
+  lead_.before_launch();
   c.graph->replay_with(c.params, c.param_bytes);
+  lead_.after_launch(c10::cuda::getCurrentCUDAStream(checker_->device()).stream());
 }
 
 }  // namespace graphrunner

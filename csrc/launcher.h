@@ -37,10 +37,38 @@ struct StageParams {
   unsigned pad_each_step;  // bit i: input i writes its padding rows each step
 };
 
+// Bounds how far the host runs ahead of the GPU with one runner's steps. A loop that never waits fills the
+// launch queue, and with a deep queue every graph took longer on the GPU (an H100, the 2-layer decoder's trace:
+// 4,794 steps/s with the host at most 2 steps ahead, 4,746 at 16, 4,681 at 64, 4,560 unbounded;
+// benchmarks/lead_probe.py). Steps are marked with an event every `stride` launches; before such a launch the
+// host waits for the mark `lead` launches back, so at most lead + stride - 1 steps are in flight after it.
+class LeadLimit {
+ public:
+  // lead 0: no bound.
+  LeadLimit(int lead, c10::DeviceIndex device);
+  LeadLimit(const LeadLimit&) = delete;
+  LeadLimit& operator=(const LeadLimit&) = delete;
+  ~LeadLimit();
+
+  // Before a launch: waits, when this launch is marked, for the mark `lead` launches back.
+  void before_launch();
+  // After it, on the stream it went to: marks it (every `stride` launches).
+  void after_launch(cudaStream_t stream);
+
+ private:
+  cudaEvent_t& mark() { return marks_[(launched_ / stride_) % marks_.size()]; }
+
+  int lead_ = 0;
+  int stride_ = 1;
+  std::vector<cudaEvent_t> marks_;  // lead / stride of them, reused in turn
+  int64_t launched_ = 0;
+};
+
 class Launcher {
  public:
-  // `static_buffers[i]` holds max-batch rows of input i.
-  Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes);
+  // `static_buffers[i]` holds max-batch rows of input i; `max_lead` bounds the host's lead (LeadLimit; 0: none).
+  Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes,
+           int max_lead);
   Launcher(const Launcher&) = delete;
   Launcher& operator=(const Launcher&) = delete;
 
@@ -70,6 +98,7 @@ class Launcher {
   std::vector<std::shared_ptr<Captured>> captured_for_batch_;
   unsigned max_blocks_ = 1;  // per input: two per SM
   int inputs_bound_ = 4;     // N of the staging kernel: 4, 8 or 16, the least that holds every input
+  LeadLimit lead_;
 };
 
 }  // namespace graphrunner

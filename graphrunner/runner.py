@@ -24,7 +24,7 @@ from graphrunner.isolate import validate_in_child
 from graphrunner.memory import alias
 from graphrunner.outputs import clone_tensors, map_tensors
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
-from graphrunner.spec import RunnerSpec, StepInfo, checked_spec
+from graphrunner.spec import DEFAULT_MAX_LEAD, RunnerSpec, StepInfo, checked_spec
 from graphrunner.validate import MakeInputs, Target, ValidationReport, validate
 from graphrunner.workspace import workspace_tensors
 
@@ -98,6 +98,10 @@ class GraphRunner(_C.StepCall):
         capture_inputs: capture_inputs(size) -> a dict of some inputs' values for `size` requests, staged
             before the warm-up and before each size's capture, so fn and on_capture see realistic metadata
             (sequence lengths, say) rather than pad values.
+        max_lead: the most steps of this runner the host queues ahead of the GPU (1..1024; a step waits, every
+            max_lead // 2 steps, for the step max_lead back to finish); None: no bound. A loop that never waits
+            would otherwise fill CUDA's launch queue, and with a deep queue each graph took longer on the GPU
+            (docs/design.md). Loops that read each step's result, or run one step ahead, never wait here.
         verbose: print the capture report and show a progress bar; default from the GRAPHRUNNER_VERBOSE
             environment variable ("1" turns it on). The report is always logged to the "graphrunner"
             logger at INFO.
@@ -128,6 +132,7 @@ class GraphRunner(_C.StepCall):
         tokens_per_request: int = 1,
         out: Union[None, torch.Tensor, Dict[str, torch.Tensor]] = None,
         capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None,
+        max_lead: Optional[int] = DEFAULT_MAX_LEAD,
     ) -> None:
         if verbose is None:
             verbose = os.environ.get("GRAPHRUNNER_VERBOSE", "") not in ("", "0")
@@ -136,7 +141,7 @@ class GraphRunner(_C.StepCall):
                             no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
                             debug=debug, collective_timeout_s=collective_timeout_s, keep=keep, name=name,
                             verbose=verbose, tokens_per_request=tokens_per_request, out=out,
-                            capture_inputs=capture_inputs)
+                            capture_inputs=capture_inputs, max_lead=max_lead)
         self._setup(spec)
 
     @classmethod
@@ -193,7 +198,7 @@ class GraphRunner(_C.StepCall):
         static = {n: torch.full((spec.max_batch_size * rows[n], *s.shape), s.pad, dtype=s.dtype, device=self.device)
                   for n, s in spec.inputs.items()}
         record = CaptureRecord(spec.name, self.device, pool, static, rows,
-                               _C.Launcher(self._checker, list(static.values()), self.sizes),
+                               _C.Launcher(self._checker, list(static.values()), self.sizes, spec.max_lead or 0),
                                state_buffers=spec.state_buffers())
         self._stage_capture_inputs(record, spec.max_batch_size)
         # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not

@@ -17,6 +17,9 @@ from graphrunner.schedule import capture_order, checked_capture_sizes, checked_m
 
 CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
 FALLBACKS = ("eager", "error")
+# Steps of one runner the host may queue ahead of the GPU (csrc/launcher.h, LeadLimit): enough that the GPU never
+# waits for the next step, few enough that the launch queue never fills.
+DEFAULT_MAX_LEAD = 4
 Long = Union[torch.Tensor, torch.nn.Module]
 
 
@@ -70,6 +73,7 @@ class RunnerSpec:
     tokens_per_request: int = 1
     out: Any = None
     capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None
+    max_lead: Optional[int] = DEFAULT_MAX_LEAD
 
     @property
     def capture_order(self) -> List[int]:
@@ -211,6 +215,9 @@ def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_bat
     tokens = options.get("tokens_per_request", 1)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 1024:
         raise ValueError(f"tokens_per_request must be an int in 1..1024, got {tokens!r}")
+    lead = options.get("max_lead", DEFAULT_MAX_LEAD)
+    if lead is not None and (not isinstance(lead, int) or isinstance(lead, bool) or not 1 <= lead <= 1024):
+        raise ValueError(f"max_lead must be None (no bound) or an int in 1..1024, got {lead!r}")
     out = options.get("out")
     buffers = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else None
     if out is not None and (buffers is None or not all(isinstance(t, torch.Tensor) for t in buffers)):

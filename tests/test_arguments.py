@@ -87,6 +87,9 @@ def test_static_input_accepts_good_values():
     (dict(keep=torch.zeros(2)), TypeError, r"keep must be a list of tensors and modules, got Tensor"),
     (dict(keep=[3]), TypeError, r"keep must hold tensors and modules only, got int"),
     (dict(name=3), TypeError, r"name must be a str, got int"),
+    (dict(max_lead=0), ValueError, r"max_lead must be None \(no bound\) or an int in 1..1024, got 0"),
+    (dict(max_lead=True), ValueError, r"max_lead must be None \(no bound\) or an int in 1..1024, got True"),
+    (dict(max_lead=2.0), ValueError, r"max_lead must be None"),
 ])
 def test_runner_arguments(kwargs, error, message):
     args = dict(max_batch_size=8)

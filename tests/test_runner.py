@@ -92,6 +92,41 @@ def test_host_may_run_ahead_of_the_gpu(runner, model):
         torch.testing.assert_close(got, model(**s)["logits"], rtol=1e-4, atol=1e-4)
 
 
+SPIN_CYCLES = 4_000_000  # about 2 ms of GPU time per step at the H100's clock
+
+
+def spin(x):
+    torch.cuda._sleep(SPIN_CYCLES)
+    return x + 1
+
+
+@pytest.mark.parametrize("max_lead", [1, 2, 4, 16, None])
+def test_max_lead_bounds_the_steps_in_flight(max_lead):
+    """Each step spins ~2 ms on the GPU and the host never waits in its loop: with a bound, when step i returns,
+    the step max_lead + stride - 1 back (stride max_lead // 2, at least 1) has finished and the last has not;
+    with none, the host is far ahead. Outputs stay right either way."""
+    steps = 24
+    with gr.GraphRunner(spin, {"x": gr.StaticInput((4,), torch.float32)}, capture_sizes=[1, 2],
+                        max_lead=max_lead) as runner:
+        runner.capture()
+        xs = [torch.full((1 + i % 2, 4), float(i), device="cuda") for i in range(steps)]
+        marks, outs = [], []
+        for x in xs:
+            outs.append(runner(x=x).clone())
+            marks.append(torch.cuda.Event())
+            marks[-1].record()
+        done = [m.query() for m in marks]
+        torch.cuda.synchronize()
+    for x, out in zip(xs, outs):
+        torch.testing.assert_close(out, x + 1)
+    assert not done[-1]
+    if max_lead is None:
+        assert not done[steps // 2], done
+    else:
+        in_flight = max_lead + max(1, max_lead // 2) - 1
+        assert done[steps - 1 - in_flight] and not any(done[steps - in_flight:]), done
+
+
 def test_steps_from_a_new_thread(runner, model):
     """A thread that never touched CUDA has no current context: the replay takes the runtime's path there,
     which sets the context up, and later steps on that thread take the driver's."""
