@@ -131,17 +131,10 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "add_graph",
           [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
-          py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.");
-
-  py::class_<LeadLimit>(m, "LeadLimit",
-                        "Bounds how far the host runs ahead of the GPU (what each runner's launcher does with "
-                        "max_lead), for a loop of bare replays.")
-      .def(py::init<int, c10::DeviceIndex>(), py::arg("lead"), py::arg("device"))
-      .def("before_launch", &LeadLimit::before_launch, "Before a launch: waits when the mark `lead` back is due.")
-      .def(
-          "after_launch",
-          [](LeadLimit& l, uintptr_t stream) { l.after_launch(reinterpret_cast<cudaStream_t>(stream)); },
-          py::arg("stream"), "After it, with its raw stream as an int: marks it every lead // 2 launches.");
+          py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.")
+      .def_property_readonly(
+          "owned_memory", [](const PyLauncher& s) { return std::vector<std::pair<uint64_t, size_t>>{s.launcher->stamp_memory()}; },
+          "[(address, bytes)] of host-mapped memory the staging kernels write (the step stamp).");
 
   py::class_<WorkspaceHold, std::shared_ptr<WorkspaceHold>>(
       m, "WorkspaceHold", "Library workspaces taken over from torch's caches, kept alive until release().")

@@ -23,6 +23,9 @@ __global__ void stage_inputs(const __grid_constant__ StageParams<N> p) {
   if (p.batch < 0) {
     return;
   }
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+    *p.started = p.seq;  // this step has begun: the host may queue one more (Launcher::must_wait)
+  }
   const int i = blockIdx.y;
   unsigned char* dst = p.dst[i];
   const unsigned char* src = p.src[i];
@@ -63,16 +66,17 @@ cudaGraphNode_t last_captured_node(cudaStream_t stream) {
   return deps[0];
 }
 
-// Every N shares the head (batch, size, src), which is all a launch writes.
+// Every N shares the head (batch, seq, size, src), which is all a launch writes.
 static_assert(offsetof(StageParams<4>, src) == offsetof(StageParams<kMaxInputs>, src) &&
               offsetof(StageParams<8>, src) == offsetof(StageParams<kMaxInputs>, src));
 
 template <int N>
 std::vector<unsigned char> table_bytes(const std::vector<InputSpec>& specs, const std::vector<at::Tensor>& buffers,
-                                       int64_t size) {
+                                       int64_t size, volatile long long* started) {
   StageParams<N> p{};
   p.batch = -1;
   p.size = size;
+  p.started = started;
   for (size_t i = 0; i < specs.size(); ++i) {
     p.dst[i] = static_cast<unsigned char*>(buffers[i].data_ptr());
     p.row_bytes[i] = specs[i].row_bytes();
@@ -92,49 +96,20 @@ void launch_staging(const std::vector<unsigned char>& params, dim3 grid, cudaStr
 
 }  // namespace
 
-LeadLimit::LeadLimit(int lead, c10::DeviceIndex device) : lead_(lead), stride_(std::max(1, lead / 2)) {
-  if (lead <= 0) {
-    return;
-  }
-  c10::cuda::CUDAGuard guard(device);
-  marks_.resize(lead_ / stride_, nullptr);
-  for (auto& event : marks_) {
-    GR_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-  }
-}
-
-LeadLimit::~LeadLimit() {
-  // A mark still pending is released by CUDA once it completes.
-  for (auto event : marks_) {
-    if (event != nullptr) {
-      cudaEventDestroy(event);
-    }
-  }
-}
-
-void LeadLimit::before_launch() {
-  // The mark about to be reused was recorded `lead` launches ago.
-  if (!marks_.empty() && launched_ % stride_ == 0 && launched_ >= lead_) {
-    GR_CUDA_CHECK(cudaEventSynchronize(mark()));
-  }
-}
-
-void LeadLimit::after_launch(cudaStream_t stream) {
-  if (marks_.empty()) {
-    return;
-  }
-  if (launched_ % stride_ == 0) {
-    GR_CUDA_CHECK(cudaEventRecord(mark(), stream));
-  }
-  ++launched_;
-}
-
 Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes,
                    int max_lead)
     : checker_(std::move(checker)),
       static_buffers_(std::move(static_buffers)),
       sizes_(std::move(sizes)),
-      lead_(max_lead, checker_->device()) {
+      max_lead_(max_lead) {
+  c10::cuda::CUDAGuard guard(checker_->device());
+  void* stamp = nullptr;
+  void* on_device = nullptr;
+  GR_CUDA_CHECK(cudaHostAlloc(&stamp, sizeof(long long), cudaHostAllocMapped));
+  started_ = static_cast<volatile long long*>(stamp);
+  *started_ = 0;
+  GR_CUDA_CHECK(cudaHostGetDevicePointer(&on_device, stamp, 0));
+  started_on_device_ = static_cast<volatile long long*>(on_device);
   captured_for_batch_.resize(sizes_.max_batch_size() + 1);
   // Staged inputs are a few KB to a few MB: two blocks per SM (264 on an H100) already keep every SM's copy
   // busy, and a larger grid only takes longer to launch and retire.
@@ -143,14 +118,40 @@ Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor
   inputs_bound_ = inputs <= 4 ? 4 : inputs <= 8 ? 8 : static_cast<int>(kMaxInputs);
 }
 
+Launcher::~Launcher() {
+  // No queued staging kernel may write the stamp once it is freed: every launched step has begun when the
+  // stamp shows the last one (steps of one runner run in order); otherwise wait for the device.
+  if (*started_ != launched_) {
+    cudaDeviceSynchronize();
+  }
+  cudaFreeHost(const_cast<long long*>(started_));
+}
+
+void Launcher::wait_for_lead() const {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(checker_->device()).stream();
+  for (unsigned spins = 1; must_wait(); ++spins) {
+    // Now and then ask CUDA too: a failed step never stamps, and steps on another stream are not this
+    // stream's to wait for (an idle stream ends the wait).
+    if (spins % 4096 == 0) {
+      const cudaError_t state = cudaStreamQuery(stream);
+      if (state == cudaSuccess) {
+        return;
+      }
+      if (state != cudaErrorNotReady) {
+        GR_CUDA_CHECK(state);
+      }
+    }
+  }
+}
+
 std::vector<unsigned char> Launcher::params_for(int64_t size) const {
   switch (inputs_bound_) {
     case 4:
-      return table_bytes<4>(checker_->specs(), static_buffers_, size);
+      return table_bytes<4>(checker_->specs(), static_buffers_, size, started_on_device_);
     case 8:
-      return table_bytes<8>(checker_->specs(), static_buffers_, size);
+      return table_bytes<8>(checker_->specs(), static_buffers_, size, started_on_device_);
     default:
-      return table_bytes<kMaxInputs>(checker_->specs(), static_buffers_, size);
+      return table_bytes<kMaxInputs>(checker_->specs(), static_buffers_, size, started_on_device_);
   }
 }
 
@@ -218,9 +219,12 @@ void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
     }
   }
   step->batch = batch;
-  lead_.before_launch();
+  step->seq = launched_ + 1;
+  if (must_wait()) {
+    wait_for_lead();
+  }
   c.graph->replay_with(c.params, c.param_bytes);
-  lead_.after_launch(c10::cuda::getCurrentCUDAStream(checker_->device()).stream());
+  ++launched_;  // only once launched: a failed launch never stamps, and its number goes to the next step
 }
 
 }  // namespace graphrunner

@@ -1,11 +1,12 @@
 // One serving step in one native call: stage the step's checked inputs into the static buffers of the
-// smallest captured size that fits, pad the rest, launch that size's graph.
+// smallest captured size that fits, pad the rest, launch that size's graph; and keep the host at most
+// max_lead steps ahead of the GPU.
 //
 // Staging costs no extra launch and no extra GPU round trip: the first node of every captured graph is a
 // staging kernel whose parameters are the step itself (batch size and source pointers). Before each launch
 // the host sets them on the executable graph's node (Graph::replay_with); the driver copies parameters into
-// the launch, so launches already queued keep their own and the host may run any number of steps ahead of
-// the GPU. The kernel reads nothing but its parameters before it copies.
+// the launch, so launches already queued keep their own and the host may run steps ahead of the GPU (up to
+// max_lead, below). The kernel reads nothing but its parameters before it copies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,6 +16,7 @@
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "graph.h"
@@ -29,48 +31,30 @@ namespace graphrunner {
 template <int N>
 struct StageParams {
   long long batch;  // rows per input to copy from src; -1: no step
+  long long seq;    // the step's number (1, 2, ...), which the kernel stamps into *started as it begins
   long long size;   // the graph's captured size: rows [batch, size) are padding
   const unsigned char* src[N];
   unsigned char* dst[N];
+  volatile long long* started;  // host-mapped: the number of the last step that began on the GPU
   long long row_bytes[N];
   uint4 pad[N];
   unsigned pad_each_step;  // bit i: input i writes its padding rows each step
 };
 
-// Bounds how far the host runs ahead of the GPU with one runner's steps. A loop that never waits fills the
-// launch queue, and with a deep queue every graph took longer on the GPU (an H100, the 2-layer decoder's trace:
-// 4,794 steps/s with the host at most 2 steps ahead, 4,746 at 16, 4,681 at 64, 4,560 unbounded;
-// benchmarks/lead_probe.py). Steps are marked with an event every `stride` launches; before such a launch the
-// host waits for the mark `lead` launches back, so at most lead + stride - 1 steps are in flight after it.
-class LeadLimit {
- public:
-  // lead 0: no bound.
-  LeadLimit(int lead, c10::DeviceIndex device);
-  LeadLimit(const LeadLimit&) = delete;
-  LeadLimit& operator=(const LeadLimit&) = delete;
-  ~LeadLimit();
-
-  // Before a launch: waits, when this launch is marked, for the mark `lead` launches back.
-  void before_launch();
-  // After it, on the stream it went to: marks it (every `stride` launches).
-  void after_launch(cudaStream_t stream);
-
- private:
-  cudaEvent_t& mark() { return marks_[(launched_ / stride_) % marks_.size()]; }
-
-  int lead_ = 0;
-  int stride_ = 1;
-  std::vector<cudaEvent_t> marks_;  // lead / stride of them, reused in turn
-  int64_t launched_ = 0;
-};
-
+// The host's lead. A loop that never waits fills CUDA's launch queue, and with a deep queue every graph took
+// longer on the GPU (an H100, the 2-layer decoder's trace: 4,794 steps/s with the host at most 2 steps ahead,
+// 4,746 at 16, 4,681 at 64, 4,560 unbounded; benchmarks/lead_probe.py). Each step's staging kernel stamps the
+// step's number into host-mapped memory as it begins, so the host learns how far the GPU has got from one
+// memory read, with no CUDA call; a step waits only when `max_lead` steps are already queued behind the one
+// the GPU is running.
 class Launcher {
  public:
-  // `static_buffers[i]` holds max-batch rows of input i; `max_lead` bounds the host's lead (LeadLimit; 0: none).
+  // `static_buffers[i]` holds max-batch rows of input i; `max_lead` 0: no bound.
   Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor> static_buffers, SizeTable sizes,
            int max_lead);
   Launcher(const Launcher&) = delete;
   Launcher& operator=(const Launcher&) = delete;
+  ~Launcher();
 
   // Inside the capture of `size`: records the staging kernel as the graph's first node.
   void stage(int64_t size);
@@ -78,6 +62,14 @@ class Launcher {
   void add_graph(int64_t size, std::shared_ptr<Graph> graph);
   // Stages `batch` rows of checked inputs and launches the graph of sizes().size_for(batch).
   void launch(int64_t batch, BorrowedInputs inputs);
+  // Whether the next launch must first wait for the GPU (max_lead steps queued behind the one running).
+  bool must_wait() const { return max_lead_ > 0 && launched_ + 1 - *started_ > max_lead_; }
+  // Waits until it need not (the caller may release the GIL around it).
+  void wait_for_lead() const;
+  // The stamp's host-mapped memory, which the staging kernels write: (address, bytes), for the audit.
+  std::pair<uint64_t, size_t> stamp_memory() const {
+    return {reinterpret_cast<uint64_t>(started_on_device_), sizeof(long long)};
+  }
   const InputChecker& checker() const { return *checker_; }
   const SizeTable& sizes() const { return sizes_; }
 
@@ -98,7 +90,10 @@ class Launcher {
   std::vector<std::shared_ptr<Captured>> captured_for_batch_;
   unsigned max_blocks_ = 1;  // per input: two per SM
   int inputs_bound_ = 4;     // N of the staging kernel: 4, 8 or 16, the least that holds every input
-  LeadLimit lead_;
+  long long max_lead_ = 0;
+  long long launched_ = 0;                 // steps launched so far
+  volatile long long* started_ = nullptr;            // host-mapped: the last step's number the GPU began
+  volatile long long* started_on_device_ = nullptr;  // the same memory, as the kernel addresses it
 };
 
 }  // namespace graphrunner

@@ -95,6 +95,16 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     if (size == 0) {
       return PyObject_Call(self->eager, args, kwargs);
     }
+    if (launcher.must_wait()) {  // the host is max_lead steps ahead: wait without holding other threads up
+      py::object held = py::reinterpret_borrow<py::object>(self->launcher);
+      {
+        py::gil_scoped_release released;
+        launcher.wait_for_lead();
+      }
+      if (self->launcher != held.ptr()) {
+        throw StateError("another thread closed this GraphRunner during the step; close it after the step");
+      }
+    }
     launcher.launch(batch, inputs);
     PyObject* out = PyList_GET_ITEM(self->outputs, batch);
     if (self->finish != nullptr) {

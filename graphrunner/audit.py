@@ -1,7 +1,7 @@
 """The audit: every address a captured graph hands the GPU, and whose memory it is.
 
 A captured kernel bakes raw addresses into its parameters. The pool, the static inputs and what the runner
-keeps alive (its staging memory, the RNG state, the cuBLAS workspaces) live as long as the graphs do; so does
+keeps alive (its step stamp, the RNG state, the cuBLAS workspaces) live as long as the graphs do; so does
 memory the caller declared long-lived (fn's parameters and buffers when fn is a module, `keep=`, gr.workspace
 buffers). Anything else is borrowed: if its owner frees it, the graph reads or writes freed memory on its
 next replay. The audit names each such borrowing by size, kernel and memory.
@@ -121,8 +121,8 @@ Range = Tuple[int, int, str]  # (address, bytes, what it is)
 
 
 def record_ranges(record: CaptureRecord) -> List[Range]:
-    """Memory that lives as long as the record's graphs: the pool, the static inputs, the graphs' RNG state
-    and the kept workspaces."""
+    """Memory that lives as long as the record's graphs: the pool, the static inputs, the graphs' RNG state,
+    the kept workspaces and the launcher's step stamp."""
     out = [(seg.address, seg.size, "the runners' graph pool") for seg in pool_segments(record.pool, record.device)]
     out += [(t.data_ptr(), t.untyped_storage().nbytes(), "a static input buffer")
             for t in record.static_inputs.values()]
@@ -130,6 +130,8 @@ def record_ranges(record: CaptureRecord) -> List[Range]:
             for library, address, nbytes in record.workspace_blocks()]
     for entry in record.entries.values():
         out += [(address, nbytes, "the graph's RNG seed and offset") for address, nbytes in entry.graph.owned_memory]
+    if record.launcher is not None:
+        out += [(address, nbytes, "the launcher's step stamp") for address, nbytes in record.launcher.owned_memory]
     return out
 
 

@@ -98,10 +98,11 @@ class GraphRunner(_C.StepCall):
         capture_inputs: capture_inputs(size) -> a dict of some inputs' values for `size` requests, staged
             before the warm-up and before each size's capture, so fn and on_capture see realistic metadata
             (sequence lengths, say) rather than pad values.
-        max_lead: the most steps of this runner the host queues ahead of the GPU (1..1024; a step waits, every
-            max_lead // 2 steps, for the step max_lead back to finish); None: no bound. A loop that never waits
-            would otherwise fill CUDA's launch queue, and with a deep queue each graph took longer on the GPU
-            (docs/design.md). Loops that read each step's result, or run one step ahead, never wait here.
+        max_lead: the most steps of this runner the host queues behind the one the GPU is running (1..1024): a
+            step waits, in C++ without the GIL, until the step max_lead back has begun. None: no bound. A loop
+            that never waits would otherwise fill CUDA's launch queue, and with a deep queue each graph took
+            longer on the GPU (docs/design.md). Loops that read each step's result, or run a step or two
+            ahead, never wait here.
         verbose: print the capture report and show a progress bar; default from the GRAPHRUNNER_VERBOSE
             environment variable ("1" turns it on). The report is always logged to the "graphrunner"
             logger at INFO.

@@ -3,8 +3,8 @@
 A trace is a random walk of batch sizes over 1..max_batch_size with fresh inputs each step. Contenders:
 - run: graphrunner (staging inside the graph);
 - baseline: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
-- bare: graphrunner's graph of each step's size replayed with nothing staged, the host as far ahead as the runner's
-  max_lead lets it. The static buffers hold, per row, the row's mean length over the trace (a padding row counting
+- bare: graphrunner's graph of each step's size replayed with nothing staged, the host at most as far ahead as the
+  runner's max_lead lets it. The static buffers hold, per row, the row's mean length over the trace (a padding row counting
   as length 1): attention reads only the keys each row has, so a bare replay costs what the trace's steps cost on
   average, not what the last staged step did;
 - compile_ro: torch.compile(mode="reduce-overhead") with each step's inputs padded, outside the timed loop, to the
@@ -26,7 +26,6 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import graphrunner as gr
-from graphrunner._native import _C
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
@@ -126,17 +125,11 @@ class Contenders:
         """Per contender, a function running step i % len(steps) of `steps`: the trace, or one fixed batch."""
         runner, baseline, n = self.runner, self.baseline, len(steps)
         graphs = [runner.record.entries[runner.size_for(s["input_ids"].shape[0])].graph for s in steps]
-        # Bare replays lead the GPU by as many steps as the runner's own (GraphRunner(max_lead)), so that run
-        # against bare weighs staging alone, not how full the launch queue is.
-        lead, stream = _C.LeadLimit(runner.spec.max_lead or 0, runner.spec.device), torch.cuda.current_stream()
-
-        def bare(i: int) -> None:
-            lead.before_launch()
-            graphs[i % n].replay()
-            lead.after_launch(stream.cuda_stream)
-
+        # Bare replays lead the GPU by as many steps as the runner's own, so that run against bare weighs
+        # staging alone, not how full the launch queue is.
         out: Dict[str, Step] = {"run": lambda i: runner(**steps[i % n]),
-                                "baseline": lambda i: baseline(**steps[i % n]), "bare": bare}
+                                "baseline": lambda i: baseline(**steps[i % n]),
+                                "bare": paced(lambda i: graphs[i % n].replay(), runner.spec.max_lead)}
         if self.compile_ro is not None:
             ro, rc = self.compile_ro, self.run_compiled
             pad = [padded(self.cfg, s, runner.size_for(s["input_ids"].shape[0])) for s in steps]
@@ -164,6 +157,23 @@ class Contenders:
         self.runner.close()
         self.baseline.close()
         self.close_compiled()
+
+
+def paced(step: Step, lead: Optional[int]) -> Step:
+    """`step` with the host at most `lead` calls ahead of the GPU, as GraphRunner(max_lead=lead) keeps its own
+    steps: call i waits until call i - lead - 1 has finished (an event after each call). None: unbounded."""
+    if lead is None:
+        return step
+    marks = [torch.cuda.Event() for _ in range(lead + 1)]
+
+    def call(i: int) -> object:
+        mark = marks[i % len(marks)]
+        mark.synchronize()  # recorded after call i - lead - 1 (a mark never recorded is complete)
+        out = step(i)
+        mark.record()
+        return out
+
+    return call
 
 
 def steps_per_s(step: Step, n: int, synced: bool) -> float:
