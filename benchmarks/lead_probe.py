@@ -2,8 +2,9 @@
 preset for graphrunner, the common runner and bare replays, the host allowed to lead by at most k steps (it waits
 for the event of step i - k before it issues step i; k = 1 is a wait every step, as the synchronised trace; no
 bound is the pipelined trace, where the launch queue fills). Overlap schedulers run one or two steps ahead.
-Answers whether a full launch queue, which the 200-step queued runs never reach, is what costs graphrunner's
-pipelined trace its lead over the common runner. On the GPU machine, after the build:
+Run Y1 (gpu-log-h100.txt, before GraphRunner(max_lead)) showed a full launch queue costing graphrunner's graphs
+and bare replays up to 5% a step; now the runner and the bare replays keep their own bound (max_lead 4), so the
+rows from 4 on show it at work. On the GPU machine, after the build:
     PYTHONPATH=. python3 benchmarks/lead_probe.py
 """
 import statistics

@@ -133,7 +133,8 @@ PYBIND11_MODULE(_C, m) {
           [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
           py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.")
       .def_property_readonly(
-          "owned_memory", [](const PyLauncher& s) { return std::vector<std::pair<uint64_t, size_t>>{s.launcher->stamp_memory()}; },
+          "owned_memory",
+          [](const PyLauncher& s) { return std::vector<std::pair<uint64_t, size_t>>{s.launcher->stamp_memory()}; },
           "[(address, bytes)] of host-mapped memory the staging kernels write (the step stamp).");
 
   py::class_<WorkspaceHold, std::shared_ptr<WorkspaceHold>>(

@@ -4,9 +4,9 @@ A trace is a random walk of batch sizes over 1..max_batch_size with fresh inputs
 - run: graphrunner (staging inside the graph);
 - baseline: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
 - bare: graphrunner's graph of each step's size replayed with nothing staged, the host at most as far ahead as the
-  runner's max_lead lets it. The static buffers hold, per row, the row's mean length over the trace (a padding row counting
-  as length 1): attention reads only the keys each row has, so a bare replay costs what the trace's steps cost on
-  average, not what the last staged step did;
+  runner's max_lead lets it. The static buffers hold, per row, the row's mean length over the trace (a padding row
+  counting as length 1): attention reads only the keys each row has, so a bare replay costs what the trace's steps
+  cost on average, not what the last staged step did;
 - compile_ro: torch.compile(mode="reduce-overhead") with each step's inputs padded, outside the timed loop, to the
   size graphrunner runs it at;
 - run_compiled: graphrunner around torch.compile(mode="default") of the same model, compiled at every capture
