@@ -17,8 +17,8 @@ from graphrunner.schedule import capture_order, checked_capture_sizes, checked_m
 
 CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
 FALLBACKS = ("eager", "error")
-# Steps of one runner the host may queue ahead of the GPU (csrc/launcher.h, LeadLimit): enough that the GPU never
-# waits for the next step, few enough that the launch queue never fills.
+# Steps of one runner the host may queue behind the one the GPU runs (csrc/launcher.h, Launcher::must_wait):
+# enough that the GPU never waits for the next step, few enough that the launch queue never fills.
 DEFAULT_MAX_LEAD = 4
 Long = Union[torch.Tensor, torch.nn.Module]
 

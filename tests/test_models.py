@@ -1,4 +1,4 @@
-"""The built-in decoder step: correct on CPU, and through GraphRunner on a GPU."""
+"""The built-in decoder step: correct on CPU, and through GraphRunner on a GPU; the draft step's arguments."""
 import importlib.util
 
 import pytest
@@ -8,6 +8,7 @@ import graphrunner as gr
 from conftest import gpu
 from graphrunner.checks import relative_error
 from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
+from graphrunner.workloads.spec_decode import DraftStep, SpecConfig
 
 SMALL = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                       max_batch_size=32)
@@ -96,3 +97,15 @@ def test_decoder_through_runner_matches_eager():
             assert err < 2e-2, f"batch {batch}: relative error {err}"
         report = runner.validate(scrub=True, guard=True)
         assert report.replays == 2 * len(runner.capture_sizes)
+
+
+@pytest.mark.parametrize("metadata,slots,message", [
+    ("bogus", False, r"metadata must be one of \('torch', 'kernel', 'kernel-seed-bug'\), got 'bogus'"),
+    ("kernel", False, r"metadata 'kernel' takes a slots buffer \(make_steps\(\) makes the pair right\)"),
+    ("torch", True, r"metadata 'torch' takes no slots buffer"),
+])
+def test_draft_step_metadata_and_slots_must_agree(metadata, slots, message):
+    cfg = SpecConfig()
+    draft = Decoder(cfg.draft, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        DraftStep(draft, cfg.steps, metadata, torch.zeros(8, dtype=torch.long) if slots else None)

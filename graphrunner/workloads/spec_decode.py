@@ -124,9 +124,9 @@ class DraftStep(torch.nn.Module):
         if metadata not in METADATA:
             raise ValueError(f"metadata must be one of {METADATA}, got {metadata!r}")
         if (metadata == "torch") != (slots is None):
-            raise ValueError(f"metadata {metadata!r} takes {'no ' if metadata == 'torch' else ''}slots buffer: "
-                             "make one with slot_buffers()")
-        self.draft, self.steps, self.metadata = draft, steps, metadata
+            raise ValueError(f"metadata {metadata!r} takes {'no' if metadata == 'torch' else 'a'} slots buffer "
+                             "(make_steps() makes the pair right)")
+        self.draft, self.steps = draft, steps
         self.register_buffer("offsets", torch.arange(steps, device=draft.embed.device), persistent=False)
         self.register_buffer("slots", slots, persistent=False)
 
