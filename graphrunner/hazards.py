@@ -124,7 +124,7 @@ class PoolView:
         whose = f" of runner {record.name!r}" if record.name else ""
         mine = [Block(*_span(t), BlockKind.STATE, (record.name, 0), f"{name}{whose}")
                 for name, t in record.state_buffers.items()]
-        mine += [Block(*_span(t), BlockKind.STATIC_ROWS, (record.name, 0), f"static input {name!r}")
+        mine += [Block(*_span(t), BlockKind.STATIC_ROWS, (record.name, 0), f"static input {name!r}{whose}")
                  for name, t in record.static_inputs.items()]
         footprint = self.footprints[(record.name, size)]
         mine += [Block(b.address, b.size, b.kind, b.owner, f"the {b.size}-byte buffer that the capture of "
