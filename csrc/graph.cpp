@@ -5,7 +5,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -175,7 +174,7 @@ void Graph::set_argument_node(cudaGraphNode_t node) {
   params.extra = nullptr;
   argument_node_ = node;
   argument_params_ = params;
-  argument_.clear();
+  argument_set_ = false;
 }
 
 void Graph::set_argument(void* const* args) {
@@ -188,11 +187,11 @@ void Graph::set_argument(void* const* args) {
   }
 }
 
-void Graph::replay_with(const void* arg, size_t bytes) {
+void Graph::replay_with(const void* arg) {
   if (exec_ == nullptr || argument_node_ == nullptr) {
     throw StateError("replay_with() needs a captured graph with an argument node");
   }
-  launch_current(arg, bytes);
+  launch_current(arg);
 }
 
 void Graph::replay() {
@@ -200,10 +199,10 @@ void Graph::replay() {
     throw StateError(capturing_ ? "replay() during capture; call capture_end() first"
                                 : "replay() before capture (or after reset()); capture the graph first");
   }
-  launch_current(nullptr, 0);
+  launch_current(nullptr);
 }
 
-void Graph::launch_current(const void* arg, size_t bytes) {
+void Graph::launch_current(const void* arg) {
   // A serving thread replays with the graph's device current: no guard needed, and none built. Any other
   // thread (another device current, or no context yet) takes the runtime's path under a device guard, which
   // also makes the device's context current for the driver's calls.
@@ -211,16 +210,16 @@ void Graph::launch_current(const void* arg, size_t bytes) {
   if (context_ == nullptr || current_context() != context_) {
     guard.emplace(device_);
   }
-  const auto* given = static_cast<const unsigned char*>(arg);
-  if (arg != nullptr && !(argument_.size() == bytes && std::memcmp(argument_.data(), given, bytes) == 0)) {
+  // Every step's argument differs from the last (at least its step number), so it is set unconditionally.
+  if (arg != nullptr) {
     void* args[1] = {const_cast<void*>(arg)};
     set_argument(args);
-    argument_.assign(given, given + bytes);
-  } else if (arg == nullptr && !argument_.empty()) {
+    argument_set_ = true;
+  } else if (argument_set_) {
     // The node still holds the last step's argument: a bare replay would stage again from sources the caller
     // may have freed since. It gets the argument it was captured with back.
     set_argument(argument_params_.kernelParams);
-    argument_.clear();
+    argument_set_ = false;
   }
   launch(c10::cuda::getCurrentCUDAStream(device_).stream());
 }
@@ -252,7 +251,7 @@ void Graph::reset() {
   num_nodes_ = 0;
   context_ = nullptr;
   argument_node_ = nullptr;
-  argument_.clear();
+  argument_set_ = false;
   footprint_.clear();
   rng_.release();
   release_pool();

@@ -37,11 +37,10 @@ class Graph {
   // Marks `node`, a kernel node of this graph with one parameter, as the node whose argument each
   // replay_with() sets. Needs keep_graph=true: the executable graph finds its node through the graph's.
   void set_argument_node(cudaGraphNode_t node);
-  // Sets the argument node's parameter to the `bytes` bytes at `arg` (copied now) for this launch and later
-  // ones, then launches as replay() does. Launches already queued keep the argument they were launched with.
-  // An argument equal to the one the node holds is not set again (an engine staging from persistent buffers
-  // passes the same sources every step).
-  void replay_with(const void* arg, size_t bytes);
+  // Sets the argument node's parameter to the one at `arg` (the driver copies it now) for this launch and
+  // later ones, then launches as replay() does. Launches already queued keep the argument they were launched
+  // with.
+  void replay_with(const void* arg);
   // Destroys the executable graph and gives back this graph's hold on the pool.
   void reset();
 
@@ -66,8 +65,8 @@ class Graph {
   // footprint, pool routing and RNG capture state.
   void finish_capture() noexcept;
   // Launches on the device's current stream; with `arg`, sets the argument node's parameter to it first
-  // (null: gives the node its captured parameter back).
-  void launch_current(const void* arg, size_t bytes);
+  // (null: gives the node its captured parameter back, if a step's is set).
+  void launch_current(const void* arg);
   void launch(cudaStream_t stream);
   void set_argument(void* const* args);
   void release_pool() noexcept;
@@ -86,8 +85,7 @@ class Graph {
   bool holds_pool_ = false;
   cudaGraphNode_t argument_node_ = nullptr;
   CUDA_KERNEL_NODE_PARAMS argument_params_{};  // as captured; kernelParams point into graph_'s node
-  // The argument the node holds since the last replay_with(); empty while it holds the captured one.
-  std::vector<unsigned char> argument_;
+  bool argument_set_ = false;  // the node holds a replay_with() argument, not the captured one
   GraphRng rng_;
   std::vector<AddressRange> footprint_;
 };

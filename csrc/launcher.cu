@@ -70,9 +70,11 @@ cudaGraphNode_t last_captured_node(cudaStream_t stream) {
 static_assert(offsetof(StageParams<4>, src) == offsetof(StageParams<kMaxInputs>, src) &&
               offsetof(StageParams<8>, src) == offsetof(StageParams<kMaxInputs>, src));
 
+// Records the staging kernel of `size` with no step (batch -1) on the capturing stream; returns its argument,
+// which every launch of that size's graph starts from.
 template <int N>
-std::vector<unsigned char> table_bytes(const std::vector<InputSpec>& specs, const std::vector<at::Tensor>& buffers,
-                                       int64_t size, volatile long long* started) {
+std::vector<unsigned char> record_staging(const std::vector<InputSpec>& specs, const std::vector<at::Tensor>& buffers,
+                                          int64_t size, volatile long long* started, dim3 grid, cudaStream_t stream) {
   StageParams<N> p{};
   p.batch = -1;
   p.size = size;
@@ -83,15 +85,9 @@ std::vector<unsigned char> table_bytes(const std::vector<InputSpec>& specs, cons
     std::memcpy(&p.pad[i], specs[i].pad_pattern.data(), 16);
     p.pad_each_step |= specs[i].pad_each_step ? 1u << i : 0u;
   }
+  stage_inputs<N><<<grid, kThreads, 0, stream>>>(p);
   const auto* bytes = reinterpret_cast<const unsigned char*>(&p);
   return std::vector<unsigned char>(bytes, bytes + sizeof(p));
-}
-
-template <int N>
-void launch_staging(const std::vector<unsigned char>& params, dim3 grid, cudaStream_t stream) {
-  StageParams<N> p;
-  std::memcpy(&p, params.data(), sizeof(p));
-  stage_inputs<N><<<grid, kThreads, 0, stream>>>(p);
 }
 
 }  // namespace
@@ -144,17 +140,6 @@ void Launcher::wait_for_lead() const {
   }
 }
 
-std::vector<unsigned char> Launcher::params_for(int64_t size) const {
-  switch (inputs_bound_) {
-    case 4:
-      return table_bytes<4>(checker_->specs(), static_buffers_, size, started_on_device_);
-    case 8:
-      return table_bytes<8>(checker_->specs(), static_buffers_, size, started_on_device_);
-    default:
-      return table_bytes<kMaxInputs>(checker_->specs(), static_buffers_, size, started_on_device_);
-  }
-}
-
 void Launcher::stage(int64_t size) {
   long long largest = 0;
   for (const auto& spec : checker_->specs()) {
@@ -163,35 +148,35 @@ void Launcher::stage(int64_t size) {
   const long long chunks = (largest + 15) / 16;
   dim3 grid(static_cast<unsigned>(std::clamp<long long>((chunks + kThreads - 1) / kThreads, 1, max_blocks_)),
             static_cast<unsigned>(checker_->specs().size()));
-  auto stream = c10::cuda::getCurrentCUDAStream(checker_->device());
-  const auto params = params_for(size);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(checker_->device()).stream();
+  const auto& specs = checker_->specs();
+  Staged staged;
   switch (inputs_bound_) {
     case 4:
-      launch_staging<4>(params, grid, stream.stream());
+      staged.params = record_staging<4>(specs, static_buffers_, size, started_on_device_, grid, stream);
       break;
     case 8:
-      launch_staging<8>(params, grid, stream.stream());
+      staged.params = record_staging<8>(specs, static_buffers_, size, started_on_device_, grid, stream);
       break;
     default:
-      launch_staging<kMaxInputs>(params, grid, stream.stream());
+      staged.params = record_staging<kMaxInputs>(specs, static_buffers_, size, started_on_device_, grid, stream);
   }
   GR_CUDA_CHECK(cudaGetLastError());
-  staging_nodes_[size] = last_captured_node(stream.stream());
+  staged.node = last_captured_node(stream);
+  staged_[size] = std::move(staged);
 }
 
 void Launcher::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
-  auto node = staging_nodes_.find(size);
-  if (node == staging_nodes_.end()) {
+  auto staged = staged_.find(size);
+  if (staged == staged_.end()) {
     throw StateError("add_graph(" + std::to_string(size) + ") without stage(" + std::to_string(size) +
                      ") in that size's capture");
   }
-  graph->set_argument_node(node->second);
-  staging_nodes_.erase(node);
+  graph->set_argument_node(staged->second.node);
   auto captured = std::make_shared<Captured>();
   captured->graph = std::move(graph);
-  const auto params = params_for(size);
-  std::memcpy(captured->params, params.data(), params.size());
-  captured->param_bytes = params.size();
+  std::memcpy(captured->params, staged->second.params.data(), staged->second.params.size());
+  staged_.erase(staged);
   for (int64_t b = 1; b <= sizes_.max_batch_size(); ++b) {
     if (sizes_.size_for(b) == size) {
       captured_for_batch_[b] = captured;
@@ -220,10 +205,7 @@ void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
   }
   step->batch = batch;
   step->seq = launched_ + 1;
-  if (must_wait()) {
-    wait_for_lead();
-  }
-  c.graph->replay_with(c.params, c.param_bytes);
+  c.graph->replay_with(c.params);
   ++launched_;  // only once launched: a failed launch never stamps, and its number goes to the next step
 }
 

@@ -60,7 +60,8 @@ class Launcher {
   void stage(int64_t size);
   // After that capture: `graph` (kept, see Graph::set_argument_node) serves the batches of `size`.
   void add_graph(int64_t size, std::shared_ptr<Graph> graph);
-  // Stages `batch` rows of checked inputs and launches the graph of sizes().size_for(batch).
+  // Stages `batch` rows of checked inputs and launches the graph of sizes().size_for(batch). It does not wait:
+  // the caller keeps the lead, waiting first while must_wait() (py_step.cpp does, without the GIL).
   void launch(int64_t batch, BorrowedInputs inputs);
   // Whether the next launch must first wait for the GPU (max_lead steps queued behind the one running).
   bool must_wait() const { return max_lead_ > 0 && launched_ + 1 - *started_ > max_lead_; }
@@ -76,17 +77,19 @@ class Launcher {
  private:
   struct Captured {
     std::shared_ptr<Graph> graph;
-    // The size's StageParams<inputs_bound_>, with its table filled in; each launch fills in batch and src.
+    // The size's StageParams<inputs_bound_>, with its table filled in; each launch fills in batch, seq and src.
     alignas(16) unsigned char params[sizeof(StageParams<kMaxInputs>)];
-    size_t param_bytes;
   };
-  // The staging argument of `size` with no step, as bytes of StageParams<inputs_bound_>.
-  std::vector<unsigned char> params_for(int64_t size) const;
+  // A size between stage() and add_graph(): its staging node and argument (StageParams<inputs_bound_>).
+  struct Staged {
+    cudaGraphNode_t node = nullptr;
+    std::vector<unsigned char> params;
+  };
 
   std::shared_ptr<InputChecker> checker_;
   std::vector<at::Tensor> static_buffers_;
   SizeTable sizes_;
-  std::map<int64_t, cudaGraphNode_t> staging_nodes_;  // per size, between stage() and add_graph()
+  std::map<int64_t, Staged> staged_;
   std::vector<std::shared_ptr<Captured>> captured_for_batch_;
   unsigned max_blocks_ = 1;  // per input: two per SM
   int inputs_bound_ = 4;     // N of the staging kernel: 4, 8 or 16, the least that holds every input
