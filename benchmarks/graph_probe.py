@@ -1,9 +1,8 @@
 """Graph against graph, nothing staged: GPU microseconds per step of graphrunner's graphs, of graphrunner's Graph
 captured without a staging node, and of the common runner's torch graphs (one model, one pool each) replayed bare,
 queued back to back between CUDA events, at each capture size and over the benchmark's random walk of sizes; at
-the size where they differ most, the kernels that differ; and graphrunner's steps with the staging argument set
-every step against never. Answers whether the graphs themselves, switching between them, or setting the argument
-costs one contender more GPU time. On the GPU machine, after the build:
+the size where they differ most, the kernels that differ. Answers whether the graphs themselves, or switching
+between them, cost one contender more GPU time. On the GPU machine, after the build:
     PYTHONPATH=. python3 benchmarks/graph_probe.py [attention ...]      (default: decode)
 """
 import random
@@ -17,24 +16,15 @@ from torch.profiler import ProfilerActivity, profile
 import graphrunner as gr
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
-from graphrunner.workloads.traces import walk
+from graphrunner.workloads.traces import queued_us, walk
 
 ROUNDS = 3
 STEPS = 400
 
 
-def queued_us(graphs) -> float:
+def replayed_us(graphs) -> float:
     """GPU us per replay of `graphs` in order, queued back to back."""
-    for g in graphs[:10]:
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for g in graphs:
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / len(graphs)
+    return queued_us(lambda i: graphs[i].replay(), len(graphs))
 
 
 def kernels(graph, n: int = 20) -> Counter:
@@ -44,39 +34,6 @@ def kernels(graph, n: int = 20) -> Counter:
             graph.replay()
         torch.cuda.synchronize()
     return Counter({k.key[:70]: k.device_time_total / n for k in prof.key_averages() if k.device_time_total > 0})
-
-
-def queued_steps_us(steps) -> float:
-    """GPU us per call of `steps` (callables), queued back to back between CUDA events."""
-    for step in steps[:10]:
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for step in steps:
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / len(steps)
-
-
-def argument_probe(runner: gr.GraphRunner, cfg: DecoderConfig, gen: torch.Generator) -> None:
-    """graphrunner's steps with one input set each step (the staging argument never changes, so it is not set
-    again) against two copies of it in turn (the same data, other addresses: the argument is set every step)."""
-    print("  staging argument, GPU us per step (median): same inputs | two copies in turn | bare")
-    for batch in (1, 64):
-        step = random_decode_inputs(cfg, batch, gen)
-        copy = {name: t.clone() for name, t in step.items()}
-        graph = runner.record.entries[runner.size_for(batch)].graph
-        same = [lambda: runner(**step)] * STEPS
-        turns = [lambda: runner(**step), lambda: runner(**copy)] * (STEPS // 2)
-        times = {"same": [], "turns": [], "bare": []}
-        for _ in range(ROUNDS):
-            times["same"].append(queued_steps_us(same))
-            times["turns"].append(queued_steps_us(turns))
-            runner(**step)
-            times["bare"].append(queued_steps_us([graph.replay] * STEPS))
-        print(f"  batch {batch:3d}: " + " | ".join(f"{statistics.median(v):7.1f}" for v in times.values()))
 
 
 def probe(attention: str) -> None:
@@ -111,7 +68,7 @@ def probe(attention: str) -> None:
     for pattern, order in patterns.items():
         medians = {}
         for name, graphs in contenders.items():
-            medians[name] = statistics.median(queued_us([graphs[s] for s in order]) for _ in range(ROUNDS))
+            medians[name] = statistics.median(replayed_us([graphs[s] for s in order]) for _ in range(ROUNDS))
             if pattern.startswith("size"):
                 per_size[name][order[0]] = medians[name]
         print(f"  {pattern:<20}" + "".join(f"{medians[n]:24.1f}" for n in contenders))
@@ -124,8 +81,6 @@ def probe(attention: str) -> None:
     diff = {k: mine.get(k, 0.0) - other.get(k, 0.0) for k in set(mine) | set(other)}
     for k in sorted(diff, key=lambda k: -abs(diff[k]))[:8]:
         print(f"    {diff[k]:+7.1f}  (ours {mine.get(k, 0):6.1f}, common {other.get(k, 0):6.1f})  {k}")
-    with torch.no_grad():
-        argument_probe(runner, cfg, gen)
     for graph in plain.values():
         graph.reset()
     runner.close()

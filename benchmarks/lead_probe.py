@@ -8,34 +8,15 @@ rows from 4 on show it at work. On the GPU machine, after the build:
     PYTHONPATH=. python3 benchmarks/lead_probe.py
 """
 import statistics
-import time
-from typing import Optional
 
 import torch
 
 from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, Step, walk
+from graphrunner.workloads.traces import Contenders, paced, steps_per_s, walk
 
 STEPS = 2000
 ROUNDS = 3
 LEADS = (1, 2, 4, 16, 64, None)  # None: no bound
-
-
-def steps_per_s(step: Step, n: int, lead: Optional[int]) -> float:
-    """Steps per second over steps 0..n-1, the host at most `lead` steps ahead of the GPU."""
-    events = [torch.cuda.Event() for _ in range(lead or 1)]
-    for i in range(20):
-        step(i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(n):
-        if lead is not None and i >= lead:
-            events[i % lead].synchronize()  # step i - lead has finished
-        step(i)
-        if lead is not None:
-            events[i % lead].record()
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -51,7 +32,9 @@ def main() -> None:
             for name, step in steps.items():
                 if name == "bare":  # the trace's mean step in the static buffers, as the benchmark does
                     contenders.runner(**contenders.bare_step)
-                medians.append(statistics.median(steps_per_s(step, STEPS, lead) for _ in range(ROUNDS)))
+                # a lead of k: step i waits for step i - k, as paced(k - 1) does
+                bounded = paced(step, lead - 1 if lead else None)
+                medians.append(statistics.median(steps_per_s(bounded, STEPS, False) for _ in range(ROUNDS)))
             print(f"  {lead or 'none':>6}" + "".join(f"{m:12.1f}" for m in medians))
         contenders.close()
 

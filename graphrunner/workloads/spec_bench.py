@@ -14,7 +14,6 @@ stays on the device). Writes bench-<gpu>-spec.json, .txt and .png into --out.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from graphrunner.workloads.bench import (DEFAULT_ATTENTION, add_output_arguments
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
+from graphrunner.workloads.traces import medians
 
 MiB = 1024 * 1024
 
@@ -197,8 +197,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
                 rounds = args.rounds if name != "eager" else min(args.rounds, args.eager_rounds)
                 spread.setdefault(f"spec_tokens_s_{name}_{mode}", []).append(
                     timed_trace(trace, round_fn, synced, rounds))
-    res.update({key: statistics.median(values) for key, values in spread.items()})
-    res["_spread"] = {key: (min(values), max(values)) for key, values in spread.items()}
+    res.update(medians(spread, "_spread"))
     for name in contenders:
         res[f"spec_tokens_s_{name}"] = res[f"spec_tokens_s_{name}_synced"]
     for mode in ("synced", "pipelined"):

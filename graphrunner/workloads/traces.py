@@ -176,6 +176,13 @@ def paced(step: Step, lead: Optional[int]) -> Step:
     return call
 
 
+def medians(spread: Dict[str, List[float]], spread_key: str) -> Dict[str, object]:
+    """Each key's median over rounds, and under `spread_key` each key's (min, max)."""
+    out: Dict[str, object] = {key: statistics.median(values) for key, values in spread.items()}
+    out[spread_key] = {key: (min(values), max(values)) for key, values in spread.items()}
+    return out
+
+
 def steps_per_s(step: Step, n: int, synced: bool) -> float:
     """Steps per second over steps 0..n-1, the host waiting for each (synced) or never inside the loop."""
     stream = torch.cuda.current_stream()
@@ -255,8 +262,7 @@ def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str
     with torch.no_grad():
         res[f"{prefix}compile_error"] = _run_contenders(
             Contenders(cfg, walk(cfg.max_batch_size, trace_steps), compiled, gen), trace_steps, prefix, spread)
-    res.update({key: statistics.median(values) for key, values in spread.items()})
-    res[f"_{prefix}spread"] = {key: (min(values), max(values)) for key, values in spread.items()}
+    res.update(medians(spread, f"_{prefix}spread"))
 
     def ratio(a: str, b: str) -> Optional[float]:
         return res[a] / res[b] if a in res and b in res else None
