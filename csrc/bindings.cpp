@@ -85,11 +85,16 @@ PYBIND11_MODULE(_C, m) {
           [](const Graph& g) {
             py::list out;
             for (const auto& node : g.scan()) {
-              out.append(py::make_tuple(node.kind, node.name, node.words));
+              py::list words;
+              for (const auto& w : node.words) {
+                words.append(py::make_tuple(w.offset, w.value, w.in_struct));
+              }
+              out.append(py::make_tuple(node.kind, node.name, words));
             }
             return out;
           },
-          "Every kernel, memset and memcpy node as (kind, name, [(offset, word), ...]) (needs keep_graph=True).")
+          "Every kernel, memset and memcpy node as (kind, name, [(offset, word, in_struct), ...]) "
+          "(needs keep_graph=True).")
       .def_property_readonly("captured", &Graph::captured)
       .def_property_readonly("capturing", &Graph::capturing)
       .def_property_readonly("pool", &Graph::pool)

@@ -11,13 +11,13 @@ namespace {
 // Values below this are counts, strides and flags, never device addresses.
 constexpr uint64_t kSmallestAddress = 1ull << 20;
 
-void add_words(NodeWords& node, const void* bytes, size_t size, size_t base_offset) {
+void add_words(NodeWords& node, const void* bytes, size_t size, size_t base_offset, bool in_struct) {
   const auto* p = static_cast<const unsigned char*>(bytes);
   for (size_t off = 0; off + sizeof(uint64_t) <= size; off += sizeof(uint64_t)) {
     uint64_t value;
     std::memcpy(&value, p + off, sizeof(value));
     if (value >= kSmallestAddress) {
-      node.words.emplace_back(static_cast<uint32_t>(base_offset + off), value);
+      node.words.push_back(Word{static_cast<uint32_t>(base_offset + off), value, in_struct});
     }
   }
 }
@@ -47,7 +47,7 @@ void add_kernel_params(NodeWords& node, const CUDA_KERNEL_NODE_PARAMS& p) {
     if (found != CUDA_SUCCESS) {
       return;  // past the last parameter
     }
-    add_words(node, p.kernelParams[i], size, offset);
+    add_words(node, p.kernelParams[i], size, offset, size > sizeof(uint64_t));
   }
 }
 
@@ -63,7 +63,7 @@ void add_extra_buffer(NodeWords& node, void** extra) {
     }
   }
   if (buffer != nullptr) {
-    add_words(node, buffer, size, 0);
+    add_words(node, buffer, size, 0, true);
   }
 }
 
@@ -94,14 +94,14 @@ void scan_into(cudaGraph_t graph, std::vector<NodeWords>& out) {
       cudaMemsetParams p{};
       GR_CUDA_CHECK(cudaGraphMemsetNodeGetParams(node, &p));
       NodeWords words{"memset", "memset", {}};
-      add_words(words, &p.dst, sizeof(p.dst), 0);
+      add_words(words, &p.dst, sizeof(p.dst), 0, false);
       out.push_back(std::move(words));
     } else if (type == cudaGraphNodeTypeMemcpy) {
       cudaMemcpy3DParms p{};
       GR_CUDA_CHECK(cudaGraphMemcpyNodeGetParams(node, &p));
       NodeWords words{"memcpy", "memcpy", {}};
-      add_words(words, &p.srcPtr.ptr, sizeof(void*), 0);
-      add_words(words, &p.dstPtr.ptr, sizeof(void*), sizeof(void*));
+      add_words(words, &p.srcPtr.ptr, sizeof(void*), 0, false);
+      add_words(words, &p.dstPtr.ptr, sizeof(void*), sizeof(void*), false);
       out.push_back(std::move(words));
     } else if (type == cudaGraphNodeTypeGraph) {
       cudaGraph_t child = nullptr;

@@ -3,8 +3,9 @@
 // A kernel captured from a library bakes raw device addresses into its parameters: its inputs and
 // outputs, and also memory the library cached outside the graph's pool (a cuBLAS workspace, say). If that
 // memory is freed while the graph lives, replays read or write freed memory. The scan lists every
-// 8-byte-aligned word of every node's parameters that could be an address; Python classifies them
-// against the allocator's snapshot. What it cannot see: addresses a kernel reads indirectly, from a
+// 8-byte-aligned word of every node's parameters that could be an address, and whether it lies inside a
+// parameter larger than a pointer (a functor or argument struct, whose unused slots may hold leftover host
+// stack bytes); Python classifies them against the allocator's snapshot. What it cannot see: addresses a kernel reads indirectly, from a
 // table in device memory.
 #pragma once
 
@@ -12,15 +13,20 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace graphrunner {
 
+struct Word {
+  uint32_t offset;  // byte offset in the node's parameters
+  uint64_t value;
+  bool in_struct;   // inside a parameter larger than a pointer (or cuBLAS's one argument buffer)
+};
+
 struct NodeWords {
   std::string kind;  // "kernel", "memset" or "memcpy"
   std::string name;  // the kernel's (mangled) name, or the node kind
-  std::vector<std::pair<uint32_t, uint64_t>> words;  // (byte offset in the parameters, value)
+  std::vector<Word> words;
 };
 
 // Every kernel, memset and memcpy node of `graph` (child graphs included), in node order.

@@ -6,6 +6,15 @@ memory the caller declared long-lived (fn's parameters and buffers when fn is a 
 buffers). Anything else is borrowed: if its owner frees it, the graph reads or writes freed memory on its
 next replay. The audit names each such borrowing by size, kernel and memory.
 
+Kernel parameter structs carry unused slots whose bytes are whatever was on the host stack when the kernel
+was launched (TensorIterator's offset arrays hold 25 dimensions and use a few; torch.cat's kernel has room for
+64 inputs). Such a word can look like the address of any tensor the process holds. A kernel's real arguments
+come from the program, which runs the same way at every size, so memory a kernel really borrows shows up in
+every graph that runs that code; a leftover stack word shows up where the stack happened to hold it. A word
+inside a struct is therefore a finding only when another graph of the audit borrows the same memory too, or
+when the audit covers one graph; otherwise it is listed as unconfirmed. Pointer-sized parameters are never
+leftovers: a borrowed one is always a finding.
+
 What it cannot see: addresses a kernel reads indirectly, from a table in device memory (a page table, an
 array of pointers). Scrub and guard (validate()) cover those by their effects.
 """
@@ -13,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Set, Tuple
 
 import torch
 
@@ -37,6 +46,7 @@ class Reference:
         offset: the byte offset of the address in the node's parameters.
         address: the address.
         memory: what the memory is.
+        in_struct: the word lies inside a parameter larger than a pointer (a functor or argument struct).
     """
 
     graph: str
@@ -44,6 +54,7 @@ class Reference:
     offset: int
     address: int
     memory: str
+    in_struct: bool = False
 
     def __str__(self) -> str:
         kernel = self.kernel if len(self.kernel) <= 70 else self.kernel[:67] + "..."
@@ -59,10 +70,12 @@ class AuditReport:
         nodes: nodes scanned (kernels, memsets, memcpys).
         owned: references into memory that lives as long as the graphs, counted by what it is.
         borrowed: references into live torch allocations that nothing keeps alive for the graphs: findings.
-        stale: words that point into memory the allocator holds free. Kernel parameter structs carry unused
-            slots (TensorIterator's offset arrays hold 25 dims, a few used) whose bytes are whatever was on
-            the host stack, so such a word may be garbage the kernel never reads: listed, not found at fault.
-            After a co-tenant freed a workspace the graphs borrowed, the borrowed reference shows up here.
+        unconfirmed: words inside parameter structs that point into a live allocation no other graph of the
+            audit references: most likely leftover host stack bytes in a slot the kernel never reads (see the
+            module's docstring). Listed, not found at fault.
+        stale: words that point into memory the allocator holds free. Like unconfirmed words, such a word may
+            be a leftover the kernel never reads: listed, not found at fault. After a co-tenant freed a
+            workspace the graphs borrowed, the borrowed reference shows up here.
         external: references into device memory outside torch's allocator (NCCL buffers, a library's own
             cudaMalloc): torch cannot free it, so it is reported, not found at fault.
     """
@@ -71,15 +84,17 @@ class AuditReport:
     nodes: int = 0
     owned: Dict[str, int] = field(default_factory=dict)
     borrowed: List[Reference] = field(default_factory=list)
+    unconfirmed: List[Reference] = field(default_factory=list)
     stale: List[Reference] = field(default_factory=list)
     external: List[Reference] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"audit of {self.graphs} graphs, {self.nodes} nodes: {len(self.borrowed)} borrowed reference(s), "
-                 f"{len(self.stale)} into free allocator memory, {len(self.external)} into memory outside torch's "
-                 "allocator"]
+                 f"{len(self.unconfirmed)} unconfirmed, {len(self.stale)} into free allocator memory, "
+                 f"{len(self.external)} into memory outside torch's allocator"]
         lines += [f"  {count:6d} x {what}" for what, count in sorted(self.owned.items())]
         lines += [f"  borrowed: {r}" for r in self.borrowed[:20]]
+        lines += [f"  unconfirmed: {r}" for r in self.unconfirmed[:5]]
         lines += [f"  stale: {r}" for r in self.stale[:5]]
         lines += [f"  external: {r}" for r in self.external[:5]]
         return "\n".join(lines)
@@ -118,6 +133,7 @@ class _Ranges:
 
 
 Range = Tuple[int, int, str]  # (address, bytes, what it is)
+Scan = List[Tuple[str, str, List[Tuple[int, int, bool]]]]  # Graph.scan(): (kind, name, [(offset, word, in_struct)])
 
 
 def record_ranges(record: CaptureRecord) -> List[Range]:
@@ -180,27 +196,48 @@ def audit_graphs(graphs: Sequence[Tuple[str, Graph]], owned: Sequence[Range], de
         owned: memory that lives as long as the graphs, [(address, bytes, what it is)].
         device: the GPU whose allocator holds the rest.
     """
+    return classify([(whose, graph.scan()) for whose, graph in graphs], owned, _allocator_blocks(device),
+                    _C.address_kind)
+
+
+def classify(scans: Sequence[Tuple[str, Scan]], owned: Sequence[Range], allocated: Sequence[Range],
+             address_kind: Callable[[int], str]) -> AuditReport:
+    """The audit of scanned graphs: each word classified as owned, borrowed, unconfirmed, stale or external.
+
+    Args:
+        scans: (how messages name the graph, its Graph.scan()) pairs.
+        owned: memory that lives as long as the graphs, [(address, bytes, what it is)].
+        allocated: every block torch's allocator holds, [(address, bytes, label)], the label starting with
+            "a live allocation" for blocks in use.
+        address_kind: what CUDA says an address outside the allocator is ("device", "host", "managed", or "").
+    """
     report = AuditReport()
-    owned_ranges = _Ranges(owned)
-    allocated = _Ranges(_allocator_blocks(device))
+    owned_ranges, allocated_ranges = _Ranges(owned), _Ranges(allocated)
     kinds: Dict[int, str] = {}
-    for whose, graph in graphs:
+    live: List[Reference] = []
+    for whose, nodes in scans:
         report.graphs += 1
-        for kind, name, words in graph.scan():
+        for kind, name, words in nodes:
             report.nodes += 1
-            for offset, address in words:
+            for offset, address, in_struct in words:
                 what = owned_ranges.find(address)
                 if what is not None:
                     report.owned[what] = report.owned.get(what, 0) + 1
                     continue
-                what = allocated.find(address)
+                what = allocated_ranges.find(address)
                 if what is not None:
-                    found = report.borrowed if what.startswith("a live") else report.stale
-                    found.append(Reference(whose, name, offset, address, what))
+                    ref = Reference(whose, name, offset, address, what, in_struct)
+                    (live if what.startswith("a live") else report.stale).append(ref)
                     continue
                 if address not in kinds:
-                    kinds[address] = _C.address_kind(address)
+                    kinds[address] = address_kind(address)
                 if kinds[address]:
                     report.external.append(Reference(whose, name, offset, address,
                                                      f"{kinds[address]} memory outside torch's allocator"))
+    graphs_of: Dict[str, Set[str]] = {}  # a live block (its label) -> the graphs that reference it
+    for ref in live:
+        graphs_of.setdefault(ref.memory, set()).add(ref.graph)
+    for ref in live:
+        confirmed = not ref.in_struct or report.graphs == 1 or len(graphs_of[ref.memory]) > 1
+        (report.borrowed if confirmed else report.unconfirmed).append(ref)
     return report
