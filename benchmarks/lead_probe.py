@@ -30,8 +30,6 @@ def main() -> None:
         for lead in LEADS:
             medians = []
             for name, step in steps.items():
-                if name == "bare":  # the trace's mean step in the static buffers, as the benchmark does
-                    contenders.runner(**contenders.bare_step)
                 # a lead of k: step i waits for step i - k, as paced(k - 1) does
                 bounded = paced(step, lead - 1 if lead else None)
                 medians.append(statistics.median(steps_per_s(bounded, STEPS, False) for _ in range(ROUNDS)))

@@ -3,10 +3,10 @@
 A trace is a random walk of batch sizes over 1..max_batch_size with fresh inputs each step. Contenders:
 - run: graphrunner (staging inside the graph);
 - baseline: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
-- bare: graphrunner's graph of each step's size replayed with nothing staged, the host at most as far ahead as the
-  runner's max_lead lets it. The static buffers hold, per row, the row's mean length over the trace (a padding row
-  counting as length 1): attention reads only the keys each row has, so a bare replay costs what the trace's steps
-  cost on average, not what the last staged step did;
+- bare: pre-staged inputs. Per step, a graph of the step's size captured the way graphrunner captures (its capture
+  stream, one pool) on the step's own inputs, padded: a replay runs what the runner's graph runs for that step,
+  attention over the step's own lengths included, with nothing staged. The host leads the GPU by at most the
+  runner's max_lead steps;
 - compile_ro: torch.compile(mode="reduce-overhead") with each step's inputs padded, outside the timed loop, to the
   size graphrunner runs it at;
 - run_compiled: graphrunner around torch.compile(mode="default") of the same model, compiled at every capture
@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import graphrunner as gr
+from graphrunner.graph import capture_stream
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
@@ -73,7 +74,8 @@ class Contenders:
         self.sizes = gr.default_capture_sizes(cfg.max_batch_size)
         self.steps = [random_decode_inputs(cfg, b, gen) for b in batches]
         self.fixed = {b: random_decode_inputs(cfg, b, gen) for b in GPU_BATCHES if b <= cfg.max_batch_size}
-        self.bare_step = self._mean_step(gen)
+        self.bare_pool = torch.cuda.graph_pool_handle()
+        self.bare_graphs: List[gr.Graph] = []
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         self.compile_ro: Optional[Callable[..., object]] = None
         self.run_compiled: Optional[gr.GraphRunner] = None
@@ -90,22 +92,21 @@ class Contenders:
         self.runner.capture()
         self.baseline = CommonRunner(self.model, example, self.sizes)
 
-    def _mean_step(self, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-        """A step of the largest size whose row r has the mean length of row r over the trace's steps whose
-        graph holds row r (as a padding row, length 1)."""
-        cfg = self.cfg
-        total = torch.zeros(cfg.max_batch_size, device="cuda")
-        count = torch.zeros_like(total)
-        for step in self.steps:
-            batch = step["seq_lens"].shape[0]
-            size = next(s for s in self.sizes if s >= batch)
-            total[:batch] += step["seq_lens"]
-            total[batch:size] += 1
-            count[:size] += 1
-        out = random_decode_inputs(cfg, cfg.max_batch_size, gen)
-        out["seq_lens"] = (total / count.clamp(min=1)).round().clamp(1, cfg.cache_len).int()
-        out["positions"] = (out["seq_lens"] - 1).long()
-        return out
+    def _prestaged(self, pad: List[Dict[str, torch.Tensor]]) -> List[gr.Graph]:
+        """Per step of `pad` (inputs padded to the runner's size for them), a graph captured on the step's own
+        inputs, on graphrunner's capture stream, into one pool: replayed, it runs the step with nothing staged."""
+        stream = capture_stream(torch.cuda.current_device())
+        with torch.cuda.stream(stream):  # this stream's cuBLAS workspace, made before any capture
+            self.model(**pad[0])
+        stream.synchronize()
+        graphs = []
+        for step in pad:
+            graph = gr.Graph()
+            with graph.capture(pool=self.bare_pool, stream=stream):
+                self.model(**step)
+            graphs.append(graph)
+        self.bare_graphs += graphs
+        return graphs
 
     def _compile(self, example: Dict[str, torch.Tensor]) -> None:
         torch._dynamo.reset()
@@ -124,7 +125,8 @@ class Contenders:
     def step_functions(self, steps: List[Dict[str, torch.Tensor]]) -> Dict[str, Step]:
         """Per contender, a function running step i % len(steps) of `steps`: the trace, or one fixed batch."""
         runner, baseline, n = self.runner, self.baseline, len(steps)
-        graphs = [runner.record.entries[runner.size_for(s["input_ids"].shape[0])].graph for s in steps]
+        pad = [padded(self.cfg, s, runner.size_for(s["input_ids"].shape[0])) for s in steps]
+        graphs = self._prestaged(pad)
         # Bare replays lead the GPU by as many steps as the runner's own, so that run against bare weighs
         # staging alone, not how full the launch queue is.
         out: Dict[str, Step] = {"run": lambda i: runner(**steps[i % n]),
@@ -132,7 +134,6 @@ class Contenders:
                                 "bare": paced(lambda i: graphs[i % n].replay(), runner.spec.max_lead)}
         if self.compile_ro is not None:
             ro, rc = self.compile_ro, self.run_compiled
-            pad = [padded(self.cfg, s, runner.size_for(s["input_ids"].shape[0])) for s in steps]
 
             def compile_ro(i: int) -> object:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -156,6 +157,9 @@ class Contenders:
         """Gives back every contender's graphs and pools."""
         self.runner.close()
         self.baseline.close()
+        for graph in self.bare_graphs:
+            graph.reset()
+        self.bare_graphs = []
         self.close_compiled()
 
 
@@ -227,8 +231,6 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
                 for name in group:
                     if name not in trace:
                         continue
-                    if name == "bare":  # the trace's mean step in the static buffers (see the module's docstring)
-                        contenders.runner(**contenders.bare_step)
                     for regime, synced in (("pipelined", False), ("synced", True)):
                         spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
                             steps_per_s(trace[name], trace_steps, synced))
