@@ -5,8 +5,8 @@
 // memory is freed while the graph lives, replays read or write freed memory. The scan lists every
 // 8-byte-aligned word of every node's parameters that could be an address, and whether it lies inside a
 // parameter larger than a pointer (a functor or argument struct, whose unused slots may hold leftover host
-// stack bytes); Python classifies them against the allocator's snapshot. What it cannot see: addresses a kernel reads indirectly, from a
-// table in device memory.
+// stack bytes); Python classifies them against the allocator's snapshot. What it cannot see: addresses a
+// kernel reads indirectly, from a table in device memory.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -194,8 +194,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         loops = {"floor": lambda k: launch_floor_us(ours.exec_handle, torch.cuda.current_stream().cuda_stream, k)}
         return contenders, loops
 
-    # One untimed pass first: the first row measured ran every contender's host path cold (baseline 74 us at
-    # batch 1 against 49-55 at the other batches, graphrunner 6.0 against 4.3-4.9, in session 8's first run).
+    # One untimed pass first: otherwise the first row measured runs every contender's host path cold (run Z2 of
+    # gpu-log-h100.txt: the common runner 74 us at batch 1 against 49-55 at the other batches).
     first, first_loops = batch_contenders(BATCHES[0])
     timed(first, [random_decode_inputs(cfg, BATCHES[0], gen)], args.steps, first_loops)
     rows = []
