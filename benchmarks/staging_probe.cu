@@ -1,5 +1,5 @@
 // Where a staged step's GPU and host time go: one small graph (a staging node, then a chain of tiny
-// kernels standing in for a draft model), staged six ways. Build and run on the GPU machine:
+// kernels standing in for a draft model), staged each of the ways listed in `variants`. Build and run on the GPU machine:
 //   nvcc -O3 -std=c++17 -arch=native benchmarks/staging_probe.cu -lcuda -o /tmp/probe && /tmp/probe
 // Per variant: host us per step (the API calls of one step, the GPU idle) and GPU us per step (2,000 steps
 // launched back to back, timed with events), minus the same for "bare" (the graph, nothing staged).
@@ -90,6 +90,21 @@ __global__ void stage_ring1(Ring* ring, unsigned long long* control, unsigned ch
     }
   }
 }
+// graphrunner's staging as it is: the copy, and thread 0 stamps the step's number into host-mapped memory.
+struct StampParams {
+  long long batch, seq;
+  volatile long long* where;  // host-mapped (STAMP) or device memory (STAMP_BRANCH)
+  const unsigned char* src[kInputs];
+  unsigned char* dst[kInputs];
+};
+__global__ void stage_stamp(const __grid_constant__ StampParams p) {
+  if (p.batch < 0) return;
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *p.where = p.seq;
+  copy_rows(p.dst[blockIdx.y], p.src[blockIdx.y], p.batch * 8);
+}
+// The stamp off the model's path: a node beside the body, after staging, copies the step's number (which
+// staging wrote to device memory) to the host-mapped word.
+__global__ void stamp(const volatile long long* seq, volatile long long* host) { *host = *seq; }
 __global__ void body(float* x) { x[threadIdx.x] = x[threadIdx.x] * 0.999f + 1.0f; }
 
 int main(int argc, char** argv) {
@@ -109,7 +124,15 @@ int main(int argc, char** argv) {
   BigParams big{}; big.batch = -1; big.size = 1;
   for (int i = 0; i < kMax; ++i) { big.dst[i] = hd[i]; big.row_bytes[i] = 8; }
   SmallParams small{}; small.batch = -1; for (int i = 0; i < kInputs; ++i) small.dst[i] = hd[i];
-  enum Stage { NONE, BIG, SMALL, RING, RING1 };
+  long long* stamp_host; long long* stamp_mapped; long long* seq_dev;
+  CHECK(cudaHostAlloc(&stamp_host, sizeof(long long), cudaHostAllocMapped));
+  CHECK(cudaHostGetDevicePointer((void**)&stamp_mapped, stamp_host, 0)); CHECK(cudaMalloc(&seq_dev, sizeof(long long)));
+  StampParams stamped{}; stamped.batch = -1; for (int i = 0; i < kInputs; ++i) stamped.dst[i] = hd[i];
+  StampParams branched = stamped; stamped.where = stamp_mapped; branched.where = seq_dev;
+  cudaStream_t side; CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  cudaEvent_t forked, joined; CHECK(cudaEventCreateWithFlags(&forked, cudaEventDisableTiming));
+  CHECK(cudaEventCreateWithFlags(&joined, cudaEventDisableTiming));
+  enum Stage { NONE, BIG, SMALL, RING, RING1, STAMP, STAMP_BRANCH };
   auto capture = [&](Stage st, cudaGraphExec_t* exec, cudaGraphNode_t* node, cudaGraph_t* graph) {
     CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
     dim3 grid(1, kInputs);
@@ -117,24 +140,39 @@ int main(int argc, char** argv) {
     if (st == SMALL) stage_small<<<grid, 128, 0, s>>>(small);
     if (st == RING) stage_ring<<<grid, 128, 0, s>>>(ring_dev, control, dsts);
     if (st == RING1) stage_ring1<<<grid, 128, 0, s>>>(ring_dev, control, dsts);
+    if (st == STAMP) stage_stamp<<<grid, 128, 0, s>>>(stamped);
+    if (st == STAMP_BRANCH) stage_stamp<<<grid, 128, 0, s>>>(branched);
     if (node) { cudaStreamCaptureStatus cs; const cudaGraphNode_t* deps; size_t n;
       CHECK(cudaStreamGetCaptureInfo(s, &cs, nullptr, nullptr, &deps, nullptr, &n)); *node = deps[0]; }
+    if (st == STAMP_BRANCH) {  // fork after staging, join before the capture ends
+      CHECK(cudaEventRecord(forked, s)); CHECK(cudaStreamWaitEvent(side, forked));
+      stamp<<<1, 1, 0, side>>>(seq_dev, stamp_mapped); CHECK(cudaEventRecord(joined, side));
+    }
     for (int k = 0; k < kBody; ++k) body<<<1, 256, 0, s>>>(work);
+    if (st == STAMP_BRANCH) CHECK(cudaStreamWaitEvent(s, joined));
     CHECK(cudaStreamEndCapture(s, graph));
     CHECK(cudaGraphInstantiate(exec, *graph, 0)); CHECK(cudaGraphUpload(*exec, s)); CHECK(cudaStreamSynchronize(s));
   };
-  cudaGraph_t g[5]; cudaGraphExec_t e[5]; cudaGraphNode_t nodes[5] = {};
+  cudaGraph_t g[7]; cudaGraphExec_t e[7]; cudaGraphNode_t nodes[7] = {};
   capture(NONE, &e[NONE], nullptr, &g[NONE]);
-  for (int st = BIG; st <= RING1; ++st) capture((Stage)st, &e[st], &nodes[st], &g[st]);
+  for (int st = BIG; st <= STAMP_BRANCH; ++st) capture((Stage)st, &e[st], &nodes[st], &g[st]);
   // A graph of the staging node alone, for the two-launch variant.
   cudaGraph_t g_stage; cudaGraphExec_t e_stage; cudaGraphNode_t node_stage;
   { int body_kernels = kBody; kBody = 0; capture(SMALL, &e_stage, &node_stage, &g_stage); kBody = body_kernels; }
-  CUDA_KERNEL_NODE_PARAMS kp_big{}, kp_small{};
+  CUDA_KERNEL_NODE_PARAMS kp_big{}, kp_small{}, kp_stamp{}, kp_branch{};
   CHECK_CU(cuGraphKernelNodeGetParams(nodes[BIG], &kp_big)); CHECK_CU(cuGraphKernelNodeGetParams(nodes[SMALL], &kp_small));
+  CHECK_CU(cuGraphKernelNodeGetParams(nodes[STAMP], &kp_stamp));
+  CHECK_CU(cuGraphKernelNodeGetParams(nodes[STAMP_BRANCH], &kp_branch));
+  kp_stamp.extra = kp_branch.extra = nullptr;
   CUDA_KERNEL_NODE_PARAMS kp_big_kern = kp_big; if (kp_big_kern.kern) kp_big_kern.func = nullptr;
   kp_big.extra = kp_small.extra = kp_big_kern.extra = nullptr;
   cudaKernelNodeParams rt{}; rt.func = (void*)stage_big; rt.gridDim = dim3(1, kInputs); rt.blockDim = dim3(128);
   const unsigned char* sources[kInputs] = {src, src + 1024, src + 2048};
+  long long seq = 0;
+  auto stamped_step = [&](StampParams& p, CUDA_KERNEL_NODE_PARAMS& kp, Stage st) {
+    p.batch = 1; p.seq = ++seq; memcpy(p.src, sources, sizeof(p.src)); void* a[] = {&p}; kp.kernelParams = a;
+    CHECK_CU(cuGraphExecKernelNodeSetParams(e[st], nodes[st], &kp)); CHECK_CU(cuGraphLaunch(e[st], s));
+  };
   unsigned long long issued = 0;
   auto ring_step = [&](cudaGraphExec_t ex) {
     while (issued - *(volatile unsigned long long*)&ring->consumed >= kRing) {}
@@ -152,6 +190,8 @@ int main(int argc, char** argv) {
     {"param 56 B (driver, func)", [&] { small.batch = 1; memcpy(small.src, sources, sizeof(sources)); void* a[] = {&small}; kp_small.kernelParams = a; CHECK_CU(cuGraphExecKernelNodeSetParams(e[SMALL], nodes[SMALL], &kp_small)); CHECK_CU(cuGraphLaunch(e[SMALL], s)); }},
     {"staging graph + graph (2 launches)", [&] { small.batch = 1; memcpy(small.src, sources, sizeof(sources)); void* a[] = {&small}; kp_small.kernelParams = a; CHECK_CU(cuGraphExecKernelNodeSetParams(e_stage, node_stage, &kp_small)); CHECK_CU(cuGraphLaunch(e_stage, s)); CHECK_CU(cuGraphLaunch(e[NONE], s)); }},
     {"stage kernel <<<>>> + graph", [&] { small.batch = 1; memcpy(small.src, sources, sizeof(sources)); stage_small<<<dim3(1, kInputs), 128, 0, s>>>(small); CHECK_CU(cuGraphLaunch(e[NONE], s)); }},
+    {"param 80 B + stamp in kernel (now)", [&] { stamped_step(stamped, kp_stamp, STAMP); }},
+    {"param 80 B + stamp node beside body", [&] { stamped_step(branched, kp_branch, STAMP_BRANCH); }},
     {"ring, dependent reads (0.2)", [&] { ring_step(e[RING]); }},
     {"ring, one warp read", [&] { ring_step(e[RING1]); }},
   };
