@@ -1,5 +1,6 @@
 // Where a staged step's GPU and host time go: one small graph (a staging node, then a chain of tiny
-// kernels standing in for a draft model), staged each of the ways listed in `variants`. Build and run on the GPU machine:
+// kernels standing in for a draft model), staged each of the ways listed in `variants`. Build and run
+// on the GPU machine:
 //   nvcc -O3 -std=c++17 -arch=native benchmarks/staging_probe.cu -lcuda -o /tmp/probe && /tmp/probe
 // Per variant: host us per step (the API calls of one step, the GPU idle) and GPU us per step (2,000 steps
 // launched back to back, timed with events), minus the same for "bare" (the graph, nothing staged).
