@@ -97,31 +97,29 @@ class PoolView:
         declare itself: runners may share a module)."""
         blocks = pool_segments(self.pool, self.device)
         for rec in self.records:
-            whose = f" of runner {rec.name!r}" if rec.name else ""
             for name, buf in rec.static_inputs.items():
                 first = size * rec.rows_per_request[name] if rec is record else 0
                 rows = buf[first:]
                 if rows.numel():
-                    label = f"static input {name!r}{whose} rows {first}..{buf.shape[0] - 1}"
+                    label = f"static input {name!r}{rec.of_runner} rows {first}..{buf.shape[0] - 1}"
                     blocks.append(Block(rows.data_ptr(), rows.numel() * rows.element_size(), BlockKind.STATIC_ROWS,
                                         (rec.name, 0), label))
         mine = [_span(t) for t in record.state_buffers.values()]
         seen = set(mine)
         for rec in self.records:
-            whose = f" of runner {rec.name!r}" if rec.name else ""
             for name, t in rec.state_buffers.items():
                 address, nbytes = _span(t)
                 if rec is record or not nbytes or (address, nbytes) in seen or \
                         any(a < address + nbytes and address < a + n for a, n in mine):
                     continue
                 seen.add((address, nbytes))
-                blocks.append(Block(address, nbytes, BlockKind.STATE, (rec.name, 0), f"{name}{whose}"))
+                blocks.append(Block(address, nbytes, BlockKind.STATE, (rec.name, 0), f"{name}{rec.of_runner}"))
         return [(b, raw_bytes(b.address, b.size, self.device).clone()) for b in blocks]
 
     def overrun(self, record: CaptureRecord, size: int, address: int) -> Optional[Block]:
         """The writer's own memory that ends where a write out of bounds starts (within the allocator's
         512-byte rounding): its state buffers, static inputs, and what its capture allocated."""
-        whose = f" of runner {record.name!r}" if record.name else ""
+        whose = record.of_runner
         mine = [Block(*_span(t), BlockKind.STATE, (record.name, 0), f"{name}{whose}")
                 for name, t in record.state_buffers.items()]
         mine += [Block(*_span(t), BlockKind.STATIC_ROWS, (record.name, 0), f"static input {name!r}{whose}")

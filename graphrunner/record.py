@@ -77,9 +77,14 @@ class CaptureRecord:
         """The rows of `size` requests of every static input buffer."""
         return {n: buf[: size * self.rows_per_request[n]] for n, buf in self.static_inputs.items()}
 
+    @property
+    def of_runner(self) -> str:
+        """What messages append to name this runner: " of runner 'draft'", or "" for an unnamed runner."""
+        return f" of runner {self.name!r}" if self.name else ""
+
     def label(self, size: int) -> str:
         """How messages name a size of this runner: "size 8", or "size 8 of runner 'draft'"."""
-        return f"size {size}" + (f" of runner {self.name!r}" if self.name else "")
+        return f"size {size}{self.of_runner}"
 
     def describe(self, size: int) -> str:
         """How messages name the graph of `size`."""
