@@ -7,7 +7,7 @@ import torch
 import graphrunner as gr
 from conftest import gpu
 from graphrunner.checks import relative_error
-from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
+from graphrunner.workloads.decoder import DecoderConfig, Decoder, decode_inputs, kv_slot, random_decode_inputs
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig
 
 SMALL = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
@@ -25,6 +25,33 @@ def test_decoder_rows_are_independent_on_cpu():
     assert full.shape == (6, cfg.vocab) and torch.isfinite(full).all()
 
 
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_padding_rows_leave_every_row_s_keys_alone_on_cpu(page_size):
+    """A step padded as the runner pads it gives the real rows' results and changes no cache entry but the real
+    rows' new ones and the scratch places."""
+    cfg = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=50, cache_len=64,
+                        max_batch_size=8, page_size=page_size, dtype=torch.float32)
+    padded_model, model = Decoder(cfg, device="cpu"), Decoder(cfg, device="cpu")
+    step = random_decode_inputs(cfg, 3, torch.Generator().manual_seed(0), device="cpu")
+    specs = decode_inputs(cfg)
+    padded = {n: torch.cat([t, torch.full((5, *t.shape[1:]), specs[n].pad, dtype=t.dtype)]) for n, t in step.items()}
+    torch.testing.assert_close(padded_model(**padded)[:3], model(**step), rtol=1e-5, atol=1e-5)
+    new = torch.zeros(model.k_cache.shape[:-1], dtype=torch.bool)  # the real rows' new entries, all layers
+    if cfg.paged:
+        slots = kv_slot(step["page_table"], step["positions"], cfg.page_size)
+        new[:, slots // cfg.page_size, slots % cfg.page_size] = True
+        scratch = (slice(None), 0)  # page 0
+    else:
+        new[:, torch.arange(3), :, step["positions"]] = True
+        scratch = (Ellipsis, cfg.cache_len)  # every row's column past cache_len
+    for mine, theirs in ((padded_model.k_cache, model.k_cache), (padded_model.v_cache, model.v_cache)):
+        # The new entries of layers past the first follow the batch's GEMMs: equal to rounding.
+        torch.testing.assert_close(mine[new], theirs[new], rtol=1e-4, atol=1e-5)
+        old = ~new
+        old[scratch] = False
+        assert torch.equal(mine[old], theirs[old]), "a padding row wrote into a cache entry of another row"
+
+
 def test_paged_cache_gives_the_contiguous_cache_results_on_cpu():
     tiny = dict(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=50, cache_len=64,
                 max_batch_size=8, dtype=torch.float32)
@@ -35,7 +62,8 @@ def test_paged_cache_gives_the_contiguous_cache_results_on_cpu():
 
     def as_pages(cache):  # [layers, row, heads, cache_len, dim] -> the paged model's [layers, page, slot, heads, dim]
         out = pages.k_cache.clone()
-        by_page = cache[:, :6].unflatten(3, (paged.pages_per_seq, paged.page_size)).permute(0, 1, 3, 4, 2, 5)
+        by_page = cache[:, :6, :, :contiguous.cache_len].unflatten(3, (paged.pages_per_seq, paged.page_size))
+        by_page = by_page.permute(0, 1, 3, 4, 2, 5)
         out[:, table] = by_page
         return out
 

@@ -6,7 +6,9 @@ lengths, SwiGLU MLP, final norm and LM head. Launch-bound by default (8 layers, 
 
 The KV cache is contiguous per row (row i uses slot i) or paged (`page_size` > 0, as the flash-attn
 backends need): then `page_table` [batch, pages_per_seq] is a step input naming each row's pages, and
-page 0 is a scratch page that padding rows (page table padded with 0) write to. The cache starts
+page 0 is a scratch page that padding rows (page table padded with 0) write to. A contiguous row has one
+position past cache_len, a scratch column that padding rows (positions padded with cache_len) write to and
+attention never reads, so a padded step leaves every other row's keys as they were. The cache starts
 random, so reading a wrong page shows in the output.
 
 Tensor parallel: with `tp_size > 1` QKV and gate/up are column-parallel, the output and down
@@ -73,8 +75,9 @@ class DecoderConfig:
 def decode_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
     """The decode step's inputs. Pass `make_inputs=functools.partial(random_decode_inputs, cfg)` to validate(): a
     paged step needs distinct pages per row, which independent draws per input cannot give."""
+    # A padding row's new key goes to a scratch place: page 0 (paged), or column cache_len of its row.
     inputs = {"input_ids": StaticInput((), torch.long, pad=0, high=cfg.vocab),
-              "positions": StaticInput((), torch.long, pad=0, high=cfg.cache_len),
+              "positions": StaticInput((), torch.long, pad=0 if cfg.paged else cfg.cache_len, high=cfg.cache_len),
               "seq_lens": StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len)}
     if cfg.paged:
         inputs["page_table"] = StaticInput((cfg.pages_per_seq,), torch.int32, pad=0, low=1, high=cfg.num_pages)
@@ -148,7 +151,7 @@ class Decoder(torch.nn.Module):
         if cfg.paged:
             cache, head_dim_index = (cfg.layers, cfg.num_pages, cfg.page_size, cfg.heads, cfg.head_dim), 3
         else:
-            cache, head_dim_index = (cfg.layers, cfg.max_batch_size, cfg.heads, cfg.cache_len, cfg.head_dim), 2
+            cache, head_dim_index = (cfg.layers, cfg.max_batch_size, cfg.heads, cfg.cache_len + 1, cfg.head_dim), 2
         cache_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         for name in ("k_cache", "v_cache"):
             full = torch.randn(cache, generator=cache_gen, device=device, dtype=cfg.dtype)
@@ -210,8 +213,8 @@ class Decoder(torch.nn.Module):
             torch.ops.aten.index_put_(self.k_cache, [self.layer_ids[i], *where], k)
             torch.ops.aten.index_put_(self.v_cache, [self.layer_ids[i], *where], v)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            if not cfg.paged:
-                k_cache, v_cache = k_cache[:batch], v_cache[:batch]
+            if not cfg.paged:  # the step's rows, without the scratch column
+                k_cache, v_cache = k_cache[:batch, :, :cfg.cache_len], v_cache[:batch, :, :cfg.cache_len]
             attn = self.attend(q, k_cache, v_cache, meta)
             x = x + self._all_reduce(attn.reshape(batch, -1) @ layer.o.t())
             gate, up = (rms_norm(x, layer.norm2) @ layer.gate_up.t()).chunk(2, -1)
