@@ -76,6 +76,7 @@ class Contenders:
         self.fixed = {b: random_decode_inputs(cfg, b, gen) for b in GPU_BATCHES if b <= cfg.max_batch_size}
         self.bare_pool = torch.cuda.graph_pool_handle()
         self.bare_graphs: List[gr.Graph] = []
+        self.bare_inputs: List[Dict[str, torch.Tensor]] = []  # what bare_graphs read: alive while they are
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         self.compile_ro: Optional[Callable[..., object]] = None
         self.run_compiled: Optional[gr.GraphRunner] = None
@@ -106,6 +107,7 @@ class Contenders:
                 self.model(**step)
             graphs.append(graph)
         self.bare_graphs += graphs
+        self.bare_inputs += pad
         return graphs
 
     def _compile(self, example: Dict[str, torch.Tensor]) -> None:
@@ -159,7 +161,7 @@ class Contenders:
         self.baseline.close()
         for graph in self.bare_graphs:
             graph.reset()
-        self.bare_graphs = []
+        self.bare_graphs, self.bare_inputs = [], []
         self.close_compiled()
 
 
