@@ -130,6 +130,7 @@ int main(int argc, char** argv) {
   CHECK(cudaHostGetDevicePointer((void**)&stamp_mapped, stamp_host, 0)); CHECK(cudaMalloc(&seq_dev, sizeof(long long)));
   StampParams stamped{}; stamped.batch = -1; for (int i = 0; i < kInputs; ++i) stamped.dst[i] = hd[i];
   StampParams branched = stamped; stamped.where = stamp_mapped; branched.where = seq_dev;
+  StampParams local = branched;  // the same kernel and graph as STAMP, the word in device memory: no PCIe write
   cudaStream_t side; CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   cudaEvent_t forked, joined; CHECK(cudaEventCreateWithFlags(&forked, cudaEventDisableTiming));
   CHECK(cudaEventCreateWithFlags(&joined, cudaEventDisableTiming));
@@ -193,6 +194,7 @@ int main(int argc, char** argv) {
     {"stage kernel <<<>>> + graph", [&] { small.batch = 1; memcpy(small.src, sources, sizeof(sources)); stage_small<<<dim3(1, kInputs), 128, 0, s>>>(small); CHECK_CU(cuGraphLaunch(e[NONE], s)); }},
     {"param 80 B + stamp in kernel (now)", [&] { stamped_step(stamped, kp_stamp, STAMP); }},
     {"param 80 B + stamp node beside body", [&] { stamped_step(branched, kp_branch, STAMP_BRANCH); }},
+    {"param 80 B + stamp to device memory", [&] { stamped_step(local, kp_stamp, STAMP); }},
     {"ring, dependent reads (0.2)", [&] { ring_step(e[RING]); }},
     {"ring, one warp read", [&] { ring_step(e[RING1]); }},
   };
