@@ -3,7 +3,7 @@
 # compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
 # the GPU) and, where $OUT is set (the device tool), are copied there too.
 #   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards cotenants bench
-#                                              bench-spec bench-fa4 bench-tp
+#                                              bench-spec bench-fa4 bench-tp probe
 #   (default: all; the flash-attn 4 parts run where flash_attn.cute imports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 results=benchmarks/results
 mkdir -p "$results"
-stages=${*:-build tests tests-fa4 cpp sanitizer hazards cotenants bench bench-spec bench-fa4 bench-tp}
+stages=${*:-build tests tests-fa4 cpp sanitizer hazards cotenants bench bench-spec bench-fa4 bench-tp probe}
 has_fa4=$(python3 -c "import flash_attn.cute" 2>/dev/null && echo yes)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -101,6 +101,14 @@ if has bench-tp; then
     NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 1 -m graphrunner.workloads.bench --tp 1 \
       --layers 2 --steps 50 --trace-steps 200 --name "${gpu}x1-smoke" --out "$results" || status=1
   fi
+fi
+
+if has probe; then
+  step "staging probe"
+  mkdir -p build && nvcc -O3 -std=c++17 -arch=native benchmarks/staging_probe.cu -lcuda -o build/staging_probe && \
+    { echo "# benchmarks/staging_probe.cu, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
+      build/staging_probe; } > "$results/staging-probe-$gpu.txt" || status=1
+  cat "$results/staging-probe-$gpu.txt"
 fi
 
 if [ -n "${OUT:-}" ]; then  # one archive: the device tool brings back at most 8 files
