@@ -185,7 +185,9 @@ void Launcher::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
 }
 
 void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
-  if (sizes_.size_for(batch) == 0 || !captured_for_batch_[batch]) {
+  // captured_for_batch_ holds a graph exactly where size_for(batch) names a captured size (add_graph): the
+  // caller has looked the size up already, so only the bounds are checked here.
+  if (batch < 1 || batch >= static_cast<int64_t>(captured_for_batch_.size()) || !captured_for_batch_[batch]) {
     throw StateError("no captured graph holds batch " + std::to_string(batch) + "; run this step eagerly");
   }
   Captured& c = *captured_for_batch_[batch];
