@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -75,8 +75,8 @@ class Contenders:
         self.steps = [random_decode_inputs(cfg, b, gen) for b in batches]
         self.fixed = {b: random_decode_inputs(cfg, b, gen) for b in GPU_BATCHES if b <= cfg.max_batch_size}
         self.bare_pool = torch.cuda.graph_pool_handle()
-        self.bare_graphs: List[gr.Graph] = []
-        self.bare_inputs: List[Dict[str, torch.Tensor]] = []  # what bare_graphs read: alive while they are
+        # Each bare graph with the padded inputs it reads, which must live as long as it does.
+        self.bare: List[Tuple[gr.Graph, Dict[str, torch.Tensor]]] = []
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         self.compile_ro: Optional[Callable[..., object]] = None
         self.run_compiled: Optional[gr.GraphRunner] = None
@@ -106,8 +106,7 @@ class Contenders:
             with graph.capture(pool=self.bare_pool, stream=stream):
                 self.model(**step)
             graphs.append(graph)
-        self.bare_graphs += graphs
-        self.bare_inputs += pad
+        self.bare += zip(graphs, pad)
         return graphs
 
     def _compile(self, example: Dict[str, torch.Tensor]) -> None:
@@ -159,9 +158,9 @@ class Contenders:
         """Gives back every contender's graphs and pools."""
         self.runner.close()
         self.baseline.close()
-        for graph in self.bare_graphs:
+        for graph, _ in self.bare:
             graph.reset()
-        self.bare_graphs, self.bare_inputs = [], []
+        self.bare = []
         self.close_compiled()
 
 
