@@ -105,14 +105,15 @@ class PoolView:
                     blocks.append(Block(rows.data_ptr(), rows.numel() * rows.element_size(), BlockKind.STATIC_ROWS,
                                         (rec.name, 0), label))
         mine = [_span(t) for t in record.state_buffers.values()]
-        seen = set(mine)
+        seen = set()  # one copy of a buffer two other runners declare
         for rec in self.records:
+            if rec is record:
+                continue
             for name, t in rec.state_buffers.items():
-                address, nbytes = _span(t)
-                if rec is record or not nbytes or (address, nbytes) in seen or \
-                        any(a < address + nbytes and address < a + n for a, n in mine):
+                address, nbytes = span = _span(t)
+                if not nbytes or span in seen or any(a < address + nbytes and address < a + n for a, n in mine):
                     continue
-                seen.add((address, nbytes))
+                seen.add(span)
                 blocks.append(Block(address, nbytes, BlockKind.STATE, (rec.name, 0), f"{name}{rec.of_runner}"))
         return [(b, raw_bytes(b.address, b.size, self.device).clone()) for b in blocks]
 

@@ -136,6 +136,11 @@ class RunnerSpec:
         return dataclasses.replace(self, pool=None)
 
 
+def _is_int(value: object) -> bool:
+    """An int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
@@ -187,7 +192,7 @@ def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_bat
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be 'eager' or 'error', got {fallback!r}")
     warmup = options.get("warmup", 1)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+    if not _is_int(warmup) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     mode = options.get("capture_error_mode", "global")
     if mode not in CAPTURE_ERROR_MODES:
@@ -213,10 +218,10 @@ def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_bat
     for key in ("on_capture", "before_replay", "capture_inputs"):
         _hook(key, options.get(key))
     tokens = options.get("tokens_per_request", 1)
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= 1024:
+    if not _is_int(tokens) or not 1 <= tokens <= 1024:
         raise ValueError(f"tokens_per_request must be an int in 1..1024, got {tokens!r}")
     lead = options.get("max_lead", DEFAULT_MAX_LEAD)
-    if lead is not None and (not isinstance(lead, int) or isinstance(lead, bool) or not 1 <= lead <= 1024):
+    if lead is not None and (not _is_int(lead) or not 1 <= lead <= 1024):
         raise ValueError(f"max_lead must be None (no bound) or an int in 1..1024, got {lead!r}")
     out = options.get("out")
     buffers = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else None

@@ -30,6 +30,7 @@ from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep,
 from graphrunner.workloads.traces import medians
 
 MiB = 1024 * 1024
+REPEATS = 3  # turns of every contender over the trace, per regime
 
 
 class VerifyFromMetadata(torch.nn.Module):
@@ -209,8 +210,6 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     common_draft.close()
     return res
 
-
-REPEATS = 3  # turns of every contender over the trace, per regime
 
 TARGETS = [("spec_run_vs_baseline_synced", ">=", 1.10), ("spec_run_vs_baseline_pipelined", ">=", 1.03),
            ("spec_pool_ratio", "<=", 1.02)]
