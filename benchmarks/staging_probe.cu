@@ -91,7 +91,8 @@ __global__ void stage_ring1(Ring* ring, unsigned long long* control, unsigned ch
     }
   }
 }
-// graphrunner's staging as it is: the copy, and thread 0 stamps the step's number into host-mapped memory.
+// graphrunner's staging as it is: the copy, and thread 0 stamps the step's number into host-mapped memory
+// (seq 0: a step that does not stamp).
 struct StampParams {
   long long batch, seq;
   volatile long long* where;  // host-mapped (STAMP) or device memory (STAMP_BRANCH)
@@ -100,7 +101,7 @@ struct StampParams {
 };
 __global__ void stage_stamp(const __grid_constant__ StampParams p) {
   if (p.batch < 0) return;
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *p.where = p.seq;
+  if (p.seq > 0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *p.where = p.seq;
   copy_rows(p.dst[blockIdx.y], p.src[blockIdx.y], p.batch * 8);
 }
 // The stamp off the model's path: a node beside the body, after staging, copies the step's number (which
@@ -171,8 +172,8 @@ int main(int argc, char** argv) {
   cudaKernelNodeParams rt{}; rt.func = (void*)stage_big; rt.gridDim = dim3(1, kInputs); rt.blockDim = dim3(128);
   const unsigned char* sources[kInputs] = {src, src + 1024, src + 2048};
   long long seq = 0;
-  auto stamped_step = [&](StampParams& p, CUDA_KERNEL_NODE_PARAMS& kp, Stage st) {
-    p.batch = 1; p.seq = ++seq; memcpy(p.src, sources, sizeof(p.src)); void* a[] = {&p}; kp.kernelParams = a;
+  auto stamped_step = [&](StampParams& p, CUDA_KERNEL_NODE_PARAMS& kp, Stage st, int every = 1) {
+    p.batch = 1; p.seq = ++seq % every == 0 ? seq : 0; memcpy(p.src, sources, sizeof(p.src)); void* a[] = {&p}; kp.kernelParams = a;
     CHECK_CU(cuGraphExecKernelNodeSetParams(e[st], nodes[st], &kp)); CHECK_CU(cuGraphLaunch(e[st], s));
   };
   unsigned long long issued = 0;
@@ -195,6 +196,8 @@ int main(int argc, char** argv) {
     {"param 80 B + stamp in kernel (now)", [&] { stamped_step(stamped, kp_stamp, STAMP); }},
     {"param 80 B + stamp node beside body", [&] { stamped_step(branched, kp_branch, STAMP_BRANCH); }},
     {"param 80 B + stamp to device memory", [&] { stamped_step(local, kp_stamp, STAMP); }},
+    {"param 80 B + stamp every 2nd step", [&] { stamped_step(stamped, kp_stamp, STAMP, 2); }},
+    {"param 80 B + stamp every 4th step", [&] { stamped_step(stamped, kp_stamp, STAMP, 4); }},
     {"ring, dependent reads (0.2)", [&] { ring_step(e[RING]); }},
     {"ring, one warp read", [&] { ring_step(e[RING1]); }},
   };
