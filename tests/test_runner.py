@@ -84,6 +84,23 @@ def test_every_batch_matches_eager_with_poisoned_outputs(runner, model):
         torch.testing.assert_close(static["input_ids"][:batch], inputs["input_ids"])
 
 
+@pytest.mark.parametrize("offset", [0, 1, 8])
+def test_sources_at_any_byte_offset_and_rows_that_end_mid_chunk(offset):
+    """Staging copies 16 bytes a thread where it can, and otherwise (the end of the rows, a source not 16-byte
+    aligned) loads a chunk's bytes one by one before storing them: rows of 3 bytes from a source `offset` bytes
+    into its storage come through whole at every batch, and the padding rows after them hold the pad value."""
+    spec = {"x": gr.StaticInput((3,), torch.uint8, pad=7)}
+    with gr.GraphRunner(lambda x: x.float() * 3, spec, capture_sizes=[4, 16]) as runner:
+        runner.capture()
+        for batch in range(1, 17):
+            storage = torch.randint(0, 256, (offset + 3 * batch,), dtype=torch.uint8, device="cuda")
+            x = storage[offset:].view(batch, 3)
+            poison_outputs(runner)
+            torch.testing.assert_close(runner(x=x), x.float() * 3)
+            static = runner.record.static_inputs["x"]
+            assert (static[batch:runner.size_for(batch)] == 7).all(), (batch, static)
+
+
 def test_host_may_run_ahead_of_the_gpu(runner, model):
     """Many steps without a sync: each launch carries its own staging argument."""
     steps = [make_inputs(b) for b in [3, 64, 1, 17, 40, 2] * 30]
