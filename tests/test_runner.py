@@ -86,9 +86,9 @@ def test_every_batch_matches_eager_with_poisoned_outputs(runner, model):
 
 @pytest.mark.parametrize("offset", [0, 1, 8])
 def test_sources_at_any_byte_offset_and_rows_that_end_mid_chunk(offset):
-    """Staging copies 16 bytes a thread where it can, and otherwise (the end of the rows, a source not 16-byte
-    aligned) loads a chunk's bytes one by one before storing them: rows of 3 bytes from a source `offset` bytes
-    into its storage come through whole at every batch, and the padding rows after them hold the pad value."""
+    """Staging copies 16 bytes a thread where it can, and byte by byte at the end of the rows or from a source
+    not 16-byte aligned: rows of 3 bytes from a source `offset` bytes into its storage come through whole at
+    every batch, and the padding rows after them hold the pad value."""
     spec = {"x": gr.StaticInput((3,), torch.uint8, pad=7)}
     with gr.GraphRunner(lambda x: x.float() * 3, spec, capture_sizes=[4, 16]) as runner:
         runner.capture()
