@@ -109,6 +109,9 @@ if has probe; then
     { echo "# benchmarks/staging_probe.cu, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
       build/staging_probe; } > "$results/staging-probe-$gpu.txt" || status=1
   cat "$results/staging-probe-$gpu.txt"
+  { echo "# benchmarks/staging_cost.py, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
+    PYTHONPATH=. python3 benchmarks/staging_cost.py; } > "$results/staging-cost-$gpu.txt" || status=1
+  cat "$results/staging-cost-$gpu.txt"
 fi
 
 if [ -n "${OUT:-}" ]; then  # one archive: the device tool brings back at most 8 files

@@ -1,0 +1,64 @@
+"""Where the decoder's staging cost goes: the draft preset's steps at batch 1 and 64, queued back to back, for
+- run: graphrunner, staging inside the graph;
+- idle: the runner's own graph replayed with nothing staged (its staging node runs and returns at once);
+- bare: the traces' pre-staged graph, captured on the step's padded inputs, with no staging node.
+run - idle is the staging kernel's work; idle - bare is the node being there at all. Per contender it prints the
+GPU us a step between two CUDA events (median and range over rounds) and, from torch.profiler, the kernels' own
+time a step and the staging kernel's: a cost seen in the events but not in the kernels is time between kernels.
+The staging_probe.cu numbers are a 12-kernel stand-in; these are the decoder's. On the GPU machine, after the build:
+    PYTHONPATH=. python3 benchmarks/staging_cost.py
+"""
+import statistics
+from typing import Tuple
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from graphrunner.workloads.decoder import DecoderConfig
+from graphrunner.workloads.traces import Contenders, Step, paced, queued_us
+
+ROUNDS = 5
+PROFILED_STEPS = 50
+
+
+def kernel_us(step: Step, n: int = PROFILED_STEPS) -> Tuple[float, float]:
+    """(all kernels' device us a step, the staging kernel's) over steps 0..n-1 of `step`."""
+    for i in range(10):
+        step(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(i)
+        torch.cuda.synchronize()
+    kernels = prof.key_averages()
+    staging = sum(k.device_time_total for k in kernels if "stage_inputs" in k.key)
+    return sum(k.device_time_total for k in kernels) / n, staging / n
+
+
+def main() -> None:
+    """Prints the table for the draft preset at batch 1 and 64."""
+    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        contenders = Contenders(cfg, [1], False, gen)
+        runner, lead = contenders.runner, contenders.runner.spec.max_lead
+        print(f"draft preset, GPU us a step: events over {ROUNDS} rounds, kernels from {PROFILED_STEPS} profiled steps")
+        print(f"  {'batch':>5} {'contender':>9} {'events':>8} {'range':>13} {'kernels':>8} {'staging':>8}")
+        for batch, step in contenders.fixed.items():
+            graph = runner.record.entries[runner.size_for(batch)].graph
+            steps = contenders.step_functions([step])
+            steps = {"run": steps["run"], "idle": paced(lambda i: graph.replay(), lead), "bare": steps["bare"]}
+            spread = {name: [] for name in steps}
+            for _ in range(ROUNDS):
+                for name, fn in steps.items():
+                    spread[name].append(queued_us(fn))
+            for name, fn in steps.items():
+                total, staging = kernel_us(fn)
+                times = spread[name]
+                print(f"  {batch:>5} {name:>9} {statistics.median(times):8.2f} {min(times):6.2f}-{max(times):6.2f}"
+                      f" {total:8.2f} {staging:8.2f}")
+        contenders.close()
+
+
+if __name__ == "__main__":
+    main()
