@@ -46,8 +46,8 @@ def main() -> None:
         print(f"  {'batch':>5} {'contender':>9} {'events':>8} {'range':>13} {'kernels':>8} {'staging':>8}")
         for batch, step in contenders.fixed.items():
             graph = runner.record.entries[runner.size_for(batch)].graph
-            steps = contenders.step_functions([step])
-            steps = {"run": steps["run"], "idle": paced(lambda i: graph.replay(), lead), "bare": steps["bare"]}
+            made = contenders.step_functions([step])
+            steps = {"run": made["run"], "idle": paced(lambda i: graph.replay(), lead), "bare": made["bare"]}
             spread = {name: [] for name in steps}
             for _ in range(ROUNDS):
                 for name, fn in steps.items():
