@@ -1,7 +1,9 @@
-"""Where the decoder's staging cost goes: the draft preset's steps at batch 1 and 64, queued back to back, for
+"""Where the decoder's staging cost goes: the draft preset's steps at batch 1, at batch 64 and over the bench's
+random-walk trace, queued back to back, for
 - run: graphrunner, staging inside the graph;
-- idle: the runner's own graph replayed with nothing staged (its staging node runs and returns at once);
-- bare: the traces' pre-staged graph, captured on the step's padded inputs, with no staging node.
+- idle: the runner's own graphs replayed with nothing staged (the staging node runs and returns at once; the
+  static buffers hold the last staged step, so over the trace each replay reads the inputs of the step before);
+- bare: the traces' pre-staged graphs, captured on each step's padded inputs, with no staging node.
 run - idle is the staging kernel's work; idle - bare is the node being there at all. Per contender it prints the
 GPU us a step between two CUDA events (median and range over rounds) and, from torch.profiler, the kernels' own
 time a step and the staging kernel's: a cost seen in the events but not in the kernels is time between kernels.
@@ -9,19 +11,20 @@ The staging_probe.cu numbers are a 12-kernel stand-in; these are the decoder's. 
     PYTHONPATH=. python3 benchmarks/staging_cost.py
 """
 import statistics
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, Step, paced, queued_us
+from graphrunner.workloads.traces import Contenders, Step, paced, queued_us, walk
 
 ROUNDS = 5
-PROFILED_STEPS = 50
+PROFILED_STEPS = 200
+TRACE_STEPS = 1000
 
 
-def kernel_us(step: Step, n: int = PROFILED_STEPS) -> Tuple[float, float]:
+def kernel_us(step: Step, n: int) -> Tuple[float, float]:
     """(all kernels' device us a step, the staging kernel's) over steps 0..n-1 of `step`."""
     for i in range(10):
         step(i)
@@ -35,28 +38,39 @@ def kernel_us(step: Step, n: int = PROFILED_STEPS) -> Tuple[float, float]:
     return sum(k.device_time_total for k in kernels) / n, staging / n
 
 
+def print_rows(label: str, steps: Dict[str, Step], n: int) -> None:
+    """One row per contender of `steps`, each timed over steps 0..n-1, ROUNDS times in turns."""
+    spread: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(ROUNDS):
+        for name, fn in steps.items():
+            spread[name].append(queued_us(fn, n))
+    for name, fn in steps.items():
+        total, staging = kernel_us(fn, min(n, PROFILED_STEPS))
+        times = spread[name]
+        print(f"  {label:>5} {name:>9} {statistics.median(times):8.2f} {min(times):6.2f}-{max(times):6.2f}"
+              f" {total:8.2f} {staging:8.2f}")
+
+
 def main() -> None:
-    """Prints the table for the draft preset at batch 1 and 64."""
+    """Prints the table for the draft preset at batch 1, batch 64 and over the trace."""
     cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
     gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = walk(cfg.max_batch_size, TRACE_STEPS)
     with torch.no_grad():
-        contenders = Contenders(cfg, [1], False, gen)
+        contenders = Contenders(cfg, batches, False, gen)
         runner, lead = contenders.runner, contenders.runner.spec.max_lead
-        print(f"draft preset, GPU us a step: events over {ROUNDS} rounds, kernels from {PROFILED_STEPS} profiled steps")
+        print(f"draft preset, GPU us a step: events over {ROUNDS} rounds (batch 1 and 64: 200 steps; trace: "
+              f"{TRACE_STEPS}), kernels from {PROFILED_STEPS} profiled steps")
         print(f"  {'batch':>5} {'contender':>9} {'events':>8} {'range':>13} {'kernels':>8} {'staging':>8}")
         for batch, step in contenders.fixed.items():
             graph = runner.record.entries[runner.size_for(batch)].graph
             made = contenders.step_functions([step])
-            steps = {"run": made["run"], "idle": paced(lambda i: graph.replay(), lead), "bare": made["bare"]}
-            spread = {name: [] for name in steps}
-            for _ in range(ROUNDS):
-                for name, fn in steps.items():
-                    spread[name].append(queued_us(fn))
-            for name, fn in steps.items():
-                total, staging = kernel_us(fn)
-                times = spread[name]
-                print(f"  {batch:>5} {name:>9} {statistics.median(times):8.2f} {min(times):6.2f}-{max(times):6.2f}"
-                      f" {total:8.2f} {staging:8.2f}")
+            print_rows(str(batch), {"run": made["run"], "idle": paced(lambda i: graph.replay(), lead),
+                                    "bare": made["bare"]}, 200)
+        made = contenders.step_functions(contenders.steps)
+        graphs = [runner.record.entries[runner.size_for(b)].graph for b in batches]
+        print_rows("trace", {"run": made["run"], "idle": paced(lambda i: graphs[i % len(graphs)].replay(), lead),
+                             "bare": made["bare"]}, TRACE_STEPS)
         contenders.close()
 
 
