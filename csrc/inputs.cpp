@@ -65,6 +65,15 @@ InputChecker::InputChecker(std::vector<InputSpec> specs, int64_t max_batch_size,
     throw InputValueError("a runner takes 1 to " + std::to_string(kMaxInputs) + " inputs, got " +
                           std::to_string(specs_.size()));
   }
+  for (const InputSpec& spec : specs_) {
+    if (spec.row_bytes() > kMaxInputBytes / std::max<int64_t>(max_batch_size_, 1)) {
+      throw InputValueError("input '" + spec.name + "' has " + std::to_string(spec.row_bytes()) +
+                            " bytes a request: at max_batch_size " + std::to_string(max_batch_size_) +
+                            " its static buffer would hold over the " + std::to_string(kMaxInputBytes >> 20) +
+                            " MiB a staged input may; lower max_batch_size, or keep this data in a buffer the "
+                            "model owns and pass an index into it");
+    }
+  }
 }
 
 int64_t InputChecker::check_one(size_t i, const at::Tensor& t) const {

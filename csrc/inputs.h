@@ -14,6 +14,9 @@
 namespace graphrunner {
 
 constexpr size_t kMaxInputs = 16;
+// The most bytes one input's static buffer may hold (max_batch_size rows): the staging kernel addresses them
+// with 32-bit offsets (launcher.cu). Step inputs are per-request metadata, KB to MB.
+constexpr int64_t kMaxInputBytes = int64_t{1} << 30;
 
 // One step's inputs in spec order, borrowed from the caller for the length of the call: no copies and
 // no reference counting on the per-step path.

@@ -13,7 +13,10 @@
 namespace graphrunner {
 namespace {
 
-constexpr int kThreads = 256;
+// A step's rows are a few KB, so most threads of a block have nothing to copy: 64-thread blocks, and 32-bit
+// byte offsets (InputChecker caps each input at kMaxInputBytes), made the decoder's staging kernel 0.05-0.16 us
+// shorter than 256 threads and 64-bit offsets did (an H100, benchmarks/staging_cost.py, run AC4).
+constexpr int kThreads = 64;
 
 // Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value (or,
 // for an input that keeps its padding rows, are left as they are). Everything it needs is in its parameter,
@@ -29,13 +32,12 @@ __global__ void stage_inputs(const __grid_constant__ StageParams<N> p) {
   const int i = blockIdx.y;
   unsigned char* dst = p.dst[i];
   const unsigned char* src = p.src[i];
-  const long long copy_bytes = p.batch * p.row_bytes[i];
-  const long long total = ((p.pad_each_step >> i) & 1 ? p.size : p.batch) * p.row_bytes[i];
+  const int copy_bytes = static_cast<int>(p.batch * p.row_bytes[i]);
+  const int total = static_cast<int>(((p.pad_each_step >> i) & 1 ? p.size : p.batch) * p.row_bytes[i]);
   const bool src_aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
   const uint4 pad = p.pad[i];
   const unsigned char* pad_bytes = reinterpret_cast<const unsigned char*>(&p.pad[i]);
-  for (long long off = 16LL * (blockIdx.x * blockDim.x + threadIdx.x); off < total;
-       off += 16LL * gridDim.x * blockDim.x) {
+  for (int off = 16 * (blockIdx.x * blockDim.x + threadIdx.x); off < total; off += 16 * gridDim.x * blockDim.x) {
     if (off + 16 <= copy_bytes && src_aligned) {
       *reinterpret_cast<uint4*>(dst + off) = *reinterpret_cast<const uint4*>(src + off);
     } else if (off >= copy_bytes && off + 16 <= total) {
@@ -43,7 +45,7 @@ __global__ void stage_inputs(const __grid_constant__ StageParams<N> p) {
     } else {
       // Static buffers start 16-byte aligned and element sizes divide 16, so byte j of the buffer's
       // padding is byte j % 16 of the pattern.
-      for (long long j = off; j < off + 16 && j < total; ++j) {
+      for (int j = off; j < off + 16 && j < total; ++j) {
         dst[j] = j < copy_bytes ? src[j] : pad_bytes[j & 15];
       }
     }
