@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, Step, paced, queued_us, walk
+from graphrunner.workloads.traces import GPU_STEPS, Contenders, Step, paced, queued_us, walk
 
 ROUNDS = 5
 PROFILED_STEPS = 200
@@ -59,14 +59,14 @@ def main() -> None:
     with torch.no_grad():
         contenders = Contenders(cfg, batches, False, gen)
         runner, lead = contenders.runner, contenders.runner.spec.max_lead
-        print(f"draft preset, GPU us a step: events over {ROUNDS} rounds (batch 1 and 64: 200 steps; trace: "
-              f"{TRACE_STEPS}), kernels from {PROFILED_STEPS} profiled steps")
+        print(f"draft preset, GPU us a step: events over {ROUNDS} rounds (batch 1 and 64: {GPU_STEPS} steps; "
+              f"trace: {TRACE_STEPS}), kernels from {PROFILED_STEPS} profiled steps")
         print(f"  {'batch':>5} {'contender':>9} {'events':>8} {'range':>13} {'kernels':>8} {'staging':>8}")
         for batch, step in contenders.fixed.items():
             graph = runner.record.entries[runner.size_for(batch)].graph
             made = contenders.step_functions([step])
             print_rows(str(batch), {"run": made["run"], "idle": paced(lambda i: graph.replay(), lead),
-                                    "bare": made["bare"]}, 200)
+                                    "bare": made["bare"]}, GPU_STEPS)
         made = contenders.step_functions(contenders.steps)
         graphs = [runner.record.entries[runner.size_for(b)].graph for b in batches]
         print_rows("trace", {"run": made["run"], "idle": paced(lambda i: graphs[i % len(graphs)].replay(), lead),

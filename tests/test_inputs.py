@@ -85,7 +85,7 @@ def test_input_count_is_bounded():
 
 def test_static_buffer_size_is_bounded():
     """Staging addresses an input's bytes with 32-bit offsets: a buffer over 1 GiB is refused when the runner is
-    built, naming the input and the fix; one just under the bound is taken."""
+    built, naming the input and the fix; one of exactly 1 GiB is taken."""
     row = [(1 << 30) // (8192 * 4)]  # float32 elements: exactly 1 GiB at 8192 requests
     _C.InputChecker([("emb", row, torch.float32, b"\0" * 4, 1, True)], 8192, True, 0)
     with pytest.raises(ValueError, match=r"input 'emb' has 131076 bytes a request: at max_batch_size 8192 its static "
