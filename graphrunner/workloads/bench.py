@@ -186,8 +186,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         with torch.no_grad():
             return model(**s)
 
-    def batch_contenders(batch: int) -> Tuple[Dict[str, Callable], Dict[str, Callable[[int], float]]]:
-        size = runner.size_for(batch)
+    def size_contenders(size: int) -> Tuple[Dict[str, Callable], Dict[str, Callable[[int], float]]]:
         ours, theirs = runner.record.entries[size].graph, baseline.graphs[size]
         contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
@@ -196,14 +195,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
     # One untimed pass first: otherwise the first row measured runs every contender's host path cold (run Z2 of
     # gpu-log-h100.txt: the common runner 74 us at batch 1 against 49-55 at the other batches).
-    first, first_loops = batch_contenders(BATCHES[0])
+    first, first_loops = size_contenders(runner.size_for(BATCHES[0]))
     timed(first, [random_decode_inputs(cfg, BATCHES[0], gen)], args.steps, first_loops)
     rows = []
     for batch in BATCHES:
         steps = [random_decode_inputs(cfg, batch, gen) for _ in range(8)]
-        contenders, loops = batch_contenders(batch)
+        size = runner.size_for(batch)
+        contenders, loops = size_contenders(size)
         times, loop_us = timed(contenders, steps, args.steps, loops)
-        row = {"batch": batch, "size": runner.size_for(batch), "floor_host_us": loop_us["floor"]}
+        row = {"batch": batch, "size": size, "floor_host_us": loop_us["floor"]}
         for name, (wall, host) in times.items():
             row[f"{name}_wall_us"], row[f"{name}_host_us"] = wall, host
         rows.append(row)
