@@ -1,9 +1,14 @@
-"""The benchmark's trace contenders (graphrunner.workloads.traces) run the steps they claim to run."""
+"""The benchmark's trace contenders (graphrunner.workloads.traces) run the steps they claim to run, and its
+results keep the spread over rounds."""
+import json
+
+import pytest
 import torch
 
 from conftest import gpu
+from graphrunner.workloads.bench import rounds, save_results
 from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders
+from graphrunner.workloads.traces import Contenders, round_ratios
 
 TINY = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                      max_batch_size=16)
@@ -37,3 +42,25 @@ def test_bare_replays_run_their_own_steps_while_the_allocator_reuses_freed_memor
             del reused
         finally:
             contenders.close()
+
+
+def test_ratio_spread_pairs_each_round_s_values_on_cpu():
+    """A ratio's spread divides the two contenders' values of the same round, not the extremes of each: here
+    run is always 1% ahead of bare although its slowest round is slower than bare's fastest."""
+    spread = {"run": [101.0, 99.0, 110.0], "bare": [100.0, 98.0, 109.0]}
+    low, high = round_ratios(spread, "run", "bare")
+    assert low == pytest.approx(110 / 109) and high == pytest.approx(99 / 98)
+    assert low > 1.0
+    assert round_ratios(spread, "run", "compile_ro") is None
+
+
+def test_results_json_keeps_the_spread_over_rounds_on_cpu(tmp_path):
+    """The spreads reach the JSON (only keys starting with "_" stay out) and the printed targets."""
+    res = {"draft_pipelined_run_vs_bare": 0.989, "draft_pipelined_run_vs_bare_rounds": (0.985, 0.992),
+           "draft_trace_spread": {"draft_trace_pipelined_steps_s_run": (4800.0, 4830.0)}, "_rows": []}
+    flat = save_results(tmp_path, "bench-test", "report", res, lambda r, path: None)
+    saved = json.loads((tmp_path / "bench-test.json").read_text())
+    assert "_rows" not in saved and saved == json.loads(json.dumps(flat))
+    assert saved["draft_pipelined_run_vs_bare_rounds"] == [0.985, 0.992]
+    assert rounds(res, "draft_pipelined_run_vs_bare") == "(0.985-0.992)"
+    assert rounds(res, "capture_ratio") == ""

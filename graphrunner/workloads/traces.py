@@ -188,6 +188,14 @@ def medians(spread: Dict[str, List[float]], spread_key: str) -> Dict[str, object
     return out
 
 
+def round_ratios(spread: Dict[str, List[float]], a: str, b: str) -> Optional[Tuple[float, float]]:
+    """(min, max) over rounds of a / b, each round's two values taken side by side; None if either is missing."""
+    if a not in spread or b not in spread:
+        return None
+    ratios = [x / y for x, y in zip(spread[a], spread[b])]
+    return min(ratios), max(ratios)
+
+
 def steps_per_s(step: Step, n: int, synced: bool) -> float:
     """Steps per second over steps 0..n-1, the host waiting for each (synced) or never inside the loop."""
     stream = torch.cuda.current_stream()
@@ -248,8 +256,9 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
 
 def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str,
                gen: torch.Generator) -> Dict[str, object]:
-    """Results keyed `{prefix}trace_{pipelined,synced}_steps_s_{contender}`, `{prefix}gpu_us_bs{1,64}_{contender}`,
-    the ratios the targets read, and the spread over rounds under `_{prefix}spread`.
+    """Results keyed `{prefix}trace_{pipelined,synced}_steps_s_{contender}`, `{prefix}gpu_us_bs{1,64}_{contender}`
+    (medians over rounds), the ratios the targets read (of medians) with each ratio's spread over rounds under
+    `<ratio>_rounds`, and each key's spread over rounds under `{prefix}trace_spread`.
 
     Args:
         cfg: the decoder preset.
@@ -265,15 +274,18 @@ def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str
     with torch.no_grad():
         res[f"{prefix}compile_error"] = _run_contenders(
             Contenders(cfg, walk(cfg.max_batch_size, trace_steps), compiled, gen), trace_steps, prefix, spread)
-    res.update(medians(spread, f"_{prefix}spread"))
+    res.update(medians(spread, f"{prefix}trace_spread"))
 
-    def ratio(a: str, b: str) -> Optional[float]:
-        return res[a] / res[b] if a in res and b in res else None
+    def add_ratio(key: str, a: str, b: str) -> None:
+        if a in res and b in res:
+            res[key], res[f"{key}_rounds"] = res[a] / res[b], round_ratios(spread, a, b)
 
     for regime in ("pipelined", "synced"):
         for other in ("baseline", "bare"):
-            res[f"{prefix}{regime}_run_vs_{other}"] = ratio(f"{prefix}trace_{regime}_steps_s_run",
-                                                            f"{prefix}trace_{regime}_steps_s_{other}")
-    res[f"{prefix}run_compiled_vs_compile_ro"] = ratio(f"{prefix}trace_pipelined_steps_s_run_compiled",
-                                                       f"{prefix}trace_pipelined_steps_s_compile_ro")
+            add_ratio(f"{prefix}{regime}_run_vs_{other}", f"{prefix}trace_{regime}_steps_s_run",
+                      f"{prefix}trace_{regime}_steps_s_{other}")
+    add_ratio(f"{prefix}run_compiled_vs_compile_ro", f"{prefix}trace_pipelined_steps_s_run_compiled",
+              f"{prefix}trace_pipelined_steps_s_compile_ro")
+    add_ratio(f"{prefix}synced_run_compiled_vs_compile_ro", f"{prefix}trace_synced_steps_s_run_compiled",
+              f"{prefix}trace_synced_steps_s_compile_ro")
     return {k: v for k, v in res.items() if v is not None}
