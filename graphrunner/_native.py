@@ -9,7 +9,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     raise ImportError(
         f"graphrunner's native core (graphrunner._C) did not load with torch {torch.__version__}: {exc}. It loads "
         "only with the torch release it was compiled against; rebuild it in this environment with "
-        "`pip install --no-build-isolation .` (or `make build` in the source checkout)."
+        "`pip install --no-build-isolation .` (in the source checkout, `make install` does it)."
     ) from exc
 
 
