@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import gpu
-from graphrunner.workloads.bench import rounds, save_results
+from graphrunner.workloads.bench import round_spread, save_results
 from graphrunner.workloads.decoder import DecoderConfig
 from graphrunner.workloads.traces import Contenders, round_ratios
 
@@ -62,5 +62,5 @@ def test_results_json_keeps_the_spread_over_rounds_on_cpu(tmp_path):
     saved = json.loads((tmp_path / "bench-test.json").read_text())
     assert "_rows" not in saved and saved == json.loads(json.dumps(flat))
     assert saved["draft_pipelined_run_vs_bare_rounds"] == [0.985, 0.992]
-    assert rounds(res, "draft_pipelined_run_vs_bare") == "(0.985-0.992)"
-    assert rounds(res, "capture_ratio") == ""
+    assert round_spread(res, "draft_pipelined_run_vs_bare") == "(0.985-0.992)"
+    assert round_spread(res, "capture_ratio") == ""

@@ -330,13 +330,13 @@ def table(res: Dict[str, object]) -> str:
         value = res[key]
         met = value <= bound if op == "<=" else value >= bound
         verdict = "met" if met else "MISSED"
-        out.append(f"  {key:<38} {value:8.3f} {op} {bound:<5} {verdict:<6} {rounds(res, key)}".rstrip())
+        out.append(f"  {key:<38} {value:8.3f} {op} {bound:<5} {verdict:<6} {round_spread(res, key)}".rstrip())
     out.append("reported, no target:")
-    out += [f"  {key:<38} {res[key]:8.3f} {'':<15} {rounds(res, key)}".rstrip() for key in REPORTED if key in res]
+    out += [f"  {key:<38} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in REPORTED if key in res]
     return "\n".join(out)
 
 
-def rounds(res: Dict[str, object], key: str) -> str:
+def round_spread(res: Dict[str, object], key: str) -> str:
     """`key`'s spread over rounds, as the table prints it ("" where the run kept none)."""
     spread = res.get(f"{key}_rounds")
     return f"({spread[0]:.3f}-{spread[1]:.3f})" if spread else ""

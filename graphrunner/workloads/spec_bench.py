@@ -23,7 +23,7 @@ import torch
 
 import graphrunner as gr
 from graphrunner.workloads.bench import (DEFAULT_ATTENTION, add_output_arguments, attention_suffix, gpu_missing,
-                                         gpu_tag, rounds, save_results)
+                                         gpu_tag, round_spread, save_results)
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
@@ -237,7 +237,7 @@ def table(res: Dict[str, object]) -> str:
         value = res[key]
         met = value >= bound if op == ">=" else value <= bound
         verdict = "met" if met else "MISSED"
-        out.append(f"  {key:<34} {value:8.3f} {op} {bound:<5} {verdict:<6} {rounds(res, key)}".rstrip())
+        out.append(f"  {key:<34} {value:8.3f} {op} {bound:<5} {verdict:<6} {round_spread(res, key)}".rstrip())
     return "\n".join(out)
 
 
