@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import gpu
-from graphrunner.workloads.bench import round_spread, save_results
+from graphrunner.workloads.bench import round_spread, save_results, target_lines
 from graphrunner.workloads.decoder import DecoderConfig
 from graphrunner.workloads.traces import Contenders, round_ratios
 
@@ -64,3 +64,13 @@ def test_results_json_keeps_the_spread_over_rounds_on_cpu(tmp_path):
     assert saved["draft_pipelined_run_vs_bare_rounds"] == [0.985, 0.992]
     assert round_spread(res, "draft_pipelined_run_vs_bare") == "(0.985-0.992)"
     assert round_spread(res, "capture_ratio") == ""
+
+
+def test_target_lines_give_verdict_spread_and_missing_targets_on_cpu():
+    res = {"draft_pipelined_run_vs_bare": 0.988, "draft_pipelined_run_vs_bare_rounds": (0.985, 0.992),
+           "capture_ratio": 0.44}
+    lines = target_lines(res, [("draft_pipelined_run_vs_bare", ">=", 0.99), ("capture_ratio", "<=", 0.5),
+                               ("pool_ratio_desc", "<=", 1.02)])
+    assert lines[0].split()[-2:] == ["MISSED", "(0.985-0.992)"]
+    assert lines[1].split()[-1] == "met"
+    assert lines[2].split() == ["pool_ratio_desc", "not", "run"]

@@ -323,17 +323,28 @@ def table(res: Dict[str, object]) -> str:
             f"{res['pool_mib_largest_alone']:.0f}",
             f"validate: {res['validate_s']:.2f} s, with scrub+guard {res['validate_scrub_guard_s']:.2f} s", "",
             "targets (median; over rounds, side by side):"]
-    for key, op, bound in TARGETS:
+    out += target_lines(res, TARGETS)
+    out.append("reported, no target:")
+    out += [f"  {key:<38} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in REPORTED if key in res]
+    return "\n".join(out)
+
+
+def target_lines(res: Dict[str, object], targets: List[Tuple[str, str, float]]) -> List[str]:
+    """One line per target: its value, bound, verdict and spread over rounds ("not run" where `res` lacks it).
+
+    Args:
+        res: the results.
+        targets: (key, "<=" or ">=", bound) each.
+    """
+    out = []
+    for key, op, bound in targets:
         if key not in res:
             out.append(f"  {key:<38} {'not run':>8}")
             continue
         value = res[key]
-        met = value <= bound if op == "<=" else value >= bound
-        verdict = "met" if met else "MISSED"
+        verdict = "met" if (value <= bound if op == "<=" else value >= bound) else "MISSED"
         out.append(f"  {key:<38} {value:8.3f} {op} {bound:<5} {verdict:<6} {round_spread(res, key)}".rstrip())
-    out.append("reported, no target:")
-    out += [f"  {key:<38} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in REPORTED if key in res]
-    return "\n".join(out)
+    return out
 
 
 def round_spread(res: Dict[str, object], key: str) -> str:

@@ -23,7 +23,7 @@ import torch
 
 import graphrunner as gr
 from graphrunner.workloads.bench import (DEFAULT_ATTENTION, add_output_arguments, attention_suffix, gpu_missing,
-                                         gpu_tag, round_spread, save_results)
+                                         gpu_tag, save_results, target_lines)
 from graphrunner.workloads.common_runner import CommonRunner
 from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
@@ -233,12 +233,7 @@ def table(res: Dict[str, object]) -> str:
                 f"{res['spec_pool_mib_verify_alone']:.1f}, draft alone {res['spec_pool_mib_draft_alone']:.1f}",
             f"capture: graphrunner (both runners) {res['spec_capture_s_run']:.2f} s, common runner "
             f"{res['spec_capture_s_baseline']:.2f} s", "", "targets (median; over rounds, side by side):"]
-    for key, op, bound in TARGETS:
-        value = res[key]
-        met = value >= bound if op == ">=" else value <= bound
-        verdict = "met" if met else "MISSED"
-        out.append(f"  {key:<34} {value:8.3f} {op} {bound:<5} {verdict:<6} {round_spread(res, key)}".rstrip())
-    return "\n".join(out)
+    return "\n".join(out + target_lines(res, TARGETS))
 
 
 def plot(res: Dict[str, object], path: Path) -> None:
