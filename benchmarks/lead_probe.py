@@ -32,7 +32,7 @@ def main() -> None:
             for name, step in steps.items():
                 # a lead of k: step i waits for step i - k, as paced(k - 1) does
                 bounded = paced(step, lead - 1 if lead else None)
-                medians.append(statistics.median(steps_per_s(bounded, STEPS, False) for _ in range(ROUNDS)))
+                medians.append(statistics.median(steps_per_s(bounded, STEPS, False)[0] for _ in range(ROUNDS)))
             print(f"  {lead or 'none':>6}" + "".join(f"{m:12.1f}" for m in medians))
         contenders.close()
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import gpu
-from graphrunner.workloads.bench import round_spread, save_results, target_lines
+from graphrunner.workloads.bench import round_spread, save_results, target_lines, trace_table
 from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, round_ratios
+from graphrunner.workloads.traces import Contenders, host_limit, round_ratios
 
 TINY = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                      max_batch_size=16)
@@ -74,3 +74,28 @@ def test_target_lines_give_verdict_spread_and_missing_targets_on_cpu():
     assert lines[0].split()[-2:] == ["MISSED", "(0.985-0.992)"]
     assert lines[1].split()[-1] == "met"
     assert lines[2].split() == ["pool_ratio_desc", "not", "run"]
+
+
+def test_host_limit_is_compile_ro_host_time_in_run_compiled_steps_on_cpu():
+    """100 us of host a compile_ro step against run_compiled's 8,000 steps/s (125 us a step): compile_ro's host
+    alone would allow 0.8x; each round pairs its own two values."""
+    spread = {"draft_trace_synced_host_us_compile_ro": [100.0, 90.0, 150.0],
+              "draft_trace_pipelined_steps_s_run_compiled": [8000.0, 8000.0, 6000.0]}
+    res = {"draft_trace_synced_host_us_compile_ro": 100.0, "draft_trace_pipelined_steps_s_run_compiled": 8000.0}
+    out = host_limit(res, spread, "draft_")
+    assert out["draft_run_compiled_vs_compile_ro_host_limit"] == pytest.approx(0.8)
+    assert out["draft_run_compiled_vs_compile_ro_host_limit_rounds"] == pytest.approx((0.72, 0.9))
+    assert host_limit({}, {}, "draft_") == {}
+
+
+def test_trace_table_prints_each_contender_s_synchronised_host_time_on_cpu():
+    res = {"_draft_preset": DecoderConfig(layers=2, cache_len=256, max_batch_size=128),
+           "draft_trace_synced_host_us_compile_ro": 101.5,
+           "draft_trace_spread": {"draft_trace_synced_host_us_compile_ro": (98.25, 140.0)}}
+    lines = trace_table(res, "draft_")
+    header = lines[1]
+    assert "synced host us" in header
+    row = next(line for line in lines if line.split()[0] == "compile_ro")
+    cells = [header.index(t) + len(t) for t in ("pipelined steps/s", "synced steps/s", "synced host us")]
+    assert row[cells[1]:cells[2]].strip() == "101.5 (98.2-140.0)"
+    assert row[:cells[1]].split() == ["compile_ro", "-", "-"]

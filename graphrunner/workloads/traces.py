@@ -196,19 +196,42 @@ def round_ratios(spread: Dict[str, List[float]], a: str, b: str) -> Optional[Tup
     return min(ratios), max(ratios)
 
 
-def steps_per_s(step: Step, n: int, synced: bool) -> float:
-    """Steps per second over steps 0..n-1, the host waiting for each (synced) or never inside the loop."""
+def host_limit(res: Dict[str, object], spread: Dict[str, List[float]], prefix: str) -> Dict[str, object]:
+    """`{prefix}run_compiled_vs_compile_ro_host_limit` (with `_rounds`): the pipelined run_compiled/compile_ro
+    ratio that compile_ro's host time alone allows, had each of its steps taken its host time a step
+    (synchronised trace) and nothing more; its GPU work may take longer. Empty where either value is missing.
+
+    Args:
+        res: the medians over rounds.
+        spread: each key's values, one per round.
+        prefix: the preset's key prefix.
+    """
+    host, rate = f"{prefix}trace_synced_host_us_compile_ro", f"{prefix}trace_pipelined_steps_s_run_compiled"
+    if host not in res or rate not in res:
+        return {}
+    limits = [h * r / 1e6 for h, r in zip(spread[host], spread[rate])]
+    key = f"{prefix}run_compiled_vs_compile_ro_host_limit"
+    return {key: res[host] * res[rate] / 1e6, f"{key}_rounds": (min(limits), max(limits))}
+
+
+def steps_per_s(step: Step, n: int, synced: bool) -> Tuple[float, float]:
+    """Steps per second over steps 0..n-1, the host waiting for each (synced) or never inside the loop; and the
+    median microseconds the host spent inside one step call. Synchronised, each call finds the GPU idle, so
+    that is the contender's own host time a step; pipelined, it includes waiting for room to launch."""
     stream = torch.cuda.current_stream()
     for i in range(min(n, 20)):  # after another contender ran: its caches, not this one's first steps
         step(i)
     torch.cuda.synchronize()
+    host = []
     t0 = time.perf_counter()
     for i in range(n):
+        t1 = time.perf_counter()
         step(i)
+        host.append(time.perf_counter() - t1)
         if synced:
             stream.synchronize()
     torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), statistics.median(host) * 1e6
 
 
 def queued_us(step: Step, n: int = GPU_STEPS) -> float:
@@ -241,14 +264,18 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
                     if name not in trace:
                         continue
                     for regime, synced in (("pipelined", False), ("synced", True)):
-                        spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(
-                            steps_per_s(trace[name], trace_steps, synced))
+                        rate, host_us = steps_per_s(trace[name], trace_steps, synced)
+                        spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(rate)
+                        if synced:
+                            spread.setdefault(f"{prefix}trace_synced_host_us_{name}", []).append(host_us)
             for batch, steps in fixed.items():
                 for _ in range(ROUNDS):
                     for name in group:
                         if name in steps:
                             spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(steps[name]))
-        spread[f"{prefix}trace_synced_steps_s_eager"] = [steps_per_s(contenders.eager_step(), EAGER_STEPS, True)]
+        rate, host_us = steps_per_s(contenders.eager_step(), EAGER_STEPS, True)
+        spread[f"{prefix}trace_synced_steps_s_eager"] = [rate]
+        spread[f"{prefix}trace_synced_host_us_eager"] = [host_us]
         return contenders.compile_error
     finally:
         contenders.close()
@@ -256,9 +283,10 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
 
 def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str,
                gen: torch.Generator) -> Dict[str, object]:
-    """Results keyed `{prefix}trace_{pipelined,synced}_steps_s_{contender}`, `{prefix}gpu_us_bs{1,64}_{contender}`
-    (medians over rounds), the ratios the targets read (of medians) with each ratio's spread over rounds under
-    `<ratio>_rounds`, and each key's spread over rounds under `{prefix}trace_spread`.
+    """Results, medians over rounds: `{prefix}trace_{pipelined,synced}_steps_s_{contender}`,
+    `{prefix}trace_synced_host_us_{contender}` (host us inside one step call) and
+    `{prefix}gpu_us_bs{1,64}_{contender}`; the ratios the targets read (of medians) with each ratio's spread over
+    rounds under `<ratio>_rounds`; and each key's spread over rounds under `{prefix}trace_spread`.
 
     Args:
         cfg: the decoder preset.
@@ -288,4 +316,5 @@ def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str
               f"{prefix}trace_pipelined_steps_s_compile_ro")
     add_ratio(f"{prefix}synced_run_compiled_vs_compile_ro", f"{prefix}trace_synced_steps_s_run_compiled",
               f"{prefix}trace_synced_steps_s_compile_ro")
+    res.update(host_limit(res, spread, prefix))
     return {k: v for k, v in res.items() if v is not None}
