@@ -44,6 +44,32 @@ def test_bare_replays_run_their_own_steps_while_the_allocator_reuses_freed_memor
             contenders.close()
 
 
+@gpu
+def test_compiled_contenders_compile_nothing_inside_the_timed_trace():
+    """Set-up compiles and records every size the trace's compiled contenders run, on inputs of the kind the trace
+    passes: the trace's steps move no dynamo counter (run AE3: warmed up on views, reduce-overhead compiled and
+    recorded again inside the first timed round, at half its usual steps/s), and they equal the eager model."""
+    from torch._dynamo.utils import counters
+
+    batches = [1, 3, 9, 16]
+    with torch.no_grad():
+        contenders = Contenders(TINY, batches, compiled=True, gen=torch.Generator(device="cuda").manual_seed(0))
+        try:
+            assert contenders.compile_error is None
+            steps = contenders.step_functions(contenders.steps)
+            before = {group: dict(values) for group, values in counters.items()}
+            for i, batch in enumerate(batches):
+                expected = contenders.model(**contenders.steps[i])
+                for name in ("compile_ro", "run_compiled"):
+                    out = steps[name](i)[:batch].clone()
+                    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2,
+                                               msg=lambda m: f"{name}, step {i} (batch {batch}): {m}")
+            after = {group: dict(values) for group, values in counters.items()}
+            assert after == before, "the timed steps compiled or recorded again"
+        finally:
+            contenders.close()
+
+
 def test_ratio_spread_pairs_each_round_s_values_on_cpu():
     """A ratio's spread divides the two contenders' values of the same round, not the extremes of each: here
     run is always 1% ahead of bare although its slowest round is slower than bare's fastest."""
