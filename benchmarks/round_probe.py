@@ -1,0 +1,82 @@
+"""Why one pipelined round of each plain contender in a bench run is about 9% faster than the other two (run AE4:
+graphrunner 4,806-5,300 steps/s, bare replays 4,876-5,352): the draft preset's trace in the bench's order (per
+round: graphrunner, common runner, bare replays, each pipelined then synchronised), with the SM clock sampled by
+nvidia-smi every 20 ms beside it; then the same order with each trace warmed up for WARM_S first. Per trace:
+steps/s and the SM clock's mean and minimum while it ran. On the GPU machine, after the build:
+    PYTHONPATH=. python3 benchmarks/round_probe.py
+"""
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+from typing import List, Tuple
+
+import torch
+
+from graphrunner.workloads.decoder import DecoderConfig
+from graphrunner.workloads.traces import PLAIN, Contenders, Step, steps_per_s, walk
+
+STEPS = 2000
+ROUNDS = 3
+WARM_S = 0.5
+
+
+def warm(step: Step, seconds: float) -> None:
+    """Runs `step` pipelined for `seconds`, then waits for the GPU."""
+    t0, i = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        step(i)
+        i += 1
+    torch.cuda.synchronize()
+
+
+def clocks(samples: List[Tuple[float, float]], start: float, end: float) -> Tuple[float, float]:
+    """(mean, min) SM MHz of the samples taken between two time.time() stamps."""
+    inside = [mhz for t, mhz in samples if start <= t <= end] or [float("nan")]
+    return statistics.mean(inside), min(inside)
+
+
+def read_samples(path: str) -> List[Tuple[float, float]]:
+    out = []
+    for line in open(path):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[1].isdigit():
+            out.append((datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(parts[1])))
+    return out
+
+
+def main() -> None:
+    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    log = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
+    sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm", "--format=csv,noheader,nounits",
+                                "-lms", "20"], stdout=log)
+    windows = []
+    try:
+        with torch.no_grad():
+            contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), False, gen)
+            steps = contenders.step_functions(contenders.steps)
+            for warm_s in (0.0, WARM_S):
+                for r in range(ROUNDS):
+                    for name in PLAIN:
+                        for regime, synced in (("pipelined", False), ("synced", True)):
+                            warm(steps[name], warm_s)
+                            start = time.time()
+                            rate, _ = steps_per_s(steps[name], STEPS, synced)
+                            windows.append((warm_s, r, name, regime, rate, start, time.time()))
+            contenders.close()
+    finally:
+        sampler.terminate()
+        sampler.wait()
+        log.close()
+    samples = read_samples(log.name)
+    print(f"draft preset, {STEPS}-step walk, bench order; SM MHz sampled every 20 ms ({len(samples)} samples)")
+    print(f"  {'warm s':>6} {'round':>5} {'contender':>9} {'regime':>9} {'steps/s':>9} {'MHz mean':>9} {'MHz min':>8}")
+    for warm_s, r, name, regime, rate, start, end in windows:
+        mean, low = clocks(samples, start, end)
+        print(f"  {warm_s:6.1f} {r:>5} {name:>9} {regime:>9} {rate:9.1f} {mean:9.0f} {low:8.0f}")
+
+
+if __name__ == "__main__":
+    main()
