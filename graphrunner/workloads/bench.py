@@ -2,7 +2,7 @@
 
 Per batch, the host waiting each step: eager; the common runner (torch.cuda.CUDAGraph per size, copy_ staging,
 common_runner.py); bare replay of graphrunner's graph through Graph.replay(), of the common runner's graph through
-torch.cuda.CUDAGraph.replay(); graphrunner itself; and a C++ loop of cudaGraphLaunch on the same graph that
+torch.cuda.CUDAGraph.replay(), each after its runner staged the same step (untimed); graphrunner itself; and a C++ loop of cudaGraphLaunch on the same graph that
 times the host side with no Python (the floor). Then the random-walk traces of traces.py, pipelined and
 synchronised, for a draft-sized preset and the main one. Writes bench-<gpu>.json, .txt and .png into --out
 (default: the current directory); ratios are taken side by side in this one run.
@@ -81,11 +81,14 @@ BLOCK_WARMUP = 5  # untimed steps at the start of each block, after another cont
 
 
 def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], steps: List[Dict[str, torch.Tensor]],
-          n: int, loops: Dict[str, Callable[[int], float]]
+          n: int, loops: Dict[str, Callable[[int], float]],
+          prepare: Dict[str, Callable[[Dict[str, torch.Tensor]], object]]
           ) -> Tuple[Dict[str, Tuple[float, float]], Dict[str, float], Dict[str, List[float]]]:
     """Median wall and host microseconds of one step per contender, synchronised after each step as a
     serving loop is; the median of each C++ reference loop's `loop(steps)` (loops that time themselves); and per
-    contender its median host microseconds in each round, so that host ratios get a spread.
+    contender its median host microseconds in each round, so that host ratios get a spread. `prepare[name](step)`,
+    where given, runs untimed (and waited for) before each of that contender's steps: a bare replay's inputs are
+    staged there, so that it runs the same step as the runner it replays.
 
     The contenders take turns in ROUNDS blocks of n / ROUNDS steps, so whatever drifts on the machine
     during the run (clocks, neighbours) falls on every contender alike; blocks, not single steps, so that
@@ -102,6 +105,9 @@ def timed(contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]], st
             block = []
             for i in range(BLOCK_WARMUP + n // ROUNDS):
                 s = steps[i % len(steps)]
+                if name in prepare:
+                    prepare[name](s)
+                    stream.synchronize()
                 t0 = time.perf_counter()
                 fn(s)
                 t1 = time.perf_counter()
@@ -192,23 +198,27 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         with torch.no_grad():
             return model(**s)
 
-    def size_contenders(size: int) -> Tuple[Dict[str, Callable], Dict[str, Callable[[int], float]]]:
+    def size_contenders(size: int) -> Tuple[Dict[str, Callable], Dict[str, Callable], Dict[str, Callable]]:
+        """The contenders of one captured size, the C++ loops timing themselves, and what runs before a step."""
         ours, theirs = runner.record.entries[size].graph, baseline.graphs[size]
         contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
         loops = {"floor": lambda k: launch_floor_us(ours.exec_handle, torch.cuda.current_stream().cuda_stream, k)}
-        return contenders, loops
+        # Each bare replay runs the step its runner just staged (untimed): with attention whose cost follows the
+        # lengths, replaying whatever the last step left skewed run_vs_bare_bs1 (1.054 with flash-attn 4, run AE8).
+        prepare = {"bare": lambda s: runner(**s), "torch_replay": lambda s: baseline(**s)}
+        return contenders, loops, prepare
 
     # One untimed pass first: otherwise the first row measured runs every contender's host path cold (run Z2 of
     # gpu-log-h100.txt: the common runner 74 us at batch 1 against 49-55 at the other batches).
-    first, first_loops = size_contenders(runner.size_for(BATCHES[0]))
-    timed(first, [random_decode_inputs(cfg, BATCHES[0], gen)], args.steps, first_loops)
+    first, first_loops, first_prepare = size_contenders(runner.size_for(BATCHES[0]))
+    timed(first, [random_decode_inputs(cfg, BATCHES[0], gen)], args.steps, first_loops, first_prepare)
     rows, host_rounds = [], {}  # host_rounds[batch]: each contender's median host us per round
     for batch in BATCHES:
         steps = [random_decode_inputs(cfg, batch, gen) for _ in range(8)]
         size = runner.size_for(batch)
-        contenders, loops = size_contenders(size)
-        times, loop_us, host_rounds[batch] = timed(contenders, steps, args.steps, loops)
+        contenders, loops, prepare = size_contenders(size)
+        times, loop_us, host_rounds[batch] = timed(contenders, steps, args.steps, loops, prepare)
         row = {"batch": batch, "size": size, "floor_host_us": loop_us["floor"]}
         for name, (wall, host) in times.items():
             row[f"{name}_wall_us"], row[f"{name}_host_us"] = wall, host
