@@ -38,11 +38,13 @@ def clocks(samples: List[Tuple[float, float]], start: float, end: float) -> Tupl
 
 
 def read_samples(path: str) -> List[Tuple[float, float]]:
+    """(time.time() stamp, SM MHz) of each line nvidia-smi wrote to `path`."""
     out = []
-    for line in open(path):
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[1].isdigit():
-            out.append((datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(parts[1])))
+    with open(path) as lines:
+        for line in lines:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 2 and parts[1].isdigit():
+                out.append((datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(parts[1])))
     return out
 
 

@@ -48,7 +48,7 @@ def test_bare_replays_run_their_own_steps_while_the_allocator_reuses_freed_memor
 def test_compiled_contenders_compile_nothing_inside_the_timed_trace():
     """Set-up compiles and records every size the trace's compiled contenders run, on inputs of the kind the trace
     passes: the trace's steps move no dynamo counter (run AE3: warmed up on views, reduce-overhead compiled and
-    recorded again inside the first timed round, at half its usual steps/s), and they equal the eager model."""
+    recorded again inside the first timed round, at half its usual steps/s), and their logits match eager's."""
     from torch._dynamo.utils import counters
 
     batches = [1, 3, 9, 16]
