@@ -4,8 +4,9 @@ Per batch, the host waiting each step: eager; the common runner (torch.cuda.CUDA
 common_runner.py); bare replay of graphrunner's graph through Graph.replay(), of the common runner's graph through
 torch.cuda.CUDAGraph.replay(), each after its runner staged the same step (untimed); graphrunner itself; and a
 C++ loop of cudaGraphLaunch on the same graph that times the host side with no Python (the floor). Then the
-random-walk traces of traces.py, pipelined and synchronised, for a draft-sized preset and the main one. Writes bench-<gpu>.json, .txt and .png into --out
-(default: the current directory); ratios are taken side by side in this one run.
+random-walk traces of traces.py, pipelined and synchronised, for a draft-sized preset and the main one. Writes
+bench-<gpu>.json, .txt and .png into --out (default: the current directory); ratios are taken side by side in
+this one run.
 """
 from __future__ import annotations
 
