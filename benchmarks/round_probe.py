@@ -2,9 +2,12 @@
 graphrunner 4,806-5,300 steps/s, bare replays 4,876-5,352): the draft preset's trace in the bench's order (per
 round: graphrunner, common runner, bare replays, each pipelined then synchronised), with the SM clock sampled by
 nvidia-smi every 20 ms beside it; then the same order with each trace warmed up for WARM_S first. Per trace:
-steps/s and the SM clock's mean and minimum while it ran. On the GPU machine, after the build:
-    PYTHONPATH=. python3 benchmarks/round_probe.py
+steps/s and the SM clock's mean and minimum while it ran. With --compiled the torch.compile contenders are set
+up too, as the bench sets them up (not run): whether a process that compiled runs the plain contenders slower.
+On the GPU machine, after the build:
+    PYTHONPATH=. python3 benchmarks/round_probe.py [--compiled]
 """
+import sys
 import statistics
 import subprocess
 import tempfile
@@ -57,7 +60,7 @@ def main() -> None:
     windows = []
     try:
         with torch.no_grad():
-            contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), False, gen)
+            contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), "--compiled" in sys.argv[1:], gen)
             steps = contenders.step_functions(contenders.steps)
             for warm_s in (0.0, WARM_S):
                 for r in range(ROUNDS):
@@ -73,7 +76,8 @@ def main() -> None:
         sampler.wait()
         log.close()
     samples = read_samples(log.name)
-    print(f"draft preset, {STEPS}-step walk, bench order; SM MHz sampled every 20 ms ({len(samples)} samples)")
+    print(f"draft preset, {STEPS}-step walk, bench order; SM MHz sampled every 20 ms ({len(samples)} samples)"
+          + ("; the compiled contenders set up too" if "--compiled" in sys.argv[1:] else ""))
     print(f"  {'warm s':>6} {'round':>5} {'contender':>9} {'regime':>9} {'steps/s':>9} {'MHz mean':>9} {'MHz min':>8}")
     for warm_s, r, name, regime, rate, start, end in windows:
         mean, low = clocks(samples, start, end)
