@@ -7,9 +7,9 @@ up too, as the bench sets them up (not run): whether a process that compiled run
 On the GPU machine, after the build:
     PYTHONPATH=. python3 benchmarks/round_probe.py [--compiled]
 """
-import sys
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import datetime
