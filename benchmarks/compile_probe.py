@@ -6,34 +6,17 @@ moved during the round (recompiles, graph breaks, cudagraph recordings show ther
 the build:
     PYTHONPATH=. python3 benchmarks/compile_probe.py
 """
-import copy
-import time
-from typing import Dict, List, Tuple
+from typing import Dict
 
 import torch
 from torch._dynamo.utils import counters
 
 from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, Step, walk
+from graphrunner.workloads.traces import Contenders, steps_per_s, walk
 
 STEPS = 2000
 ROUNDS = 4
 SLOW_CALL_S = 1e-3
-
-
-def pipelined_round(step: Step, n: int) -> Tuple[float, float, int]:
-    """(steps/s, the slowest call's host ms, calls over SLOW_CALL_S) over steps 0..n-1, never waiting inside."""
-    for i in range(20):  # as traces.steps_per_s warms up
-        step(i)
-    torch.cuda.synchronize()
-    calls: List[float] = []
-    t0 = time.perf_counter()
-    for i in range(n):
-        t1 = time.perf_counter()
-        step(i)
-        calls.append(time.perf_counter() - t1)
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0), max(calls) * 1e3, sum(c > SLOW_CALL_S for c in calls)
 
 
 def moved(before: Dict[str, Dict[str, int]]) -> str:
@@ -60,9 +43,10 @@ def main() -> None:
         print(f"  {'round':>5} {'contender':>13} {'steps/s':>9} {'slowest ms':>11} {'slow calls':>11}  counters moved")
         for r in range(ROUNDS):
             for name in ("compile_ro", "run_compiled"):
-                before = copy.deepcopy({group: dict(values) for group, values in counters.items()})
-                rate, slowest, slow = pipelined_round(steps[name], STEPS)
-                print(f"  {r:>5} {name:>13} {rate:9.1f} {slowest:11.2f} {slow:11d}  {moved(before)}")
+                before = {group: dict(values) for group, values in counters.items()}
+                rate, calls = steps_per_s(steps[name], STEPS, False)
+                slow = sum(c > SLOW_CALL_S for c in calls)
+                print(f"  {r:>5} {name:>13} {rate:9.1f} {max(calls) * 1e3:11.2f} {slow:11d}  {moved(before)}")
         contenders.close()
 
 

@@ -9,6 +9,7 @@ from conftest import gpu
 from graphrunner.checks import relative_error
 from graphrunner.workloads.decoder import DecoderConfig, Decoder, decode_inputs, kv_slot, random_decode_inputs
 from graphrunner.workloads.spec_decode import DraftStep, SpecConfig
+from graphrunner.workloads.traces import padded
 
 SMALL = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                       max_batch_size=32)
@@ -33,9 +34,7 @@ def test_padding_rows_leave_every_row_s_keys_alone_on_cpu(page_size):
                         max_batch_size=8, page_size=page_size, dtype=torch.float32)
     padded_model, model = Decoder(cfg, device="cpu"), Decoder(cfg, device="cpu")
     step = random_decode_inputs(cfg, 3, torch.Generator().manual_seed(0), device="cpu")
-    specs = decode_inputs(cfg)
-    padded = {n: torch.cat([t, torch.full((5, *t.shape[1:]), specs[n].pad, dtype=t.dtype)]) for n, t in step.items()}
-    torch.testing.assert_close(padded_model(**padded)[:3], model(**step), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_model(**padded(cfg, step, 8))[:3], model(**step), rtol=1e-5, atol=1e-5)
     new = torch.zeros(model.k_cache.shape[:-1], dtype=torch.bool)  # the real rows' new entries, all layers
     if cfg.paged:
         slots = kv_slot(step["page_table"], step["positions"], cfg.page_size)

@@ -217,10 +217,10 @@ def host_limit(res: Dict[str, object], spread: Dict[str, List[float]], prefix: s
     return {key: res[host] * res[rate] / 1e6, f"{key}_rounds": (min(limits), max(limits))}
 
 
-def steps_per_s(step: Step, n: int, synced: bool) -> Tuple[float, float]:
+def steps_per_s(step: Step, n: int, synced: bool) -> Tuple[float, List[float]]:
     """Steps per second over steps 0..n-1, the host waiting for each (synced) or never inside the loop; and the
-    median microseconds the host spent inside one step call. Synchronised, each call finds the GPU idle, so
-    that is the contender's own host time a step; pipelined, it includes waiting for room to launch."""
+    seconds the host spent inside each step call. Synchronised, each call finds the GPU idle, so that is the
+    contender's own host time a step; pipelined, it includes waiting for room to launch."""
     stream = torch.cuda.current_stream()
     for i in range(min(n, 20)):  # after another contender ran: its caches, not this one's first steps
         step(i)
@@ -234,7 +234,7 @@ def steps_per_s(step: Step, n: int, synced: bool) -> Tuple[float, float]:
         if synced:
             stream.synchronize()
     torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0), statistics.median(host) * 1e6
+    return n / (time.perf_counter() - t0), host
 
 
 def queued_us(step: Step, n: int = GPU_STEPS) -> float:
@@ -272,18 +272,19 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
                     if name not in trace:
                         continue
                     for regime, synced in (("pipelined", False), ("synced", True)):
-                        rate, host_us = steps_per_s(trace[name], trace_steps, synced)
+                        rate, host = steps_per_s(trace[name], trace_steps, synced)
                         spread.setdefault(f"{prefix}trace_{regime}_steps_s_{name}", []).append(rate)
                         if synced:
-                            spread.setdefault(f"{prefix}trace_synced_host_us_{name}", []).append(host_us)
+                            spread.setdefault(f"{prefix}trace_synced_host_us_{name}", []).append(
+                                statistics.median(host) * 1e6)
             for batch, steps in fixed.items():
                 for _ in range(ROUNDS):
                     for name in group:
                         if name in steps:
                             spread.setdefault(f"{prefix}gpu_us_bs{batch}_{name}", []).append(queued_us(steps[name]))
-        rate, host_us = steps_per_s(contenders.eager_step(), EAGER_STEPS, True)
+        rate, host = steps_per_s(contenders.eager_step(), EAGER_STEPS, True)
         spread[f"{prefix}trace_synced_steps_s_eager"] = [rate]
-        spread[f"{prefix}trace_synced_host_us_eager"] = [host_us]
+        spread[f"{prefix}trace_synced_host_us_eager"] = [statistics.median(host) * 1e6]
         return contenders.compile_error
     finally:
         contenders.close()
