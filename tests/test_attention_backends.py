@@ -9,7 +9,7 @@ import torch
 import graphrunner as gr
 from conftest import gpu
 from graphrunner.checks import poison, relative_error
-from graphrunner.workloads.attention import decode_op
+from graphrunner.workloads.attention import decode_op, flash_attn_4_op
 from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 from graphrunner.workloads.reproductions import installed
 
@@ -130,6 +130,28 @@ def test_decode_op_traces_under_torch_compile():
         k, v = (torch.randn(rows, 2, 100, 64, generator=gen, device="cuda") for _ in range(2))
         seq_lens = torch.randint(1, 101, (rows,), generator=gen, device="cuda", dtype=torch.int32)
         torch.testing.assert_close(compiled(q, k, v, seq_lens), attend(q, k, v, seq_lens))
+
+
+@pytest.mark.skipif(not installed("flash_attn.cute"), reason="flash-attn 4 (flash_attn.cute) not installed")
+def test_flash_attn_4_op_compiles_into_one_graph():
+    """fullgraph=True raises at a graph break: the op keeps torch.compile out of flash_attn.cute's Python."""
+    op = flash_attn_4_op()
+
+    def attend(q, k, v, seq_lens, table):
+        return op(q * 2, k, v, seq_lens, table) + 1
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    heads, dim, page_size, pages = 4, 128, 128, 2
+    for rows in (3, 5):
+        q = torch.randn(rows, heads, dim, generator=gen, device="cuda").bfloat16()
+        k, v = (torch.randn(rows * pages + 1, page_size, heads, dim, generator=gen, device="cuda").bfloat16()
+                for _ in range(2))
+        seq_lens = torch.randint(1, pages * page_size + 1, (rows,), generator=gen, device="cuda", dtype=torch.int32)
+        table = (torch.randperm(rows * pages, generator=gen, device="cuda") + 1).view(rows, pages).int()
+        out = compiled(q, k, v, seq_lens, table)
+        want = reference_attention(q * 2, k, v, seq_lens, table) + 1
+        assert out.shape == q.shape and relative_error(out.double(), want) < 2e-2
 
 
 @pytest.mark.parametrize("change, message", [

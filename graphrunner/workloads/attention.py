@@ -7,7 +7,8 @@ listed in `meta.page_table`; a contiguous one (SDPA and decode) is [batch, heads
 
 SDPA masks every row's keys beyond its length, so it reads and computes over the whole cache each step. "decode"
 reads only the keys each row has, as a serving engine's decode kernel does (split over the keys, then merged:
-decode_attention_kernels.cu); it is a torch custom op with a fake, so torch.compile traces it as one call.
+decode_attention_kernels.cu). It and flash-attn 4 are torch custom ops with fakes, so torch.compile traces each
+as one call.
 """
 from __future__ import annotations
 
@@ -73,15 +74,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.ops.graphrunner_workloads.decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.page_table)
 
 
-def flash_attn_4_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMeta) -> torch.Tensor:
-    # Lengths and pages are read on the device (seqused_k, page_table), so one captured graph serves every
-    # length; the host-side bound comes from the page table's width, fixed per runner.
+@functools.lru_cache(None)
+def flash_attn_4_op() -> Callable[..., torch.Tensor]:
+    """The op graphrunner_workloads::flash_attn_4(q, k_cache, v_cache, seq_lens, page_table) around flash-attn 4's
+    varlen forward, defined on first use with a fake (the output's shape). torch.compile then keeps the call as
+    one opaque op, as serving engines register their attention, instead of tracing into flash_attn.cute's Python.
+    Lengths and pages are read on the device (seqused_k, page_table), so one captured graph serves every length;
+    the host-side bound comes from the page table's width, fixed per runner."""
     from flash_attn.cute import flash_attn_varlen_func
 
-    out, _ = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=meta.seq_lens,
-                                    page_table=meta.page_table)
-    return out[:, 0]
+    @torch.library.custom_op("graphrunner_workloads::flash_attn_4", mutates_args=(), device_types="cuda")
+    def op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+           page_table: Optional[torch.Tensor]) -> torch.Tensor:
+        out, _ = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=seq_lens, page_table=page_table)
+        return out[:, 0]
+
+    @op.register_fake
+    def _(q, k_cache, v_cache, seq_lens, page_table):
+        return q.new_empty(q.shape)
+
+    return op
+
+
+def flash_attn_4_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMeta) -> torch.Tensor:
+    # Through torch.ops, which torch.compile traces; attention_backend("flash-attn-4") defined the op.
+    return torch.ops.graphrunner_workloads.flash_attn_4(q, k_cache, v_cache, meta.seq_lens, meta.page_table)
 
 
 def flash_attn_2_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -113,4 +131,6 @@ def attention_backend(name: str) -> Attention:
                               f"{install}") from exc
     if name == "decode":
         decode_op()  # loads the kernels now: a build without them fails here, not in the first step
+    elif name == "flash-attn-4":
+        flash_attn_4_op()
     return BACKENDS[name]
