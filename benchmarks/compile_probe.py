@@ -11,8 +11,7 @@ from typing import Dict
 import torch
 from torch._dynamo.utils import counters
 
-from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, steps_per_s, walk
+from graphrunner.workloads.traces import DRAFT_PRESET, Contenders, steps_per_s, walk
 
 STEPS = 2000
 ROUNDS = 4
@@ -31,7 +30,7 @@ def moved(before: Dict[str, Dict[str, int]]) -> str:
 
 
 def main() -> None:
-    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    cfg = DRAFT_PRESET
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), True, gen)

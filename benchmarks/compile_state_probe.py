@@ -15,14 +15,14 @@ after the build:
 """
 import os
 import statistics
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch._inductor.async_compile import shutdown_compile_workers
-from torch.profiler import ProfilerActivity, profile
 
-from graphrunner.workloads.decoder import DecoderConfig, random_decode_inputs
-from graphrunner.workloads.traces import Contenders, Step, queued_us, steps_per_s, walk
+from graphrunner.workloads.decoder import random_decode_inputs
+from graphrunner.workloads.traces import (DRAFT_PRESET, Contenders, Step, kernel_us, queued_us, steps_per_s,
+                                          walk)
 
 STEPS = 2000
 REPS = 3
@@ -49,20 +49,8 @@ def row(label: str, trace: Step, fixed: Step) -> None:
           f"{queued_us(fixed):8.2f} {len(os.listdir('/proc/self/task')):7d} {children():8d}", flush=True)
 
 
-def kernel_us(step: Step) -> Dict[str, float]:
-    """Device us a step of each kernel name over PROFILED_STEPS steps of `step`."""
-    for i in range(10):
-        step(i)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(PROFILED_STEPS):
-            step(i)
-        torch.cuda.synchronize()
-    return {k.key: k.device_time_total / PROFILED_STEPS for k in prof.key_averages() if k.device_time_total}
-
-
 def main() -> None:
-    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    cfg = DRAFT_PRESET
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = walk(cfg.max_batch_size, STEPS)
     with torch.no_grad():
@@ -71,7 +59,7 @@ def main() -> None:
         print(f"draft preset, graphrunner's graphs captured before any compile; walk pipelined steps/s (median, "
               f"range of {REPS}), batch 64 queued GPU us, threads, children")
         row("0. nothing compiled", trace, fixed)
-        before = kernel_us(fixed)
+        before = kernel_us(fixed, PROFILED_STEPS)
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         compiled = torch.compile(old.model, dynamic=True)
         for size in old.sizes:
@@ -86,7 +74,7 @@ def main() -> None:
         row("2. after reduce-overhead warm-ups, every size", trace, fixed)
         shutdown_compile_workers()
         row("3. after shutdown_compile_workers()", trace, fixed)
-        after = kernel_us(fixed)
+        after = kernel_us(fixed, PROFILED_STEPS)
         new = Contenders(cfg, batches, False, gen)
         made = new.step_functions(new.steps)
         made_fixed = new.step_functions([new.fixed[64]])

@@ -9,14 +9,15 @@ import random
 import statistics
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import graphrunner as gr
 from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
-from graphrunner.workloads.traces import queued_us, walk
+from graphrunner.workloads.decoder import Decoder, decode_inputs, random_decode_inputs
+from graphrunner.workloads.traces import DRAFT_PRESET, queued_us, walk
 
 ROUNDS = 3
 STEPS = 400
@@ -37,7 +38,7 @@ def kernels(graph, n: int = 20) -> Counter:
 
 
 def probe(attention: str) -> None:
-    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention=attention)
+    cfg = replace(DRAFT_PRESET, attention=attention)
     model, gen = Decoder(cfg), torch.Generator(device="cuda").manual_seed(0)
     sizes = gr.default_capture_sizes(cfg.max_batch_size)
     with torch.no_grad():

@@ -11,8 +11,7 @@ import statistics
 
 import torch
 
-from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, paced, steps_per_s, walk
+from graphrunner.workloads.traces import DRAFT_PRESET, Contenders, paced, steps_per_s, walk
 
 STEPS = 2000
 ROUNDS = 3
@@ -20,7 +19,7 @@ LEADS = (1, 2, 4, 16, 64, None)  # None: no bound
 
 
 def main() -> None:
-    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    cfg = DRAFT_PRESET
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), False, gen)

@@ -17,8 +17,7 @@ from typing import List, Tuple
 
 import torch
 
-from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import PLAIN, Contenders, Step, steps_per_s, walk
+from graphrunner.workloads.traces import DRAFT_PRESET, PLAIN, Contenders, Step, steps_per_s, walk
 
 STEPS = 2000
 ROUNDS = 3
@@ -52,7 +51,7 @@ def read_samples(path: str) -> List[Tuple[float, float]]:
 
 
 def main() -> None:
-    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    cfg = DRAFT_PRESET
     gen = torch.Generator(device="cuda").manual_seed(0)
     log = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
     sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm", "--format=csv,noheader,nounits",

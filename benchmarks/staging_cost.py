@@ -11,31 +11,15 @@ The staging_probe.cu numbers are a 12-kernel stand-in; these are the decoder's. 
     PYTHONPATH=. python3 benchmarks/staging_cost.py
 """
 import statistics
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import GPU_STEPS, Contenders, Step, paced, queued_us, walk
+from graphrunner.workloads.traces import DRAFT_PRESET, GPU_STEPS, Contenders, Step, kernel_us, paced, queued_us, walk
 
 ROUNDS = 5
 PROFILED_STEPS = 200
 TRACE_STEPS = 1000
-
-
-def kernel_us(step: Step, n: int) -> Tuple[float, float]:
-    """(all kernels' device us a step, the staging kernel's) over steps 0..n-1 of `step`."""
-    for i in range(10):
-        step(i)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(n):
-            step(i)
-        torch.cuda.synchronize()
-    kernels = prof.key_averages()
-    staging = sum(k.device_time_total for k in kernels if "stage_inputs" in k.key)
-    return sum(k.device_time_total for k in kernels) / n, staging / n
 
 
 def print_rows(label: str, steps: Dict[str, Step], n: int) -> None:
@@ -45,7 +29,8 @@ def print_rows(label: str, steps: Dict[str, Step], n: int) -> None:
         for name, fn in steps.items():
             spread[name].append(queued_us(fn, n))
     for name, fn in steps.items():
-        total, staging = kernel_us(fn, min(n, PROFILED_STEPS))
+        kernels = kernel_us(fn, min(n, PROFILED_STEPS))
+        total, staging = sum(kernels.values()), sum(us for name, us in kernels.items() if "stage_inputs" in name)
         times = spread[name]
         print(f"  {label:>5} {name:>9} {statistics.median(times):8.2f} {min(times):6.2f}-{max(times):6.2f}"
               f" {total:8.2f} {staging:8.2f}")
@@ -53,7 +38,7 @@ def print_rows(label: str, steps: Dict[str, Step], n: int) -> None:
 
 def main() -> None:
     """Prints the table for the draft preset at batch 1, batch 64 and over the trace."""
-    cfg = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
+    cfg = DRAFT_PRESET
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = walk(cfg.max_batch_size, TRACE_STEPS)
     with torch.no_grad():

@@ -45,27 +45,37 @@ def sdpa_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out[:, :, 0, :]
 
 
-@functools.lru_cache(None)
-def decode_op() -> Callable[..., torch.Tensor]:
-    """The op graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table), defined on first
-    use around the kernels of graphrunner.workloads._decode_attention, with a fake (the output's shape) for
-    torch.compile. Bad arguments raise ValueError naming them, a failed launch RuntimeError."""
-    kernels = importlib.import_module("graphrunner.workloads._decode_attention")
+def _attention_op(name: str, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`forward(q, k_cache, v_cache, seq_lens, page_table)` as the torch custom op graphrunner_workloads::`name`,
+    with a fake (the output has q's shape and dtype), so torch.compile traces it as one call."""
 
-    @torch.library.custom_op("graphrunner_workloads::decode_attention", mutates_args=(), device_types="cuda")
+    @torch.library.custom_op(f"graphrunner_workloads::{name}", mutates_args=(), device_types="cuda")
     def op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
            page_table: Optional[torch.Tensor]) -> torch.Tensor:
-        out = q.new_empty(q.shape)
-        status, why = kernels.forward(q, k_cache, v_cache, seq_lens, page_table, out)
-        if status:
-            raise (ValueError if status == 1 else RuntimeError)(why)
-        return out
+        return forward(q, k_cache, v_cache, seq_lens, page_table)
 
     @op.register_fake
     def _(q, k_cache, v_cache, seq_lens, page_table):
         return q.new_empty(q.shape)
 
     return op
+
+
+@functools.lru_cache(None)
+def decode_op() -> Callable[..., torch.Tensor]:
+    """The op graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table), defined on first
+    use around the kernels of graphrunner.workloads._decode_attention. Bad arguments raise ValueError naming them,
+    a failed launch RuntimeError."""
+    kernels = importlib.import_module("graphrunner.workloads._decode_attention")
+
+    def forward(q, k_cache, v_cache, seq_lens, page_table):
+        out = q.new_empty(q.shape)
+        status, why = kernels.forward(q, k_cache, v_cache, seq_lens, page_table, out)
+        if status:
+            raise (ValueError if status == 1 else RuntimeError)(why)
+        return out
+
+    return _attention_op("decode_attention", forward)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -77,23 +87,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @functools.lru_cache(None)
 def flash_attn_4_op() -> Callable[..., torch.Tensor]:
     """The op graphrunner_workloads::flash_attn_4(q, k_cache, v_cache, seq_lens, page_table) around flash-attn 4's
-    varlen forward, defined on first use with a fake (the output's shape). torch.compile then keeps the call as
-    one opaque op, as serving engines register their attention, instead of tracing into flash_attn.cute's Python.
-    Lengths and pages are read on the device (seqused_k, page_table), so one captured graph serves every length;
-    the host-side bound comes from the page table's width, fixed per runner."""
+    varlen forward, defined on first use. As an op, torch.compile keeps the call whole, as serving engines register
+    their attention, instead of tracing into flash_attn.cute's Python. Lengths and pages are read on the device
+    (seqused_k, page_table), so one captured graph serves every length; the host-side bound comes from the page
+    table's width, fixed per runner."""
     from flash_attn.cute import flash_attn_varlen_func
 
-    @torch.library.custom_op("graphrunner_workloads::flash_attn_4", mutates_args=(), device_types="cuda")
-    def op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-           page_table: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(q, k_cache, v_cache, seq_lens, page_table):
         out, _ = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=seq_lens, page_table=page_table)
         return out[:, 0]
 
-    @op.register_fake
-    def _(q, k_cache, v_cache, seq_lens, page_table):
-        return q.new_empty(q.shape)
-
-    return op
+    return _attention_op("flash_attn_4", forward)
 
 
 def flash_attn_4_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

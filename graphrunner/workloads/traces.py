@@ -24,6 +24,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import graphrunner as gr
 from graphrunner.graph import capture_stream
@@ -36,6 +37,8 @@ EAGER_STEPS = 200
 GPU_STEPS = 200
 GPU_BATCHES = (1, 64)
 PLAIN = ("run", "baseline", "bare")
+# The bench's draft preset at its default flags, which the probes in benchmarks/ run.
+DRAFT_PRESET = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
 COMPILED = ("compile_ro", "run_compiled")
 
 
@@ -249,6 +252,19 @@ def queued_us(step: Step, n: int = GPU_STEPS) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1000 / n
+
+
+def kernel_us(step: Step, n: int) -> Dict[str, float]:
+    """Device us a step of each kernel (by name) over steps 0..n-1 of `step`, from torch.profiler (CUPTI), after
+    10 untimed steps."""
+    for i in range(10):
+        step(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            step(i)
+        torch.cuda.synchronize()
+    return {k.key: k.device_time_total / n for k in prof.key_averages() if k.device_time_total}
 
 
 def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
