@@ -24,7 +24,7 @@ SHAPE = dict(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab
 # below).
 BACKENDS = [
     pytest.param(("decode", 16), id="decode-paged"),
-    # ids name the backend: gpu_check.sh's flash-attn stage selects these with -k flash
+    # ids name the backend
     pytest.param(("flash-attn-4", 128), id="flash-attn-4-paged",
                  marks=pytest.mark.skipif(not installed("flash_attn.cute"),
                                           reason="flash-attn 4 (flash_attn.cute) not installed")),
