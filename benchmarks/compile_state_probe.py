@@ -50,6 +50,7 @@ def row(label: str, trace: Step, fixed: Step) -> None:
 
 
 def main() -> None:
+    """Prints one line per phase, then the first runner's kernels before and after."""
     cfg = DRAFT_PRESET
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = walk(cfg.max_batch_size, STEPS)

@@ -12,12 +12,15 @@ from graphrunner.workloads.attention import flash_attn_4_op
 REASONS = 3
 
 
-def direct(q, k, v, seq_lens, table):
+def direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor,
+           table: torch.Tensor) -> torch.Tensor:
+    """The attention as the decoder called it before the op: flash_attn_varlen_func itself."""
     out, _ = flash_attn_varlen_func(q[:, None], k, v, seqused_k=seq_lens, page_table=table)
     return out[:, 0]
 
 
 def main() -> None:
+    """Prints, per way of calling, what dynamo made of one paged decode attention call."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, heads, dim, page_size, pages = 8, 8, 128, 128, 2
     q = torch.randn(rows, heads, dim, generator=gen, device="cuda").bfloat16()
