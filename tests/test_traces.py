@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import gpu
-from graphrunner.workloads.bench import round_spread, save_results, target_lines, trace_table
+from graphrunner.workloads.bench import (changed_settings, parse_args, round_spread, save_results, target_header,
+                                         target_lines, trace_table)
 from graphrunner.workloads.decoder import DecoderConfig
 from graphrunner.workloads.traces import Contenders, host_limit, round_ratios
 
@@ -101,6 +102,15 @@ def test_target_lines_give_verdict_spread_and_missing_targets_on_cpu():
     assert lines[0].split()[-2:] == ["MISSED", "(0.985-0.992)"]
     assert lines[1].split()[-1] == "met"
     assert lines[2].split() == ["pool_ratio_desc", "not", "run"]
+
+
+def test_a_run_away_from_the_default_settings_says_its_verdicts_are_indicative_on_cpu():
+    smoke = parse_args(["--layers", "2", "--steps", "50", "--no-compile", "--name", "x", "--out", "/tmp"])
+    assert changed_settings(smoke) == ["--layers 2 (8)", "--steps 50 (300)", "--no-compile"]
+    assert changed_settings(parse_args(["--name", "x"])) == []
+    assert target_header([]) == ["targets (median; over rounds, side by side):"]
+    note = target_header(changed_settings(smoke))[1]
+    assert "this run changed --layers 2 (8), --steps 50 (300), --no-compile" in note and "indicative" in note
 
 
 def test_host_limit_is_compile_ro_host_time_in_run_compiled_steps_on_cpu():

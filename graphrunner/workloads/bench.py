@@ -67,6 +67,22 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def changed_settings(args: argparse.Namespace) -> List[str]:
+    """The flags `args` sets away from their defaults, output flags aside, as "--flag value (default)". The
+    targets are set for the defaults, so a run with any of these prints its verdicts as indicative only.
+
+    Args:
+        args: the parsed command line.
+    """
+    defaults = vars(parse_args([]))
+    out = []
+    for key, value in vars(args).items():
+        if key in ("out", "name") or value == defaults[key]:
+            continue
+        out.append("--no-compile" if key == "compile" else f"--{key.replace('_', '-')} {value} ({defaults[key]})")
+    return out
+
+
 def attention_suffix(attention: str) -> str:
     """What a results file's name gains for a decoder attention other than the default: "-sdpa", say."""
     return "" if attention == DEFAULT_ATTENTION else f"-{attention}"
@@ -336,12 +352,25 @@ def table(res: Dict[str, object]) -> str:
             f"{res['capture_s_baseline']:.2f} s",
             f"pool MiB: descending {res['pool_mib_desc']:.0f}, ascending {res['pool_mib_asc']:.0f}, largest alone "
             f"{res['pool_mib_largest_alone']:.0f}",
-            f"validate: {res['validate_s']:.2f} s, with scrub+guard {res['validate_scrub_guard_s']:.2f} s", "",
-            "targets (median; over rounds, side by side):"]
+            f"validate: {res['validate_s']:.2f} s, with scrub+guard {res['validate_scrub_guard_s']:.2f} s", ""]
+    out += target_header(res.get("_changed", []))
     out += target_lines(res, TARGETS)
     out.append("reported, no target:")
     out += [f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in REPORTED if key in res]
     return "\n".join(out)
+
+
+def target_header(changed: List[str]) -> List[str]:
+    """The line above the targets, and where the run changed settings (`changed_settings`), one naming them.
+
+    Args:
+        changed: the flags the run set away from their defaults.
+    """
+    out = ["targets (median; over rounds, side by side):"]
+    if changed:
+        out.append(f"  set for the default settings; this run changed {', '.join(changed)}: its verdicts are "
+                   "indicative only")
+    return out
 
 
 def target_lines(res: Dict[str, object], targets: List[Tuple[str, str, float]]) -> List[str]:
@@ -459,6 +488,7 @@ def write_results(args: argparse.Namespace, res: Dict[str, object]) -> int:
     name = args.name or gpu_tag() + tp + attention_suffix(args.attn)
     if res["distributed"]:  # the headline numbers again, under names that say how many ranks
         res.update(headline(f"tp{args.tp}", res))
+    res["_changed"] = changed_settings(args)
     flat = save_results(args.out, f"bench-{name}", table(res), res, plot)
     if args.attn in BACKEND_KEY_PREFIX and args.name is None:
         add_backend_keys(args.out / f"bench-{gpu_tag()}{tp}.json", BACKEND_KEY_PREFIX[args.attn], flat)
