@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 from torch._dynamo.utils import counters
 
-from graphrunner.workloads.traces import DRAFT_PRESET, Contenders, steps_per_s, walk
+from graphrunner.workloads.traces import draft_contenders, steps_per_s
 
 STEPS = 2000
 ROUNDS = 4
@@ -30,10 +30,8 @@ def moved(before: Dict[str, Dict[str, int]]) -> str:
 
 
 def main() -> None:
-    cfg = DRAFT_PRESET
-    gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
-        contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), True, gen)
+        contenders = draft_contenders(STEPS, True)
         if contenders.compile_error:
             raise SystemExit(f"torch.compile contenders failed: {contenders.compile_error}")
         steps = contenders.step_functions(contenders.steps)

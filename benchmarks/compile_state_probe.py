@@ -21,8 +21,7 @@ import torch
 from torch._inductor.async_compile import shutdown_compile_workers
 
 from graphrunner.workloads.decoder import random_decode_inputs
-from graphrunner.workloads.traces import (DRAFT_PRESET, Contenders, Step, kernel_us, queued_us, steps_per_s,
-                                          walk)
+from graphrunner.workloads.traces import Step, draft_contenders, kernel_us, queued_us, steps_per_s
 
 STEPS = 2000
 REPS = 3
@@ -51,17 +50,15 @@ def row(label: str, trace: Step, fixed: Step) -> None:
 
 def main() -> None:
     """Prints one line per phase, then the first runner's kernels before and after."""
-    cfg = DRAFT_PRESET
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = walk(cfg.max_batch_size, STEPS)
     with torch.no_grad():
-        old = Contenders(cfg, batches, False, gen)
+        old = draft_contenders(STEPS, False)
+        cfg = old.cfg
         trace, fixed = old.step_functions(old.steps)["run"], old.step_functions([old.fixed[64]])["run"]
         print(f"draft preset, graphrunner's graphs captured before any compile; walk pipelined steps/s (median, "
               f"range of {REPS}), batch 64 queued GPU us, threads, children")
         row("0. nothing compiled", trace, fixed)
         before = kernel_us(fixed, PROFILED_STEPS)
-        example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
+        example = random_decode_inputs(cfg, cfg.max_batch_size, torch.Generator(device="cuda").manual_seed(1))
         compiled = torch.compile(old.model, dynamic=True)
         for size in old.sizes:
             compiled(**{n: t[:size].clone() for n, t in example.items()})
@@ -76,7 +73,7 @@ def main() -> None:
         shutdown_compile_workers()
         row("3. after shutdown_compile_workers()", trace, fixed)
         after = kernel_us(fixed, PROFILED_STEPS)
-        new = Contenders(cfg, batches, False, gen)
+        new = draft_contenders(STEPS, False)
         made = new.step_functions(new.steps)
         made_fixed = new.step_functions([new.fixed[64]])
         row("4. a runner captured now", made["run"], made_fixed["run"])

@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-from graphrunner.workloads.traces import DRAFT_PRESET, Contenders, paced, steps_per_s, walk
+from graphrunner.workloads.traces import draft_contenders, paced, steps_per_s
 
 STEPS = 2000
 ROUNDS = 3
@@ -19,10 +19,8 @@ LEADS = (1, 2, 4, 16, 64, None)  # None: no bound
 
 
 def main() -> None:
-    cfg = DRAFT_PRESET
-    gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
-        contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), False, gen)
+        contenders = draft_contenders(STEPS, False)
         steps = contenders.step_functions(contenders.steps)
         print(f"draft preset, {STEPS}-step walk, steps/s (median of {ROUNDS}) by the host's lead")
         print(f"  {'lead':>6}" + "".join(f"{name:>12}" for name in steps))

@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 import torch
 
-from graphrunner.workloads.traces import DRAFT_PRESET, PLAIN, Contenders, Step, steps_per_s, walk
+from graphrunner.workloads.traces import PLAIN, Step, draft_contenders, steps_per_s
 
 STEPS = 2000
 ROUNDS = 3
@@ -51,15 +51,13 @@ def read_samples(path: str) -> List[Tuple[float, float]]:
 
 
 def main() -> None:
-    cfg = DRAFT_PRESET
-    gen = torch.Generator(device="cuda").manual_seed(0)
     log = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
     sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm", "--format=csv,noheader,nounits",
                                 "-lms", "20"], stdout=log)
     windows = []
     try:
         with torch.no_grad():
-            contenders = Contenders(cfg, walk(cfg.max_batch_size, STEPS), "--compiled" in sys.argv[1:], gen)
+            contenders = draft_contenders(STEPS, "--compiled" in sys.argv[1:])
             steps = contenders.step_functions(contenders.steps)
             for warm_s in (0.0, WARM_S):
                 for r in range(ROUNDS):

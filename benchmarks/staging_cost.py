@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from graphrunner.workloads.traces import DRAFT_PRESET, GPU_STEPS, Contenders, Step, kernel_us, paced, queued_us, walk
+from graphrunner.workloads.traces import GPU_STEPS, Step, draft_contenders, kernel_us, paced, queued_us
 
 ROUNDS = 5
 PROFILED_STEPS = 200
@@ -38,11 +38,8 @@ def print_rows(label: str, steps: Dict[str, Step], n: int) -> None:
 
 def main() -> None:
     """Prints the table for the draft preset at batch 1, batch 64 and over the trace."""
-    cfg = DRAFT_PRESET
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = walk(cfg.max_batch_size, TRACE_STEPS)
     with torch.no_grad():
-        contenders = Contenders(cfg, batches, False, gen)
+        contenders = draft_contenders(TRACE_STEPS, False)
         runner, lead = contenders.runner, contenders.runner.spec.max_lead
         print(f"draft preset, GPU us a step: events over {ROUNDS} rounds (batch 1 and 64: {GPU_STEPS} steps; "
               f"trace: {TRACE_STEPS}), kernels from {PROFILED_STEPS} profiled steps")
@@ -53,7 +50,7 @@ def main() -> None:
             print_rows(str(batch), {"run": made["run"], "idle": paced(lambda i: graph.replay(), lead),
                                     "bare": made["bare"]}, GPU_STEPS)
         made = contenders.step_functions(contenders.steps)
-        graphs = [runner.record.entries[runner.size_for(b)].graph for b in batches]
+        graphs = [runner.record.entries[runner.size_for(s["input_ids"].shape[0])].graph for s in contenders.steps]
         print_rows("trace", {"run": made["run"], "idle": paced(lambda i: graphs[i % len(graphs)].replay(), lead),
                              "bare": made["bare"]}, TRACE_STEPS)
         contenders.close()

@@ -37,9 +37,9 @@ EAGER_STEPS = 200
 GPU_STEPS = 200
 GPU_BATCHES = (1, 64)
 PLAIN = ("run", "baseline", "bare")
+COMPILED = ("compile_ro", "run_compiled")
 # The bench's draft preset at its default flags, which the probes in benchmarks/ run.
 DRAFT_PRESET = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
-COMPILED = ("compile_ro", "run_compiled")
 
 
 def walk(max_batch_size: int, steps: int, seed: int = 1) -> List[int]:
@@ -168,6 +168,18 @@ class Contenders:
             graph.reset()
         self.bare = []
         self.close_compiled()
+
+
+def draft_contenders(trace_steps: int, compiled: bool) -> Contenders:
+    """Contenders on DRAFT_PRESET over a `trace_steps`-step walk, inputs drawn from a CUDA generator seeded 0: the
+    set-up the probes in benchmarks/ share. Build them under torch.no_grad(), as the bench does.
+
+    Args:
+        trace_steps: steps of the random-walk trace.
+        compiled: build the torch.compile contenders too.
+    """
+    return Contenders(DRAFT_PRESET, walk(DRAFT_PRESET.max_batch_size, trace_steps), compiled,
+                      torch.Generator(device="cuda").manual_seed(0))
 
 
 def paced(step: Step, lead: Optional[int]) -> Step:
