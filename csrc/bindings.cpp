@@ -28,29 +28,30 @@ cudaStreamCaptureMode capture_mode(const std::string& mode) {
   throw InputValueError("capture_error_mode must be 'global', 'thread_local' or 'relaxed', got '" + mode + "'");
 }
 
-// (name, per-token row shape, dtype, pad bytes, rows per request, pad each step)
-using SpecTuple = std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes, int64_t, bool>;
+// (name, row shape, dtype, pad bytes, rows per request, pad each step, per token (ragged), split (ragged))
+using SpecTuple =
+    std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes, int64_t, bool, bool, bool>;
 
-PyInputChecker make_checker(const std::vector<SpecTuple>& specs, int64_t max_batch_size, bool fallback_eager,
+PyInputChecker make_checker(const std::vector<SpecTuple>& specs, const SizeTable& sizes, bool fallback_eager,
                             int device) {
   PyInputChecker out;
   std::vector<InputSpec> parsed;
-  for (const auto& [name, row_shape, dtype, pad, tokens, pad_each_step] : specs) {
+  for (const auto& [name, row_shape, dtype, pad, rows_per_request, pad_each_step, per_token, split] : specs) {
     std::string pattern = pad;
     if (pattern.empty()) {
       throw InputValueError("input '" + name + "': the pad pattern is empty");
     }
-    if (tokens < 1) {
+    if (rows_per_request < 1) {
       throw InputValueError("input '" + name + "': rows per request must be at least 1");
     }
-    InputSpec spec{name, row_shape, dtype, {}, tokens, pad_each_step};
+    InputSpec spec{name, row_shape, dtype, {}, rows_per_request, pad_each_step, per_token, split};
     for (size_t j = 0; j < 16; ++j) {
       spec.pad_pattern[j] = static_cast<uint8_t>(pattern[j % pattern.size()]);
     }
     parsed.push_back(std::move(spec));
     out.names.push_back(py::str(name));
   }
-  out.checker = std::make_shared<InputChecker>(std::move(parsed), max_batch_size, fallback_eager,
+  out.checker = std::make_shared<InputChecker>(std::move(parsed), sizes, fallback_eager,
                                                static_cast<c10::DeviceIndex>(device));
   return out;
 }
@@ -100,29 +101,42 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("pool", &Graph::pool)
       .def_property_readonly("device", [](const Graph& g) { return static_cast<int>(g.device()); })
       .def_property_readonly("num_nodes", &Graph::num_nodes)
-      .def_property_readonly("uses_rng", &Graph::uses_rng)
       .def_property_readonly("exec_handle", [](const Graph& g) { return reinterpret_cast<uintptr_t>(g.exec()); },
                              "The cudaGraphExec_t as an int (for benchmarks' own launch loops).")
       .def_property_readonly("footprint", &Graph::footprint, "What the capture allocated: [(address, bytes)].")
       .def_property_readonly("owned_memory", &Graph::owned_memory,
                              "Memory outside the pool the graph's machinery reads: [(address, bytes)].");
 
-  py::class_<SizeTable>(m, "SizeTable", "Which captured size a batch runs at.")
-      .def(py::init<std::vector<int64_t>, int64_t>(), py::arg("capture_sizes"), py::arg("max_batch_size"))
-      .def("size_for", &SizeTable::size_for, py::arg("batch"),
-           "The smallest captured size that holds `batch` rows; 0 when none does.")
+  py::class_<SizeTable>(m, "SizeTable", "Which captured size a step runs at.")
+      .def(py::init<std::vector<int64_t>, int64_t>(), py::arg("capture_sizes"), py::arg("max_batch_size"),
+           "A uniform table: sizes count requests.")
+      .def(py::init<std::vector<int64_t>, int64_t, std::vector<int64_t>>(), py::arg("capture_sizes"),
+           py::arg("max_tokens"), py::arg("requests_per_size"),
+           "A ragged table: sizes count tokens, size i holds up to requests_per_size[i] requests.")
+      .def("size_for", py::overload_cast<int64_t>(&SizeTable::size_for, py::const_), py::arg("batch"),
+           "Uniform: the smallest captured size that holds `batch` requests; 0 when none does.")
+      .def(
+          "size_for_step", [](const SizeTable& t, int64_t requests, int64_t tokens) {
+            return t.size_for(StepShape{requests, tokens});
+          },
+          py::arg("requests"), py::arg("tokens"), "The size a step runs at (either kind); 0 when none holds it.")
+      .def("requests_of", &SizeTable::requests_of, py::arg("size"), "The requests a captured size holds.")
+      .def("output_slot", &SizeTable::output_slot, py::arg("size"), py::arg("requests"),
+           "Where a step's outputs sit in the armed runner's list of output views.")
+      .def_property_readonly("output_slots", &SizeTable::output_slots)
+      .def_property_readonly("ragged", &SizeTable::ragged)
       .def_property_readonly("sizes", &SizeTable::sizes);
 
   py::class_<PyInputChecker>(m, "InputChecker", "Checks one step's inputs against the runner's specs.")
-      .def(py::init(&make_checker), py::arg("specs"), py::arg("max_batch_size"), py::arg("fallback_eager"),
-           py::arg("device"))
+      .def(py::init(&make_checker), py::arg("specs"), py::arg("sizes"), py::arg("fallback_eager"), py::arg("device"))
       .def(
           "check",
           [](const PyInputChecker& s, const py::dict& given) {
             InputSlots slots;
-            return s.checker->check(s.borrow(given.ptr(), slots));
+            const StepShape shape = s.checker->check(s.borrow(given.ptr(), slots));
+            return std::make_pair(shape.requests, shape.tokens);
           },
-          py::arg("inputs"), "The batch size of the dict `inputs`; raises naming the input and the fix.");
+          py::arg("inputs"), "(requests, tokens) of the dict `inputs`; raises naming the input and the fix.");
 
   py::class_<PyLauncher>(m, "Launcher", "Stages a step's inputs and launches the graph of its size.")
       .def(py::init([](const PyInputChecker& inputs, std::vector<at::Tensor> static_buffers, const SizeTable& sizes,
@@ -138,12 +152,11 @@ PYBIND11_MODULE(_C, m) {
           [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
           py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.")
       .def_property_readonly(
-          "owned_memory",
-          [](const PyLauncher& s) { return std::vector<std::pair<uint64_t, size_t>>{s.launcher->stamp_memory()}; },
-          "[(address, bytes)] of host-mapped memory the staging kernels write (the step stamp).");
+          "owned_memory", [](const PyLauncher& s) { return s.launcher->owned_memory(); },
+          "[(address, bytes)] of host-mapped memory the staging kernels use (the step stamp, the split slots).");
 
   py::class_<WorkspaceHold, std::shared_ptr<WorkspaceHold>>(
-      m, "WorkspaceHold", "Library workspaces taken over from torch's caches, kept alive until release().")
+      m, "WorkspaceHold", "Library workspaces taken over from torch's caches, kept alive as long as the hold.")
       .def(py::init<>())
       .def(
           "take", [](WorkspaceHold& h, uintptr_t stream) { return h.take(reinterpret_cast<cudaStream_t>(stream)); },
@@ -154,8 +167,7 @@ PYBIND11_MODULE(_C, m) {
                                for (const auto& w : h.held()) out.append(py::make_tuple(w.library, w.address, w.bytes));
                                return out;
                              },
-                             "[(library, address, bytes)]")
-      .def("release", &WorkspaceHold::release, "Frees what is held.");
+                             "[(library, address, bytes)]");
 
   m.add_object("StepCall", step_call_type());
 

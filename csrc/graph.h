@@ -49,7 +49,6 @@ class Graph {
   PoolId pool() const { return pool_; }
   c10::DeviceIndex device() const { return device_; }
   size_t num_nodes() const { return num_nodes_; }
-  bool uses_rng() const { return rng_.uses_rng(); }
   cudaGraphExec_t exec() const { return exec_; }
   // What this graph's capture allocated in the pool (address, bytes), in allocation order.
   const std::vector<AddressRange>& footprint() const { return footprint_; }

@@ -18,9 +18,10 @@ namespace {
 // shorter than 256 threads and 64-bit offsets did (an H100, benchmarks/staging_cost.py, run AC4).
 constexpr int kThreads = 64;
 
-// Input blockIdx.y: rows [0, batch) come from the step's source, rows [batch, size) get the pad value (or,
-// for an input that keeps its padding rows, are left as they are). Everything it needs is in its parameter,
-// so the copy starts at once: no descriptor to fetch, no counter to retire.
+// Input blockIdx.y: units [0, batch) come from the step's source, units [batch, size) get the pad value (or,
+// for an input that keeps its padding rows, are left as they are); a ragged runner's per-token input counts
+// tokens instead. Everything it needs is in its parameter, so the copy starts at once: no descriptor to fetch,
+// no counter to retire.
 template <int N>
 __global__ void stage_inputs(const __grid_constant__ StageParams<N> p) {
   if (p.batch < 0) {
@@ -32,8 +33,11 @@ __global__ void stage_inputs(const __grid_constant__ StageParams<N> p) {
   const int i = blockIdx.y;
   unsigned char* dst = p.dst[i];
   const unsigned char* src = p.src[i];
-  const int copy_bytes = static_cast<int>(p.batch * p.row_bytes[i]);
-  const int total = static_cast<int>(((p.pad_each_step >> i) & 1 ? p.size : p.batch) * p.row_bytes[i]);
+  const bool per_token = (p.per_token >> i) & 1;
+  const long long units = per_token ? p.tokens : p.batch;
+  const long long size_units = per_token ? p.size_tokens : p.size;
+  const int copy_bytes = static_cast<int>(units * p.unit_bytes[i]);
+  const int total = static_cast<int>(((p.pad_each_step >> i) & 1 ? size_units : units) * p.unit_bytes[i]);
   const bool src_aligned = (reinterpret_cast<uintptr_t>(src) & 15) == 0;
   const uint4 pad = p.pad[i];
   const unsigned char* pad_bytes = reinterpret_cast<const unsigned char*>(&p.pad[i]);
@@ -68,7 +72,7 @@ cudaGraphNode_t last_captured_node(cudaStream_t stream) {
   return deps[0];
 }
 
-// Every N shares the head (batch, seq, size, src), which is all a launch writes.
+// Every N shares the head (batch, tokens, seq, size, size_tokens, src), which is all a launch writes.
 static_assert(offsetof(StageParams<4>, src) == offsetof(StageParams<kMaxInputs>, src) &&
               offsetof(StageParams<8>, src) == offsetof(StageParams<kMaxInputs>, src));
 
@@ -76,16 +80,19 @@ static_assert(offsetof(StageParams<4>, src) == offsetof(StageParams<kMaxInputs>,
 // which every launch of that size's graph starts from.
 template <int N>
 std::vector<unsigned char> record_staging(const std::vector<InputSpec>& specs, const std::vector<at::Tensor>& buffers,
-                                          int64_t size, volatile long long* started, dim3 grid, cudaStream_t stream) {
+                                          StepShape size, volatile long long* started, dim3 grid,
+                                          cudaStream_t stream) {
   StageParams<N> p{};
   p.batch = -1;
-  p.size = size;
+  p.size = size.requests;
+  p.size_tokens = size.tokens;
   p.started = started;
   for (size_t i = 0; i < specs.size(); ++i) {
     p.dst[i] = static_cast<unsigned char*>(buffers[i].data_ptr());
-    p.row_bytes[i] = specs[i].row_bytes();
+    p.unit_bytes[i] = specs[i].unit_bytes();
     std::memcpy(&p.pad[i], specs[i].pad_pattern.data(), 16);
     p.pad_each_step |= specs[i].pad_each_step ? 1u << i : 0u;
+    p.per_token |= specs[i].per_token ? 1u << i : 0u;
   }
   stage_inputs<N><<<grid, kThreads, 0, stream>>>(p);
   const auto* bytes = reinterpret_cast<const unsigned char*>(&p);
@@ -108,7 +115,26 @@ Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor
   *started_ = 0;
   GR_CUDA_CHECK(cudaHostGetDevicePointer(&on_device, stamp, 0));
   started_on_device_ = static_cast<volatile long long*>(on_device);
-  captured_for_batch_.resize(sizes_.max_batch_size() + 1);
+  captured_for_size_.resize(sizes_.max_size() + 1);
+  if (checker_->split() >= 0) {
+    if (max_lead_ < 1) {
+      throw InputValueError("a ragged runner needs a bound on its lead (max_lead): its split slots are reused "
+                            "max_lead + 2 steps later");
+    }
+    // Note [split slots]: the step numbered n copies its split into slot n % count. Before launching step n
+    // the host has waited until step n - max_lead began (must_wait), and steps of one runner run in order, so
+    // step n - max_lead - 1, and every step before it, has ended: slots of steps up to n - count, with count
+    // = max_lead + 2, are no longer read.
+    const InputSpec& split = checker_->specs()[checker_->split()];
+    split_slot_bytes_ = (static_cast<size_t>(sizes_.max_requests() * split.unit_bytes()) + 15) / 16 * 16;
+    split_slot_count_ = max_lead_ + 2;
+    void* slots = nullptr;
+    void* slots_on_device = nullptr;
+    GR_CUDA_CHECK(cudaHostAlloc(&slots, split_slot_bytes_ * split_slot_count_, cudaHostAllocMapped));
+    split_slots_ = static_cast<unsigned char*>(slots);
+    GR_CUDA_CHECK(cudaHostGetDevicePointer(&slots_on_device, slots, 0));
+    split_slots_on_device_ = static_cast<unsigned char*>(slots_on_device);
+  }
   // Staged inputs are a few KB to a few MB: two blocks per SM (264 on an H100) already keep every SM's copy
   // busy, and a larger grid only takes longer to launch and retire.
   max_blocks_ = 2u * static_cast<unsigned>(at::cuda::getDeviceProperties(checker_->device())->multiProcessorCount);
@@ -123,6 +149,17 @@ Launcher::~Launcher() {
     cudaDeviceSynchronize();
   }
   cudaFreeHost(const_cast<long long*>(started_));
+  if (split_slots_ != nullptr) {
+    cudaFreeHost(split_slots_);
+  }
+}
+
+std::vector<std::pair<uint64_t, size_t>> Launcher::owned_memory() const {
+  std::vector<std::pair<uint64_t, size_t>> out{{reinterpret_cast<uint64_t>(started_on_device_), sizeof(long long)}};
+  if (split_slots_on_device_ != nullptr) {
+    out.emplace_back(reinterpret_cast<uint64_t>(split_slots_on_device_), split_slot_bytes_ * split_slot_count_);
+  }
+  return out;
 }
 
 void Launcher::wait_for_lead() const {
@@ -143,9 +180,10 @@ void Launcher::wait_for_lead() const {
 }
 
 void Launcher::stage(int64_t size) {
+  const StepShape units{sizes_.requests_of(size), size};
   long long largest = 0;
   for (const auto& spec : checker_->specs()) {
-    largest = std::max<long long>(largest, size * spec.row_bytes());
+    largest = std::max<long long>(largest, (spec.per_token ? units.tokens : units.requests) * spec.unit_bytes());
   }
   const long long chunks = (largest + 15) / 16;
   dim3 grid(static_cast<unsigned>(std::clamp<long long>((chunks + kThreads - 1) / kThreads, 1, max_blocks_)),
@@ -155,13 +193,13 @@ void Launcher::stage(int64_t size) {
   Staged staged;
   switch (inputs_bound_) {
     case 4:
-      staged.params = record_staging<4>(specs, static_buffers_, size, started_on_device_, grid, stream);
+      staged.params = record_staging<4>(specs, static_buffers_, units, started_on_device_, grid, stream);
       break;
     case 8:
-      staged.params = record_staging<8>(specs, static_buffers_, size, started_on_device_, grid, stream);
+      staged.params = record_staging<8>(specs, static_buffers_, units, started_on_device_, grid, stream);
       break;
     default:
-      staged.params = record_staging<kMaxInputs>(specs, static_buffers_, size, started_on_device_, grid, stream);
+      staged.params = record_staging<kMaxInputs>(specs, static_buffers_, units, started_on_device_, grid, stream);
   }
   GR_CUDA_CHECK(cudaGetLastError());
   staged.node = last_captured_node(stream);
@@ -179,35 +217,34 @@ void Launcher::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
   captured->graph = std::move(graph);
   std::memcpy(captured->params, staged->second.params.data(), staged->second.params.size());
   staged_.erase(staged);
-  for (int64_t b = 1; b <= sizes_.max_batch_size(); ++b) {
-    if (sizes_.size_for(b) == size) {
-      captured_for_batch_[b] = captured;
-    }
-  }
+  captured_for_size_.at(size) = std::move(captured);
 }
 
-void Launcher::launch(int64_t batch, BorrowedInputs inputs) {
-  // captured_for_batch_ holds a graph exactly where size_for(batch) names a captured size (add_graph): the
-  // caller has looked the size up already, so only the bounds are checked here.
-  if (batch < 1 || batch >= static_cast<int64_t>(captured_for_batch_.size()) || !captured_for_batch_[batch]) {
-    throw StateError("no captured graph holds batch " + std::to_string(batch) + "; run this step eagerly");
+void Launcher::launch(int64_t size, StepShape shape, BorrowedInputs inputs) {
+  if (size < 1 || size >= static_cast<int64_t>(captured_for_size_.size()) || !captured_for_size_[size]) {
+    throw StateError("no graph of size " + std::to_string(size) + " is captured; run this step eagerly");
   }
-  Captured& c = *captured_for_batch_[batch];
-  auto* step = reinterpret_cast<StageParams<kMaxInputs>*>(c.params);  // its head: batch and src
+  Captured& c = *captured_for_size_[size];
+  auto* step = reinterpret_cast<StageParams<kMaxInputs>*>(c.params);  // its head: counts and src
   // A non-contiguous input is staged from a contiguous copy made on the graph's stream: when the copy
   // is freed on return, the allocator reuses its memory only for work queued behind this graph. The usual
   // step has none, and then this vector never allocates.
   std::vector<at::Tensor> copies;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const at::Tensor& t = *inputs[i];
-    if (t.is_contiguous()) {
+    if (static_cast<int>(i) == checker_->split()) {  // checked contiguous, on the host
+      const size_t slot = static_cast<size_t>((launched_ + 1) % split_slot_count_) * split_slot_bytes_;
+      std::memcpy(split_slots_ + slot, t.const_data_ptr(), t.nbytes());
+      step->src[i] = split_slots_on_device_ + slot;
+    } else if (t.is_contiguous()) {
       step->src[i] = static_cast<const unsigned char*>(t.const_data_ptr());
     } else {
       copies.push_back(t.contiguous());
       step->src[i] = static_cast<const unsigned char*>(copies.back().const_data_ptr());
     }
   }
-  step->batch = batch;
+  step->batch = shape.requests;
+  step->tokens = shape.tokens;
   step->seq = launched_ + 1;
   c.graph->replay_with(c.params);
   ++launched_;  // only once launched: a failed launch never stamps, and its number goes to the next step

@@ -25,20 +25,23 @@
 
 namespace graphrunner {
 
-// The staging kernel's one parameter, for up to N inputs: the step (batch, sources) and the size's table. The
+// The staging kernel's one parameter, for up to N inputs: the step (counts, sources) and the size's table. The
 // driver copies it into every launch, so it is kept as small as the runner's inputs allow (N = 4, 8 or 16).
 // The captured node holds batch -1 (no step), so a bare Graph::replay() leaves the static buffers as they are.
 template <int N>
 struct StageParams {
-  long long batch;  // rows per input to copy from src; -1: no step
-  long long seq;    // the step's number (1, 2, ...), which the kernel stamps into *started as it begins
-  long long size;   // the graph's captured size: rows [batch, size) are padding
+  long long batch;   // the step's requests: units to copy from src for a per-request input; -1: no step
+  long long tokens;  // the step's tokens: units to copy for a per-token input of a ragged runner
+  long long seq;     // the step's number (1, 2, ...), which the kernel stamps into *started as it begins
+  long long size;    // the graph's captured requests: units [batch, size) of a per-request input are padding
+  long long size_tokens;  // the graph's captured tokens (ragged): units [tokens, size_tokens) are padding
   const unsigned char* src[N];
   unsigned char* dst[N];
   volatile long long* started;  // host-mapped: the number of the last step that began on the GPU
-  long long row_bytes[N];
+  long long unit_bytes[N];
   uint4 pad[N];
-  unsigned pad_each_step;  // bit i: input i writes its padding rows each step
+  unsigned pad_each_step;  // bit i: input i writes its padding units each step
+  unsigned per_token;      // bit i: input i counts tokens (a ragged runner's per-token input)
 };
 
 // The host's lead. A loop that never waits fills CUDA's launch queue, and with a deep queue every graph took
@@ -58,19 +61,19 @@ class Launcher {
 
   // Inside the capture of `size`: records the staging kernel as the graph's first node.
   void stage(int64_t size);
-  // After that capture: `graph` (kept, see Graph::set_argument_node) serves the batches of `size`.
+  // After that capture: `graph` (kept, see Graph::set_argument_node) serves the steps of `size`.
   void add_graph(int64_t size, std::shared_ptr<Graph> graph);
-  // Stages `batch` rows of checked inputs and launches the graph of sizes().size_for(batch). It does not wait:
-  // the caller keeps the lead, waiting first while must_wait() (py_step.cpp does, without the GIL).
-  void launch(int64_t batch, BorrowedInputs inputs);
+  // Stages a step of checked inputs and launches the graph of `size` (sizes().size_for(shape), nonzero). It
+  // does not wait: the caller keeps the lead, waiting first while must_wait() (py_step.cpp does, without the
+  // GIL).
+  void launch(int64_t size, StepShape shape, BorrowedInputs inputs);
   // Whether the next launch must first wait for the GPU (max_lead steps queued behind the one running).
   bool must_wait() const { return max_lead_ > 0 && launched_ + 1 - *started_ > max_lead_; }
   // Waits until it need not (the caller may release the GIL around it).
   void wait_for_lead() const;
-  // The stamp's host-mapped memory, which the staging kernels write: (address, bytes), for the audit.
-  std::pair<uint64_t, size_t> stamp_memory() const {
-    return {reinterpret_cast<uint64_t>(started_on_device_), sizeof(long long)};
-  }
+  // Host-mapped memory the staging kernels use, as they address it: the stamp, and a ragged runner's split
+  // slots. [(address, bytes)], for the audit.
+  std::vector<std::pair<uint64_t, size_t>> owned_memory() const;
   const InputChecker& checker() const { return *checker_; }
   const SizeTable& sizes() const { return sizes_; }
 
@@ -90,13 +93,20 @@ class Launcher {
   std::vector<at::Tensor> static_buffers_;
   SizeTable sizes_;
   std::map<int64_t, Staged> staged_;
-  std::vector<std::shared_ptr<Captured>> captured_for_batch_;
+  std::vector<std::shared_ptr<Captured>> captured_for_size_;  // item s: the graph of size s, if captured
   unsigned max_blocks_ = 1;  // per input: two per SM
   int inputs_bound_ = 4;     // N of the staging kernel: 4, 8 or 16, the least that holds every input
   long long max_lead_ = 0;
   long long launched_ = 0;                 // steps launched so far
   volatile long long* started_ = nullptr;            // host-mapped: the last step's number the GPU began
   volatile long long* started_on_device_ = nullptr;  // the same memory, as the kernel addresses it
+  // A ragged runner's split comes from the host: each step copies it into the next of these host-mapped slots,
+  // which its staging kernel reads. A slot is reused max_lead + 2 steps later, when the lead bound has made sure
+  // the step that read it has ended (Note [split slots] in launcher.cu).
+  unsigned char* split_slots_ = nullptr;
+  unsigned char* split_slots_on_device_ = nullptr;
+  size_t split_slot_bytes_ = 0;
+  long long split_slot_count_ = 0;
 };
 
 }  // namespace graphrunner

@@ -44,8 +44,8 @@ void set_any_python_error() {
 struct StepCallObject {
   PyObject_HEAD
   PyObject* launcher;       // the Python Launcher while armed, else NULL
-  PyObject* outputs;        // list: item b is what a step of batch b returns
-  PyObject* before_replay;  // hook(batch, size, inputs) called before each step, or NULL
+  PyObject* outputs;        // list: item SizeTable::output_slot(size, requests) is what such a step returns
+  PyObject* before_replay;  // hook(requests, tokens, size, inputs) called before each step, or NULL
   PyObject* finish;         // finish(outputs) makes the returned value (cloned outputs), or NULL
   PyObject* eager;          // eager(**inputs): a step no captured graph holds
   PyObject* unarmed;        // unarmed(**inputs): every call while not armed, or NULL before the first _disarm
@@ -77,13 +77,14 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     InputSlots slots;
     const BorrowedInputs inputs = self->native->inputs.borrow(kwargs, slots);
     Launcher& launcher = *self->native->launcher;
-    const int64_t batch = launcher.checker().check(inputs);
-    const int64_t size = launcher.sizes().size_for(batch);
+    const StepShape shape = launcher.checker().check(inputs);
+    const int64_t size = launcher.sizes().size_for(shape);
     if (self->before_replay != nullptr) {
       // The hook is Python code: it could close the runner, so hold the launcher across it.
       py::object held = py::reinterpret_borrow<py::object>(self->launcher);
-      PyObject* done = PyObject_CallFunction(self->before_replay, "LLO", static_cast<long long>(batch),
-                                             static_cast<long long>(size), kwargs);
+      PyObject* done = PyObject_CallFunction(self->before_replay, "LLLO", static_cast<long long>(shape.requests),
+                                             static_cast<long long>(shape.tokens), static_cast<long long>(size),
+                                             kwargs);
       if (done == nullptr) {
         return nullptr;
       }
@@ -105,8 +106,8 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
         throw StateError("another thread closed this GraphRunner during the step; close it after the step");
       }
     }
-    launcher.launch(batch, inputs);
-    PyObject* out = PyList_GET_ITEM(self->outputs, batch);
+    launcher.launch(size, shape, inputs);
+    PyObject* out = PyList_GET_ITEM(self->outputs, launcher.sizes().output_slot(size, shape.requests));
     if (self->finish != nullptr) {
       return PyObject_CallOneArg(self->finish, out);
     }
@@ -175,8 +176,8 @@ PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
   }
   try {
     PyLauncher* native = py::cast<PyLauncher*>(py::handle(launcher));
-    if (PyList_GET_SIZE(outputs) != native->launcher->sizes().max_batch_size() + 1) {
-      throw InputValueError("_arm() needs one output entry per batch 0..max_batch_size");
+    if (PyList_GET_SIZE(outputs) != native->launcher->sizes().output_slots()) {
+      throw InputValueError("_arm() needs one output entry per slot of the size table (SizeTable.output_slots)");
     }
     // Take every reference first, so a bad argument leaves the object as it was.
     py::object hook = py::reinterpret_steal<py::object>(callable_ref(before_replay, "before_replay", true));

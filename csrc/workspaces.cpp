@@ -55,11 +55,6 @@ size_t WorkspaceHold::take(cudaStream_t stream) {
 
 std::vector<HeldWorkspace> WorkspaceHold::held() const { return held_; }
 
-void WorkspaceHold::release() {
-  owners_.clear();
-  held_.clear();
-}
-
 cudaStream_t private_stream(c10::DeviceIndex device) {
   static std::mutex mutex;
   static std::unordered_map<c10::DeviceIndex, cudaStream_t> streams;

@@ -34,10 +34,8 @@ class WorkspaceHold {
 
   // Moves torch's cached workspaces for `stream` (every handle) into this hold; returns how many.
   size_t take(cudaStream_t stream);
-  // What is held.
+  // What is held; freed with the hold, once no capture record shares it.
   std::vector<HeldWorkspace> held() const;
-  // Frees what is held (once no graph that used it can run any more).
-  void release();
 
  private:
   std::vector<HeldWorkspace> held_;

@@ -98,7 +98,7 @@ class PoolView:
         blocks = pool_segments(self.pool, self.device)
         for rec in self.records:
             for name, buf in rec.static_inputs.items():
-                first = size * rec.rows_per_request[name] if rec is record else 0
+                first = rec.rows[size][name] if rec is record else 0
                 rows = buf[first:]
                 if rows.numel():
                     label = f"static input {name!r}{rec.of_runner} rows {first}..{buf.shape[0] - 1}"

@@ -51,8 +51,8 @@ class CaptureRecord:
         name: the runner's name in messages ("" when unnamed).
         device: the GPU.
         pool: the allocator pool all graphs allocate from.
-        static_inputs: the static buffers that every graph reads: max_batch_size requests' rows each.
-        rows_per_request: rows per request of each static input (tokens_per_request for per-token inputs).
+        static_inputs: the static buffers that every graph reads, each with the largest size's rows.
+        rows: rows[size][input name]: the rows of that input a graph of that size reads.
         launcher: the native launcher that stages a step's inputs and replays the graph of its size.
         entries: one SizeEntry per captured size, in capture order (largest first).
         workspaces: the library workspaces the graphs use, kept alive with them (shared by runners captured
@@ -60,22 +60,24 @@ class CaptureRecord:
         warmup_ms: wall time of the warm-up before the first capture.
         state_buffers: the long-lived tensors the caller declared that a step may write (RunnerSpec.state_buffers),
             by how messages name them; guard watches them while other runners replay.
+        capture_report: what the capture cost (made once every runner captured together is captured).
     """
 
     name: str
     device: torch.device
     pool: PoolId
     static_inputs: Dict[str, torch.Tensor]
-    rows_per_request: Dict[str, int]
+    rows: Dict[int, Dict[str, int]]
     launcher: Any
     entries: Dict[int, SizeEntry] = field(default_factory=dict)
     workspaces: Optional[Any] = None
     warmup_ms: float = 0.0
     state_buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    capture_report: Optional["CaptureReport"] = None
 
     def static_views(self, size: int) -> Dict[str, torch.Tensor]:
-        """The rows of `size` requests of every static input buffer."""
-        return {n: buf[: size * self.rows_per_request[n]] for n, buf in self.static_inputs.items()}
+        """The rows a graph of `size` reads of every static input buffer."""
+        return {n: buf[: self.rows[size][n]] for n, buf in self.static_inputs.items()}
 
     @property
     def of_runner(self) -> str:

@@ -4,31 +4,24 @@ from __future__ import annotations
 
 import enum
 import functools
-import gc
-import logging
 import os
-import sys
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
-from tqdm import tqdm
 
-from graphrunner import distributed
+from graphrunner import capture as schedule
 from graphrunner._native import _C, GraphStateError
 from graphrunner.audit import AuditReport, audit
-from graphrunner.capture_guard import CaptureGuard
-from graphrunner.graph import Graph, PoolLike, capture_stream, pool_id, require_cuda
+from graphrunner.graph import PoolLike, pool_id, require_cuda
 from graphrunner.inputs import StaticInput
 from graphrunner.isolate import validate_in_child
-from graphrunner.memory import alias
 from graphrunner.outputs import clone_tensors, map_tensors
-from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
-from graphrunner.spec import DEFAULT_MAX_LEAD, RunnerSpec, StepInfo, checked_spec
+from graphrunner.record import CaptureRecord, CaptureReport
+from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import MakeInputs, Target, ValidationReport, validate
 from graphrunner.workspace import workspace_tensors
 
-logger = logging.getLogger("graphrunner")
+_D = RunnerSpec  # the defaults below are RunnerSpec's (dataclass fields with defaults are class attributes)
 
 
 class RunnerState(enum.Enum):
@@ -53,9 +46,17 @@ class GraphRunner(_C.StepCall):
     no Python frame). It returns views into the graph's output memory, valid until the next step of any
     runner in the pool (pass `clone_outputs=True` for copies, or `out=` buffers the graph writes into).
 
-    Sizes and batches count requests. With `tokens_per_request=K` (a verify step: K tokens per request),
-    inputs declared `per_token=True` have K rows per request, and outputs with K rows per request are sliced
-    to `batch * K` rows.
+    Two kinds, one class (docs/design.md, "Keys"):
+
+    - Uniform (the default): sizes and batches count requests. With `tokens_per_request=K` (a verify step: K
+      tokens per request), inputs declared `per_token=True` have K rows per request, and outputs with K rows
+      per request are sliced to `batch * K` rows.
+    - Ragged (`split` names an input): sizes count tokens, as serving engines key mixed prefill and decode
+      steps. Size T holds up to T tokens over up to `max_requests[T]` requests (R); per-token inputs have T
+      rows, the others R. A step runs at the smallest T that holds its tokens and requests; padding tokens get
+      each input's pad value and padding requests a split of 0. The split (each request's token count) is
+      passed as a CPU tensor: the runner checks it on the host and stages it in the graph. Outputs have one
+      row per request (R at capture), sliced to the step's requests.
 
     Args:
         fn: the step function (or nn.Module), called as fn(**inputs) with one tensor per input, each with the
@@ -63,8 +64,10 @@ class GraphRunner(_C.StepCall):
             batch * tokens_per_request) in dim 0, or 0-d (a count, a flag). It must not mix rows: padding rows
             must not change real rows.
         inputs: name -> gr.StaticInput: each input's per-row shape, dtype and pad value.
-        max_batch_size: the largest batch a step may have (1..8192). Default: the largest of capture_sizes.
-        capture_sizes: the batch sizes to capture; default gr.default_capture_sizes(max_batch_size).
+        max_batch_size: the largest batch a step may have (1..8192), in tokens for a ragged runner. Default: the
+            largest of capture_sizes.
+        capture_sizes: the sizes to capture (requests; tokens for a ragged runner); default
+            gr.default_capture_sizes(max_batch_size).
         pool: the allocator pool to capture into: a pool id (torch.cuda.graph_pool_handle()), a
             torch.cuda.MemPool or a gr.Graph; None makes a new one. Runners of one pool capture together
             with gr.capture_all() and must never replay concurrently on different streams.
@@ -75,7 +78,8 @@ class GraphRunner(_C.StepCall):
             request and token counts and its static input views (a backend builds its per-size state here).
         before_replay: before_replay(info), called before each step, after its inputs are checked, with a
             gr.StepInfo: raw and padded request and token counts, the static views of the size it runs at
-            (padded_requests 0 for a step that runs eagerly), and the step's inputs.
+            (padded_requests 0 for a step that runs eagerly), and the step's inputs (a ragged runner's split
+            still on the host: the hook may read it without a device sync).
         clone_outputs: return copies instead of views into graph memory.
         no_grad: run fn (captured and eager) with autograd off.
         device: the GPU (an index, "cuda:N" or a torch.device); default the current device.
@@ -98,6 +102,11 @@ class GraphRunner(_C.StepCall):
         capture_inputs: capture_inputs(size) -> a dict of some inputs' values for `size` requests, staged
             before the warm-up and before each size's capture, so fn and on_capture see realistic metadata
             (sequence lengths, say) rather than pad values.
+        split: makes the runner ragged: the name of the per-request input that holds each request's token count
+            this step (int32 or int64, pad 0; passed as a CPU tensor, each value >= 1, summing to the per-token
+            inputs' rows). None: a uniform runner.
+        max_requests: a ragged runner's requests per size: an int R (size T holds min(T, R) requests), a dict
+            of size -> requests, or None (size T holds T requests).
         max_lead: the most steps of this runner the host queues behind the one the GPU is running (1..1024): a
             step waits, in C++ without the GIL, until the step max_lead back has begun. None: no bound. A loop
             that never waits would otherwise fill CUDA's launch queue, and with a deep queue each graph took
@@ -112,37 +121,39 @@ class GraphRunner(_C.StepCall):
         self,
         fn: Callable[..., Any],
         inputs: Dict[str, StaticInput],
-        max_batch_size: Optional[int] = None,
-        capture_sizes: Optional[Sequence[int]] = None,
+        max_batch_size: Optional[int] = _D.max_batch_size,
+        capture_sizes: Optional[Sequence[int]] = _D.capture_sizes,
         *,
-        pool: PoolLike = None,
-        warmup: int = 1,
-        fallback: str = "eager",
-        on_capture: Optional[Callable[[StepInfo], None]] = None,
-        before_replay: Optional[Callable[[StepInfo], None]] = None,
-        clone_outputs: bool = False,
-        no_grad: bool = True,
-        device: Optional[Union[int, str, torch.device]] = None,
-        capture_error_mode: str = "global",
-        strict: bool = False,
-        debug: bool = False,
-        collective_timeout_s: float = 300.0,
-        keep: Sequence[Union[torch.Tensor, torch.nn.Module]] = (),
-        name: Optional[str] = None,
+        pool: PoolLike = _D.pool,
+        warmup: int = _D.warmup,
+        fallback: str = _D.fallback,
+        on_capture: Optional[Callable[[StepInfo], None]] = _D.on_capture,
+        before_replay: Optional[Callable[[StepInfo], None]] = _D.before_replay,
+        clone_outputs: bool = _D.clone_outputs,
+        no_grad: bool = _D.no_grad,
+        device: Optional[Union[int, str, torch.device]] = _D.device,
+        capture_error_mode: str = _D.capture_error_mode,
+        strict: bool = _D.strict,
+        debug: bool = _D.debug,
+        collective_timeout_s: float = _D.collective_timeout_s,
+        keep: Sequence[Union[torch.Tensor, torch.nn.Module]] = _D.keep,
+        name: Optional[str] = _D.name,
         verbose: Optional[bool] = None,
-        tokens_per_request: int = 1,
-        out: Union[None, torch.Tensor, Dict[str, torch.Tensor]] = None,
-        capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None,
-        max_lead: Optional[int] = DEFAULT_MAX_LEAD,
+        tokens_per_request: int = _D.tokens_per_request,
+        out: Union[None, torch.Tensor, Dict[str, torch.Tensor]] = _D.out,
+        capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = _D.capture_inputs,
+        max_lead: Optional[int] = _D.max_lead,
+        split: Optional[str] = _D.split,
+        max_requests: Union[None, int, Mapping[int, int]] = _D.max_requests,
     ) -> None:
         if verbose is None:
             verbose = os.environ.get("GRAPHRUNNER_VERBOSE", "") not in ("", "0")
-        spec = checked_spec(fn, inputs, max_batch_size, capture_sizes, pool=pool, warmup=warmup, fallback=fallback,
-                            on_capture=on_capture, before_replay=before_replay, clone_outputs=clone_outputs,
-                            no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
-                            debug=debug, collective_timeout_s=collective_timeout_s, keep=keep, name=name,
-                            verbose=verbose, tokens_per_request=tokens_per_request, out=out,
-                            capture_inputs=capture_inputs, max_lead=max_lead)
+        spec = RunnerSpec(fn, inputs, max_batch_size, capture_sizes, pool=pool, warmup=warmup, fallback=fallback,
+                          on_capture=on_capture, before_replay=before_replay, clone_outputs=clone_outputs,
+                          no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
+                          debug=debug, collective_timeout_s=collective_timeout_s, keep=keep, name=name,
+                          verbose=verbose, tokens_per_request=tokens_per_request, out=out,
+                          capture_inputs=capture_inputs, max_lead=max_lead, split=split, max_requests=max_requests)
         self._setup(spec)
 
     @classmethod
@@ -160,9 +171,10 @@ class GraphRunner(_C.StepCall):
         self.spec = spec
         self.state = RunnerState.UNARMED
         self.record: Optional[CaptureRecord] = None
-        self.sizes = _C.SizeTable(list(spec.capture_sizes), spec.max_batch_size)
-        self._checker = _C.InputChecker(spec.checker_specs(), spec.max_batch_size, spec.fallback == "eager",
-                                        spec.device)
+        sizes = list(spec.capture_sizes)
+        self.sizes = (_C.SizeTable(sizes, spec.max_batch_size, [spec.requests_of(t) for t in sizes]) if spec.ragged
+                      else _C.SizeTable(sizes, spec.max_batch_size))
+        self._checker = _C.InputChecker(spec.checker_specs(), self.sizes, spec.fallback == "eager", spec.device)
         self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
 
     @property
@@ -179,128 +191,51 @@ class GraphRunner(_C.StepCall):
         """The order sizes are captured in: largest first."""
         return self.spec.capture_order
 
-    def size_for(self, batch: int) -> int:
-        """The captured size a batch runs at; 0 when it runs eagerly.
+    def size_for(self, requests: int, tokens: Optional[int] = None) -> int:
+        """The captured size a step runs at; 0 when it runs eagerly.
 
         Args:
-            batch: the step's batch size.
+            requests: the step's requests (its batch size).
+            tokens: the step's tokens; a ragged runner needs it, a uniform one ignores it.
         """
-        return self.sizes.size_for(batch)
+        if not self.spec.ragged:
+            return self.sizes.size_for(requests)
+        if tokens is None:
+            raise TypeError("a ragged runner's size_for() needs the step's tokens: size_for(requests, tokens)")
+        return self.sizes.size_for_step(requests, tokens)
 
     # -- capture ---------------------------------------------------------------------------------
     def capture(self) -> CaptureReport:
         """Warms up, then captures every size largest first into the pool. Returns the per-size report."""
         return capture_all(self)[0]
 
-    def _begin_capture(self, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
-        """Makes the static buffers and the launcher, and warms fn up at the largest size outside the pool."""
-        spec = self.spec
-        rows = spec.rows_per_request
-        static = {n: torch.full((spec.max_batch_size * rows[n], *s.shape), s.pad, dtype=s.dtype, device=self.device)
-                  for n, s in spec.inputs.items()}
-        record = CaptureRecord(spec.name, self.device, pool, static, rows,
-                               _C.Launcher(self._checker, list(static.values()), self.sizes, spec.max_lead or 0),
-                               state_buffers=spec.state_buffers())
-        self._stage_capture_inputs(record, spec.max_batch_size)
-        # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not
-        # read them before the fill (recycled memory holds anything until then: an out-of-range index, say).
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        start = time.perf_counter()
-        with torch.cuda.stream(stream):
-            for _ in range(spec.warmup):
-                spec.fn(**record.static_views(spec.max_batch_size))
-        stream.synchronize()
-        record.warmup_ms = (time.perf_counter() - start) * 1000
-        return record
-
-    def _capture_size(self, record: CaptureRecord, size: int, stream: torch.cuda.Stream, guard: CaptureGuard) -> None:
-        spec = self.spec
-        self._stage_capture_inputs(record, size)
-        if spec.on_capture is not None:
-            tokens = size * spec.tokens_per_request
-            spec.on_capture(StepInfo(size, size, tokens, tokens, record.static_views(size)))
-        with guard.watch((spec.name, size), record.label(size)) as kept:
-            reserved = torch.cuda.memory_reserved(self.device)
-            graph = Graph(keep_graph=True)  # the audit reads its nodes
-            start = time.perf_counter()
-            with graph.capture(pool=record.pool, stream=stream, capture_error_mode=spec.capture_error_mode):
-                record.launcher.stage(size)
-                out = spec.fn(**record.static_views(size))
-                map_tensors(out, lambda name, t: _check_output(name, t, size, spec.tokens_per_request))
-                out = self._write_into_buffers(out)
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            record.launcher.add_graph(size, graph)
-            # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
-            # (Outputs in the caller's buffers are views of memory the caller owns.)
-            buffers = spec.out_buffers()
-            outputs = map_tensors(out, lambda name, t: t if name in buffers else alias(t))
-            del out
-            record.entries[size] = SizeEntry(size, graph, outputs, list(graph.footprint), kept, elapsed_ms,
-                                             torch.cuda.memory_reserved(self.device) - reserved)
-
-    def _stage_capture_inputs(self, record: CaptureRecord, size: int) -> None:
-        """Copies capture_inputs(size) into the static buffers, for the warm-up and the capture of `size`."""
-        if self.spec.capture_inputs is None:
-            return
-        views = record.static_views(size)
-        for name, value in self.spec.capture_inputs(size).items():
-            if name not in views:
-                raise ValueError(f"capture_inputs({size}) returned {name!r}, which is not an input; inputs are "
-                                 f"{sorted(views)}")
-            views[name].copy_(value)
-
-    def _write_into_buffers(self, out: Any) -> Any:
-        """Inside a capture: copies each output that has a caller's buffer into it; returns the outputs with
-        those replaced by views of the buffers."""
-        buffers = self.spec.out_buffers()
-
-        def into(name: str, t: torch.Tensor) -> torch.Tensor:
-            if name not in buffers:
-                return t
-            buf = buffers[name]
-            rows = t.shape[0] if t.dim() else 1
-            if buf.dtype != t.dtype or buf.device != t.device or tuple(buf.shape[1:]) != tuple(t.shape[1:]) or \
-                    buf.dim() == 0 or buf.shape[0] < rows:
-                raise ValueError(f"out buffer for {name} is {tuple(buf.shape)} {buf.dtype} on {buf.device}; the graph "
-                                 f"writes {tuple(t.shape)} {t.dtype} on {t.device} there: allocate it with the "
-                                 "largest size's rows, the same trailing shape, dtype and device")
-            view = buf[:rows] if t.dim() else buf[0]
-            view.copy_(t)
-            return view
-
-        return map_tensors(out, into)
-
-    def _finish_capture(self, record: CaptureRecord) -> None:
+    def _arm_on(self, record: CaptureRecord) -> None:
         """Arms the native step on the record's graphs."""
         spec = self.spec
-        outputs = [None] + [self._sliced_outputs(record, b) for b in range(1, spec.max_batch_size + 1)]
+        outputs: List[Any] = [None] * self.sizes.output_slots
+        if spec.ragged:  # a slot per (size, requests): outputs sliced to the step's requests
+            for size in spec.capture_sizes:
+                for requests in range(1, spec.requests_of(size) + 1):
+                    outputs[self.sizes.output_slot(size, requests)] = _sliced(record, size, requests, 0)
+        else:  # a slot per batch: outputs of the size it runs at, sliced to its requests (and tokens)
+            for batch in range(1, spec.max_batch_size + 1):
+                size = self.sizes.size_for(batch)
+                if size:
+                    outputs[batch] = _sliced(record, size, batch, batch * spec.tokens_per_request)
         before_replay = None
         if spec.before_replay is not None:
             views = {size: record.static_views(size) for size in spec.capture_sizes}
-            before_replay = functools.partial(_before_replay, spec.before_replay, views, spec.tokens_per_request)
+            before_replay = functools.partial(_before_replay, spec, views)
         self._arm(record.launcher, outputs, before_replay, clone_tensors if spec.clone_outputs else None,
                   self._eager)
         self.record, self.state = record, RunnerState.ARMED
-
-    def _sliced_outputs(self, record: CaptureRecord, batch: int) -> Any:
-        size = self.sizes.size_for(batch)
-        if not size:
-            return None
-        tokens = self.spec.tokens_per_request
-
-        def rows(_: str, t: torch.Tensor) -> torch.Tensor:
-            if t.dim() == 0:
-                return t
-            return t[: batch * tokens] if tokens > 1 and t.shape[0] == size * tokens else t[:batch]
-
-        return map_tensors(record.entries[size].outputs, rows)
 
     # -- steps -----------------------------------------------------------------------------------
     @property
     def _eager(self) -> Callable[..., Any]:
         """A step no captured graph holds, and validate()'s reference. It does not refer back to the runner, so
         a runner dropped without close() is freed at once, not at the next garbage collection."""
-        return functools.partial(_run_eagerly, self.spec.fn, self.spec.no_grad)
+        return functools.partial(_run_eagerly, self.spec.fn, self.spec.no_grad, self.spec.split, self.device)
 
     def _require_armed(self, what: str) -> CaptureRecord:
         if self.state is not RunnerState.ARMED:
@@ -387,62 +322,12 @@ def capture_all(*runners: GraphRunner) -> List[CaptureReport]:
     if len(runners) > 1 and len(set(names)) != len(names):
         raise ValueError(f"runners captured together need distinct names (GraphRunner(name=...)), got {names}")
     require_cuda()
-    device = torch.device("cuda", runners[0].spec.device)
-    records: List[CaptureRecord] = []
-    try:
-        with torch.cuda.device(device):
-            reports = _capture_runners(runners, pools.pop() if pools else torch.cuda.graph_pool_handle(), records)
-    except BaseException:
-        for record in records:
-            record.release()
-        raise
-    return reports
-
-
-def _capture_runners(runners: Sequence[GraphRunner], pool: Any, records: List[CaptureRecord]) -> List[CaptureReport]:
-    """The schedule: warm every runner up, capture all (runner, size) pairs largest first, keep the workspaces
-    the graphs use, arm every runner."""
-    spec0 = runners[0].spec
-    stream = capture_stream(runners[0].device)
-    ranks = distributed.agreement(spec0.collective_timeout_s)
-    order = sorted(((size, i) for i, r in enumerate(runners) for size in r.capture_sizes), reverse=True)
-    ranks.same_everywhere("capture order", order)
-    with ranks.stage("warm-up"):
-        for r in runners:
-            with torch.set_grad_enabled(not r.spec.no_grad):
-                records.append(r._begin_capture(pool, stream))
-    guard = CaptureGuard(pool, records[0].device, strict=any(r.spec.strict for r in runners),
-                         debug=any(r.spec.debug for r in runners))
-    show = distributed.is_rank_zero() and (sys.stderr.isatty() or any(r.spec.verbose for r in runners))
-    # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which both
-    # reorders the pool and hides what a capture kept alive from the guard.
-    gc_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
-            runner, record = runners[i], records[i]
-            with ranks.stage(f"capture of {record.label(size)}"), torch.set_grad_enabled(not runner.spec.no_grad):
-                runner._capture_size(record, size, stream, guard)
-    finally:
-        if gc_enabled:
-            gc.enable()
-    # Every graph above baked in the cuBLAS workspaces torch cached for our private stream during the warm-up:
-    # from now on the graphs own them (see csrc/workspaces.h).
-    workspaces = _C.WorkspaceHold()
-    workspaces.take(stream.cuda_stream)
-    reports = []
+    with torch.cuda.device(torch.device("cuda", runners[0].spec.device)):
+        records = schedule.capture([schedule.Capture(r.spec, r._checker, r.sizes) for r in runners],
+                                   pools.pop() if pools else torch.cuda.graph_pool_handle())
     for runner, record in zip(runners, records):
-        record.workspaces = workspaces
-        runner._finish_capture(record)
-        report = record.report(rank=ranks.rank)
-        report.ranks = ranks.exchange(f"capture report of {runner.spec.name or 'the runner'}", value=report) \
-            if ranks.world > 1 else []
-        reports.append(report)
-        if distributed.is_rank_zero():
-            logger.info("graphrunner: %s", report.summary())
-            if runner.spec.verbose:
-                print(f"graphrunner: {report.summary()}", file=sys.stderr)
-    return reports
+        runner._arm_on(record)
+    return [record.capture_report for record in records]
 
 
 def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
@@ -479,11 +364,24 @@ def _audit(runners: Sequence[GraphRunner]) -> AuditReport:
     return audit(records, [t for r in runners for t in r.spec.declared()] + workspace_tensors())
 
 
-def _before_replay(hook: Callable[[StepInfo], None], views: Dict[int, Dict[str, torch.Tensor]], tokens: int,
-                   batch: int, size: int, inputs: Dict[str, torch.Tensor]) -> None:
+def _sliced(record: CaptureRecord, size: int, requests: int, tokens: int) -> Any:
+    """The outputs of `size` as a step of `requests` requests sees them: per-request outputs cut to `requests`
+    rows, a uniform runner's per-token outputs (tokens_per_request rows per request) to `tokens` rows (0: a
+    ragged runner, whose outputs are all per request)."""
+    def rows(_: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            return t
+        return t[:requests] if not tokens or t.shape[0] == size else t[:tokens]
+
+    return map_tensors(record.entries[size].outputs, rows)
+
+
+def _before_replay(spec: RunnerSpec, views: Dict[int, Dict[str, torch.Tensor]], requests: int, tokens: int,
+                   size: int, inputs: Dict[str, torch.Tensor]) -> None:
     """What the native step calls before a launch: the user's hook, with the step's StepInfo. Like the other
     callables the runner arms, it does not refer back to the runner."""
-    hook(StepInfo(batch, size, batch * tokens, size * tokens, views.get(size, {}), inputs))
+    padded = (spec.requests_of(size), spec.tokens_of(size)) if size else (0, 0)
+    spec.before_replay(StepInfo(requests, padded[0], tokens, padded[1], views.get(size, {}), inputs))
 
 
 def _refuse(message: str, **inputs: torch.Tensor) -> Any:
@@ -491,14 +389,10 @@ def _refuse(message: str, **inputs: torch.Tensor) -> Any:
     raise GraphStateError(message)
 
 
-def _run_eagerly(fn: Callable[..., Any], no_grad: bool, **inputs: torch.Tensor) -> Any:
+def _run_eagerly(fn: Callable[..., Any], no_grad: bool, split: Optional[str], device: torch.device,
+                 **inputs: torch.Tensor) -> Any:
+    """A step no graph holds: fn itself, with a ragged runner's split moved to the GPU as fn sees it there."""
+    if split is not None:
+        inputs[split] = inputs[split].to(device, non_blocking=True)
     with torch.set_grad_enabled(not no_grad):
         return fn(**inputs)
-
-
-def _check_output(name: str, t: torch.Tensor, size: int, tokens: int) -> torch.Tensor:
-    if t.dim() and t.shape[0] not in (size, size * tokens):
-        per_token = f" or {size * tokens} (tokens)" if tokens > 1 else ""
-        raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at batch size {size}; every output needs "
-                         f"{size} rows (requests){per_token} in dim 0, or no dims at all (a count, a flag)")
-    return t

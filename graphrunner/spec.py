@@ -13,6 +13,7 @@ import torch
 
 from graphrunner.graph import PoolLike, pool_id
 from graphrunner.inputs import StaticInput
+from graphrunner.reach import held_by
 from graphrunner.schedule import capture_order, checked_capture_sizes, checked_max_batch_size
 
 CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
@@ -49,12 +50,18 @@ class StepInfo:
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    """A GraphRunner's arguments, checked (see GraphRunner for what each one means)."""
+    """A GraphRunner's arguments, checked where made: every bad one raises TypeError or ValueError naming it
+    and the fix (see GraphRunner for what each one means). The defaults here are the only ones: GraphRunner's
+    signature reads them from this class.
+
+    Two keys: a uniform runner's sizes count requests, each with `tokens_per_request` rows in per-token inputs;
+    a ragged runner (`split` set) has sizes that count tokens, size T holding up to `max_requests[T]` requests.
+    """
 
     fn: Callable[..., Any]
     inputs: Mapping[str, StaticInput]
-    max_batch_size: int
-    capture_sizes: Tuple[int, ...]
+    max_batch_size: Optional[int] = None
+    capture_sizes: Optional[Sequence[int]] = None
     pool: PoolLike = None
     warmup: int = 1
     fallback: str = "eager"
@@ -62,32 +69,108 @@ class RunnerSpec:
     before_replay: Optional[Callable[[StepInfo], None]] = None
     clone_outputs: bool = False
     no_grad: bool = True
-    device: int = 0
+    device: Optional[Union[int, str, torch.device]] = None
     capture_error_mode: str = "global"
     strict: bool = False
     debug: bool = False
     collective_timeout_s: float = 300.0
-    keep: Tuple[Long, ...] = ()
-    name: str = ""
+    keep: Sequence[Long] = ()
+    name: Optional[str] = ""
     verbose: bool = False
     tokens_per_request: int = 1
     out: Any = None
     capture_inputs: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None
     max_lead: Optional[int] = DEFAULT_MAX_LEAD
+    split: Optional[str] = None
+    max_requests: Union[None, int, Mapping[int, int]] = None
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"fn must be callable (a function or an nn.Module), got {type(self.fn).__name__}")
+        _check_inputs(self.inputs)
+        if self.max_batch_size is not None:
+            checked_max_batch_size(self.max_batch_size)
+        sizes = checked_capture_sizes(self.capture_sizes, self.max_batch_size)
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be 'eager' or 'error', got {self.fallback!r}")
+        if not _is_int(self.warmup) or self.warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
+        if self.capture_error_mode not in CAPTURE_ERROR_MODES:
+            raise ValueError(f"capture_error_mode must be one of {CAPTURE_ERROR_MODES}, got {self.capture_error_mode!r}")
+        pool_id(self.pool)  # raises TypeError naming what a pool may be
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")
+        keep = self.keep
+        if isinstance(keep, (torch.Tensor, torch.nn.Module)) or not isinstance(keep, (list, tuple)):
+            raise TypeError(f"keep must be a list of tensors and modules, got {type(keep).__name__}")
+        for item in keep:
+            if not isinstance(item, (torch.Tensor, torch.nn.Module)):
+                raise TypeError(f"keep must hold tensors and modules only, got {type(item).__name__}")
+        name = self.name or ""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        for key in ("clone_outputs", "no_grad", "strict", "debug", "verbose"):
+            _flag(key, getattr(self, key))
+        for key in ("on_capture", "before_replay", "capture_inputs"):
+            _hook(key, getattr(self, key))
+        tokens = self.tokens_per_request
+        if not _is_int(tokens) or not 1 <= tokens <= 1024:
+            raise ValueError(f"tokens_per_request must be an int in 1..1024, got {tokens!r}")
+        lead = self.max_lead
+        if lead is not None and (not _is_int(lead) or not 1 <= lead <= 1024):
+            raise ValueError(f"max_lead must be None (no bound) or an int in 1..1024, got {lead!r}")
+        out = self.out
+        buffers = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else None
+        if out is not None and (buffers is None or not all(isinstance(t, torch.Tensor) for t in buffers)):
+            raise TypeError("out must be a tensor (when fn returns one) or a dict of output name -> tensor (when fn "
+                            f"returns a dict), got {type(out).__name__}")
+        requests = _checked_split(self, sizes)
+        for key, value in (("inputs", dict(self.inputs)), ("max_batch_size", sizes[-1]),
+                           ("capture_sizes", tuple(sizes)), ("device", checked_device(self.device)),
+                           ("keep", tuple(keep)), ("name", name), ("max_requests", requests)):
+            object.__setattr__(self, key, value)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether sizes count tokens (a split input is named) rather than requests."""
+        return self.split is not None
 
     @property
     def capture_order(self) -> List[int]:
         return capture_order(self.capture_sizes)
 
-    @property
-    def rows_per_request(self) -> Dict[str, int]:
-        """Rows per request of each input: tokens_per_request for per-token inputs, else 1."""
-        return {n: s.rows(1, self.tokens_per_request) for n, s in self.inputs.items()}
+    def requests_of(self, size: int) -> int:
+        """The requests a captured size holds: the size itself (uniform), max_requests[size] (ragged).
 
-    def checker_specs(self) -> List[Tuple[str, List[int], torch.dtype, bytes, int, bool]]:
+        Args:
+            size: a captured size.
+        """
+        return self.max_requests[size] if self.ragged else size
+
+    def tokens_of(self, size: int) -> int:
+        """The rows a per-token input has at a captured size: size * tokens_per_request (uniform), the size
+        itself (ragged).
+
+        Args:
+            size: a captured size.
+        """
+        return size if self.ragged else size * self.tokens_per_request
+
+    def rows(self, name: str, size: int) -> int:
+        """Rows of input `name`'s static buffer that a graph of `size` reads.
+
+        Args:
+            name: an input's name.
+            size: a captured size.
+        """
+        return self.tokens_of(size) if self.inputs[name].per_token else self.requests_of(size)
+
+    def checker_specs(self) -> List[Tuple[str, List[int], torch.dtype, bytes, int, bool, bool, bool]]:
         """The input specs as the native input checker takes them."""
-        rows = self.rows_per_request
-        return [(n, list(s.shape), s.dtype, s.pad_bytes(), rows[n], s.padding == "each_step")
+        return [(n, list(s.shape), s.dtype, s.pad_bytes(), 1 if self.ragged else s.rows(1, self.tokens_per_request),
+                 s.padding == "each_step", self.ragged and s.per_token, n == self.split)
                 for n, s in self.inputs.items()]
 
     def out_buffers(self) -> Dict[str, torch.Tensor]:
@@ -107,21 +190,38 @@ class RunnerSpec:
             owners.append(("fn", module))
         return owners
 
+    def held(self) -> List[Tuple[str, torch.Tensor]]:
+        """The tensors fn keeps alive, each with the path it is reached by (graphrunner.reach.held_by): a module's
+        parameters and buffers, and what a closure, default arguments, a bound method's object, a partial's
+        arguments or the globals fn's code names hold (a model, a KV cache object)."""
+        return held_by(self.fn)
+
     def declared(self) -> List[torch.Tensor]:
-        """Tensors this runner's graphs may use that the caller keeps alive: fn's parameters and buffers when fn
-        is a module (or a module's method), and everything in keep."""
+        """Tensors this runner's graphs may use that live as long as the runner: the out= buffers, everything in
+        keep, and every tensor fn keeps alive (held(): fn's parameters and buffers when fn is a module or a
+        module's method, and what its closure, defaults, bound object, partial arguments and globals hold)."""
         out: List[torch.Tensor] = list(self.out_buffers().values())
         for _, owner in self._owners():
             if isinstance(owner, torch.nn.Module):
                 out += [*owner.parameters(), *owner.buffers()]
             else:
                 out.append(owner)
+        out += [t for _, t in self.held() if t.is_cuda and _has_storage(t)]
         return out
 
     def state_buffers(self) -> Dict[str, torch.Tensor]:
         """The declared tensors a step may write, by how messages name them: the caller's output buffers,
-        the buffers of fn's module and of keep's modules (a KV cache, engine metadata), and keep's tensors.
-        Parameters are left out: a step only reads its weights, and guard would copy them every replay."""
+        the buffers of fn's module and of keep's modules (a KV cache, engine metadata), keep's tensors, and the
+        other tensors fn keeps alive on this runner's device that are neither parameters nor tensors requiring
+        grad (a KV cache object's keys, values and position counter found through fn's closure, a module's plain
+        tensor attribute), named by their path from fn ("fn.__closure__[1] (cache).layers[0].keys").
+        Parameters are left out: a step only reads its weights, and guard would copy them every replay.
+
+        Guard watches a runner's state buffers while other runners of the pool replay (runners that both reach
+        a tensor share it, and don't watch it for each other); validate(restore_state=True) puts them back after
+        each eager reference step. They are read when capture begins, before the warm-up: a cache that makes
+        its tensors on first use (Hugging Face's StaticCache) counts only once it is initialised before capture()
+        (a prefill, or its early_initialization())."""
         out = dict(self.out_buffers())
         for where, owner in self._owners():
             if isinstance(owner, torch.nn.Module):
@@ -129,11 +229,27 @@ class RunnerSpec:
                 out.update((f"buffer {name!r}{suffix}", t) for name, t in owner.named_buffers())
             else:
                 out[where] = owner
+        known = {id(t) for t in out.values()}
+        for path, t in self.held():
+            if id(t) in known or isinstance(t, torch.nn.Parameter) or t.requires_grad or not t.is_cuda or \
+                    t.device.index != self.device or not _has_storage(t):
+                continue
+            known.add(id(t))
+            out[path] = t
         return out
 
     def without_pool(self) -> "RunnerSpec":
         """The same spec with a new pool: what a child process builds from (a pool id means nothing there)."""
         return dataclasses.replace(self, pool=None)
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    """Whether a tensor has memory of its own to point at (a wrapper subclass or a fake tensor has none)."""
+    try:
+        t.untyped_storage()
+        return t.data_ptr() != 0 or t.numel() == 0
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def _is_int(value: object) -> bool:
@@ -172,12 +288,7 @@ def checked_device(device: Optional[Union[int, str, torch.device]]) -> int:
     return index
 
 
-def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_batch_size: Optional[int],
-                 capture_sizes: Optional[Sequence[int]], **options: Any) -> RunnerSpec:
-    """A RunnerSpec from GraphRunner's arguments; every bad argument raises TypeError or ValueError naming it
-    and the fix."""
-    if not callable(fn):
-        raise TypeError(f"fn must be callable (a function or an nn.Module), got {type(fn).__name__}")
+def _check_inputs(inputs: object) -> None:
     if not isinstance(inputs, dict) or not inputs:
         raise TypeError("inputs must be a non-empty dict of name -> gr.StaticInput")
     for name, spec in inputs.items():
@@ -185,53 +296,40 @@ def checked_spec(fn: Callable[..., Any], inputs: Dict[str, StaticInput], max_bat
             raise TypeError(f"input names must be Python identifiers (they are fn's keyword arguments), got {name!r}")
         if not isinstance(spec, StaticInput):
             raise TypeError(f"inputs[{name!r}] must be a gr.StaticInput, got {type(spec).__name__}")
-    if max_batch_size is not None:
-        checked_max_batch_size(max_batch_size)
-    sizes = checked_capture_sizes(capture_sizes, max_batch_size)
-    fallback = options.get("fallback", "eager")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be 'eager' or 'error', got {fallback!r}")
-    warmup = options.get("warmup", 1)
-    if not _is_int(warmup) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    mode = options.get("capture_error_mode", "global")
-    if mode not in CAPTURE_ERROR_MODES:
-        raise ValueError(f"capture_error_mode must be one of {CAPTURE_ERROR_MODES}, got {mode!r}")
-    pool = options.get("pool")
-    pool_id(pool)  # raises TypeError naming what a pool may be
-    timeout = options.get("collective_timeout_s", 300.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
-            not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"collective_timeout_s must be a positive number of seconds, got {timeout!r}")
-    keep = options.get("keep", ())
-    if isinstance(keep, (torch.Tensor, torch.nn.Module)) or not isinstance(keep, (list, tuple)):
-        raise TypeError(f"keep must be a list of tensors and modules, got {type(keep).__name__}")
-    for item in keep:
-        if not isinstance(item, (torch.Tensor, torch.nn.Module)):
-            raise TypeError(f"keep must hold tensors and modules only, got {type(item).__name__}")
-    name = options.get("name") or ""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    for key in ("clone_outputs", "no_grad", "strict", "debug", "verbose"):
-        if key in options:
-            _flag(key, options[key])
-    for key in ("on_capture", "before_replay", "capture_inputs"):
-        _hook(key, options.get(key))
-    tokens = options.get("tokens_per_request", 1)
-    if not _is_int(tokens) or not 1 <= tokens <= 1024:
-        raise ValueError(f"tokens_per_request must be an int in 1..1024, got {tokens!r}")
-    lead = options.get("max_lead", DEFAULT_MAX_LEAD)
-    if lead is not None and (not _is_int(lead) or not 1 <= lead <= 1024):
-        raise ValueError(f"max_lead must be None (no bound) or an int in 1..1024, got {lead!r}")
-    out = options.get("out")
-    buffers = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else None
-    if out is not None and (buffers is None or not all(isinstance(t, torch.Tensor) for t in buffers)):
-        raise TypeError("out must be a tensor (when fn returns one) or a dict of output name -> tensor (when fn "
-                        f"returns a dict), got {type(out).__name__}")
-    known = {f.name for f in dataclasses.fields(RunnerSpec)}
-    unknown = set(options) - known
-    if unknown:
-        raise TypeError(f"unknown GraphRunner argument(s) {sorted(unknown)}")
-    given = {k: v for k, v in options.items() if k not in ("device", "keep", "name")}
-    return RunnerSpec(fn=fn, inputs=dict(inputs), max_batch_size=sizes[-1], capture_sizes=tuple(sizes),
-                      device=checked_device(options.get("device")), keep=tuple(keep), name=name, **given)
+
+
+def _checked_split(spec: RunnerSpec, sizes: List[int]) -> Optional[Dict[int, int]]:
+    """A ragged runner's requests per size ({T: R}), with its split checked; None for a uniform runner."""
+    if spec.split is None:
+        if spec.max_requests is not None:
+            raise ValueError("max_requests is for a ragged runner: name its split input too (split='query_lens')")
+        return None
+    inputs = spec.inputs
+    if spec.split not in inputs:
+        raise ValueError(f"split {spec.split!r} is not an input; inputs are {sorted(inputs)}")
+    s = inputs[spec.split]
+    if s.per_token or s.shape != () or s.dtype not in (torch.int32, torch.int64) or s.pad != 0:
+        raise ValueError(f"split input {spec.split!r} must be one int32 or int64 value per request with pad=0 (each "
+                         "request's token count; padding requests have none): declare it "
+                         "gr.StaticInput((), torch.int32)")
+    if not any(i.per_token for i in inputs.values()):
+        raise ValueError("a ragged runner needs per-token inputs (gr.StaticInput(..., per_token=True)): their rows "
+                         "are the step's tokens")
+    if spec.tokens_per_request != 1:
+        raise ValueError("tokens_per_request is for uniform runners; a ragged runner's split says each request's "
+                         "tokens")
+    if spec.max_lead is None:
+        raise ValueError("a ragged runner needs max_lead (it stages the split through max_lead + 2 host slots)")
+    given = spec.max_requests
+    if given is None or _is_int(given):
+        if given is not None and given < 1:
+            raise ValueError(f"max_requests must be a positive int or a dict of size -> requests, got {given!r}")
+        return {t: min(t, given) if given is not None else t for t in sizes}
+    if not isinstance(given, Mapping) or set(given) != set(sizes):
+        raise ValueError(f"max_requests must be an int or a dict with one entry per captured size {sizes}, got "
+                         f"{given!r}")
+    bad = {t: r for t, r in given.items() if not _is_int(r) or not 1 <= r <= t}
+    if bad:
+        raise ValueError(f"max_requests[T] must be an int in 1..T (a size of T tokens holds at most T requests), got "
+                         f"{bad}")
+    return {t: given[t] for t in sizes}

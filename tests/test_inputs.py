@@ -11,9 +11,13 @@ SPECS = {"input_ids": gr.StaticInput((), torch.long, pad=0),
 
 
 def checker(max_batch_size=8, fallback_eager=True, tokens_per_request=1):
-    specs = [(n, list(s.shape), s.dtype, s.pad_bytes(), s.rows(1, tokens_per_request), s.padding == "each_step")
-             for n, s in SPECS.items()]
-    return _C.InputChecker(specs, max_batch_size, fallback_eager, 0)
+    specs = [(n, list(s.shape), s.dtype, s.pad_bytes(), s.rows(1, tokens_per_request), s.padding == "each_step",
+              False, False) for n, s in SPECS.items()]
+    return _C.InputChecker(specs, _C.SizeTable([max_batch_size], max_batch_size), fallback_eager, 0)
+
+
+def uniform(max_batch_size):
+    return _C.SizeTable([max_batch_size], max_batch_size)
 
 
 def inputs(batch=3, **override):
@@ -75,9 +79,9 @@ def test_pad_bytes_follow_dtype():
 
 def test_input_count_is_bounded():
     """The staging argument holds up to 16 source pointers; more inputs are refused when the runner is built."""
-    specs = [(f"x{i}", [], torch.long, b"\0", 1, True) for i in range(17)]
+    specs = [(f"x{i}", [], torch.long, b"\0", 1, True, False, False) for i in range(17)]
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
-        _C.InputChecker(specs, 8, True, 0)
+        _C.InputChecker(specs, uniform(8), True, 0)
     with pytest.raises(ValueError, match="a runner takes 1 to 16 inputs, got 17"):
         gr.GraphRunner(lambda **kw: kw["x0"], {f"x{i}": gr.StaticInput((), torch.long) for i in range(17)},
                        max_batch_size=8)
@@ -87,11 +91,12 @@ def test_static_buffer_size_is_bounded():
     """Staging addresses an input's bytes with 32-bit offsets: a buffer over 1 GiB is refused when the runner is
     built, naming the input and the fix; one of exactly 1 GiB is taken."""
     row = [(1 << 30) // (8192 * 4)]  # float32 elements: exactly 1 GiB at 8192 requests
-    _C.InputChecker([("emb", row, torch.float32, b"\0" * 4, 1, True)], 8192, True, 0)
-    with pytest.raises(ValueError, match=r"input 'emb' has 131076 bytes a request: at max_batch_size 8192 its static "
-                                         r"buffer would hold over the 1024 MiB a staged input may; lower "
-                                         r"max_batch_size, or keep this data"):
-        _C.InputChecker([("emb", [row[0] + 1], torch.float32, b"\0" * 4, 1, True)], 8192, True, 0)
+    _C.InputChecker([("emb", row, torch.float32, b"\0" * 4, 1, True, False, False)], uniform(8192), True, 0)
+    with pytest.raises(ValueError, match=r"input 'emb' has 131076 bytes a request: at 8192 rows its static "
+                                         r"buffer would hold over the 1024 MiB a staged input may; capture smaller "
+                                         r"sizes, or keep this data"):
+        _C.InputChecker([("emb", [row[0] + 1], torch.float32, b"\0" * 4, 1, True, False, False)], uniform(8192),
+                        True, 0)
     with pytest.raises(ValueError, match=r"input 'emb' has 131076 bytes a request"):
         gr.GraphRunner(lambda emb: emb, {"emb": gr.StaticInput((row[0] + 1,), torch.float32)}, max_batch_size=8192)
 

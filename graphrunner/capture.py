@@ -1,0 +1,203 @@
+"""The capture schedule: warm every runner up, capture every (runner, size) pair largest first into one pool,
+take the workspaces the graphs baked in, and hand each runner its record.
+
+It works over specs and records: it never sees a GraphRunner. The runner builds a `Capture` (spec, native
+checker and size table), this module turns each into a `CaptureRecord`, and the runner arms itself on it.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+import torch
+from tqdm import tqdm
+
+from graphrunner import distributed
+from graphrunner._native import _C
+from graphrunner.capture_guard import CaptureGuard
+from graphrunner.graph import Graph, capture_stream
+from graphrunner.memory import alias
+from graphrunner.outputs import map_tensors
+from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
+from graphrunner.spec import RunnerSpec, StepInfo
+
+logger = logging.getLogger("graphrunner")
+
+
+@dataclass
+class Capture:
+    """What capture needs of one runner.
+
+    Attributes:
+        spec: the runner's checked spec.
+        checker: its native input checker (the launcher checks each step with it).
+        sizes: its native size table.
+    """
+
+    spec: RunnerSpec
+    checker: Any
+    sizes: Any
+
+
+def capture(captures: Sequence[Capture], pool: Any) -> List[CaptureRecord]:
+    """Captures every size of every runner largest first into `pool`; returns one record per runner, in order.
+    On failure every record made so far is released and the error raised.
+
+    Args:
+        captures: the runners, all on one device.
+        pool: the allocator pool id the graphs allocate from.
+    """
+    records: List[CaptureRecord] = []
+    try:
+        _schedule(captures, pool, records)
+    except BaseException:
+        for record in records:
+            record.release()
+        raise
+    return records
+
+
+def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecord]) -> None:
+    spec0 = captures[0].spec
+    device = torch.device("cuda", spec0.device)
+    stream = capture_stream(device)
+    ranks = distributed.agreement(spec0.collective_timeout_s)
+    order = sorted(((size, i) for i, c in enumerate(captures) for size in c.spec.capture_sizes), reverse=True)
+    ranks.same_everywhere("capture order", order)
+    with ranks.stage("warm-up"):
+        for c in captures:
+            with torch.set_grad_enabled(not c.spec.no_grad):
+                records.append(_warm_up(c, pool, stream))
+    guard = CaptureGuard(pool, device, strict=any(c.spec.strict for c in captures),
+                         debug=any(c.spec.debug for c in captures))
+    show = distributed.is_rank_zero() and (sys.stderr.isatty() or any(c.spec.verbose for c in captures))
+    # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which both
+    # reorders the pool and hides what a capture kept alive from the guard.
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
+            spec, record = captures[i].spec, records[i]
+            with ranks.stage(f"capture of {record.label(size)}"), torch.set_grad_enabled(not spec.no_grad):
+                _capture_size(spec, record, size, stream, guard)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    # Every graph above baked in the cuBLAS workspaces torch cached for our private stream during the warm-up:
+    # from now on the graphs own them (see csrc/workspaces.h).
+    workspaces = _C.WorkspaceHold()
+    workspaces.take(stream.cuda_stream)
+    for c, record in zip(captures, records):
+        record.workspaces = workspaces
+        report = record.report(rank=ranks.rank)
+        report.ranks = ranks.exchange(f"capture report of {c.spec.name or 'the runner'}", value=report) \
+            if ranks.world > 1 else []
+        record.capture_report = report
+        if distributed.is_rank_zero():
+            logger.info("graphrunner: %s", report.summary())
+            if c.spec.verbose:
+                print(f"graphrunner: {report.summary()}", file=sys.stderr)
+
+
+def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
+    """Makes the static buffers and the launcher, and warms fn up at the largest size outside the pool."""
+    spec = c.spec
+    device = torch.device("cuda", spec.device)
+    largest = spec.max_batch_size
+    static = {n: torch.full((spec.rows(n, largest), *s.shape), s.pad, dtype=s.dtype, device=device)
+              for n, s in spec.inputs.items()}
+    rows = {size: {n: spec.rows(n, size) for n in spec.inputs} for size in spec.capture_sizes}
+    record = CaptureRecord(spec.name, device, pool, static, rows,
+                           _C.Launcher(c.checker, list(static.values()), c.sizes, spec.max_lead or 0),
+                           state_buffers=spec.state_buffers())
+    _stage_capture_inputs(spec, record, largest)
+    # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not
+    # read them before the fill (recycled memory holds anything until then: an out-of-range index, say).
+    stream.wait_stream(torch.cuda.current_stream(device))
+    start = time.perf_counter()
+    with torch.cuda.stream(stream):
+        for _ in range(spec.warmup):
+            spec.fn(**record.static_views(largest))
+    stream.synchronize()
+    record.warmup_ms = (time.perf_counter() - start) * 1000
+    return record
+
+
+def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torch.cuda.Stream,
+                  guard: CaptureGuard) -> None:
+    _stage_capture_inputs(spec, record, size)
+    requests, tokens = spec.requests_of(size), spec.tokens_of(size)
+    if spec.on_capture is not None:
+        spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
+    with guard.watch((spec.name, size), record.label(size)) as kept:
+        reserved = torch.cuda.memory_reserved(record.device)
+        graph = Graph(keep_graph=True)  # the audit reads its nodes
+        start = time.perf_counter()
+        with graph.capture(pool=record.pool, stream=stream, capture_error_mode=spec.capture_error_mode):
+            record.launcher.stage(size)
+            out = spec.fn(**record.static_views(size))
+            map_tensors(out, lambda name, t: _check_output(spec, name, t, size))
+            out = _write_into_buffers(spec, out)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        record.launcher.add_graph(size, graph)
+        # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
+        # (Outputs in the caller's buffers are views of memory the caller owns.)
+        buffers = spec.out_buffers()
+        outputs = map_tensors(out, lambda name, t: t if name in buffers else alias(t))
+        del out
+        record.entries[size] = SizeEntry(size, graph, outputs, list(graph.footprint), kept, elapsed_ms,
+                                         torch.cuda.memory_reserved(record.device) - reserved)
+
+
+def _stage_capture_inputs(spec: RunnerSpec, record: CaptureRecord, size: int) -> None:
+    """Copies capture_inputs(size) into the static buffers, for the warm-up and the capture of `size`."""
+    if spec.capture_inputs is None:
+        return
+    views = record.static_views(size)
+    for name, value in spec.capture_inputs(size).items():
+        if name not in views:
+            raise ValueError(f"capture_inputs({size}) returned {name!r}, which is not an input; inputs are "
+                             f"{sorted(views)}")
+        views[name].copy_(value)
+
+
+def _write_into_buffers(spec: RunnerSpec, out: Any) -> Any:
+    """Inside a capture: copies each output that has a caller's buffer into it; returns the outputs with those
+    replaced by views of the buffers."""
+    buffers = spec.out_buffers()
+
+    def into(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in buffers:
+            return t
+        buf = buffers[name]
+        rows = t.shape[0] if t.dim() else 1
+        if buf.dtype != t.dtype or buf.device != t.device or tuple(buf.shape[1:]) != tuple(t.shape[1:]) or \
+                buf.dim() == 0 or buf.shape[0] < rows:
+            raise ValueError(f"out buffer for {name} is {tuple(buf.shape)} {buf.dtype} on {buf.device}; the graph "
+                             f"writes {tuple(t.shape)} {t.dtype} on {t.device} there: allocate it with the "
+                             "largest size's rows, the same trailing shape, dtype and device")
+        view = buf[:rows] if t.dim() else buf[0]
+        view.copy_(t)
+        return view
+
+    return map_tensors(out, into)
+
+
+def _check_output(spec: RunnerSpec, name: str, t: torch.Tensor, size: int) -> torch.Tensor:
+    """Every output has one row per request (per token too, for a uniform runner) or no dims at all."""
+    if t.dim() == 0:
+        return t
+    requests, tokens = spec.requests_of(size), spec.tokens_of(size)
+    if spec.ragged and t.shape[0] != requests:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at {size} tokens; a ragged runner's "
+                         f"outputs need one row per request ({requests} at this size) in dim 0, or no dims at all: "
+                         "gather each request's rows inside fn (its last token's logits, say)")
+    if not spec.ragged and t.shape[0] not in (requests, tokens):
+        per_token = f" or {tokens} (tokens)" if tokens != requests else ""
+        raise ValueError(f"{name} has shape {tuple(t.shape)} when captured at batch size {size}; every output needs "
+                         f"{size} rows (requests){per_token} in dim 0, or no dims at all (a count, a flag)")
+    return t
