@@ -1,5 +1,6 @@
 # make test   makes .venv (it sees the system's packages), installs what is missing there, builds and installs
-#             graphrunner into it, and runs the suite against the installed package (GPU tests skip without a GPU)
+#             graphrunner and graphrunner_workloads (workloads/) into it, and runs the suite against the installed
+#             packages (GPU tests skip without a GPU)
 # make bench  the built-in benchmarks on one GPU, into benchmarks/results/: the decoder step and speculative
 #             decoding (ATTN=sdpa or ATTN=flash-attn-4 picks the decoder's attention, default decode; TP=2 runs
 #             the decoder tensor-parallel on 2 GPUs through torchrun; ARGS="..." passes other flags to the decoder's)
@@ -22,8 +23,9 @@ deps: $(PY)
 
 # pip builds in build/ (ninja rebuilds only what changed) and installs into the venv; nothing is built in place.
 install: deps
-	@echo "building and installing graphrunner (the first build of the native core takes minutes; MAX_JOBS=$${MAX_JOBS:-all cores})"
-	$(PY) -m pip install -q --no-build-isolation --no-deps .
+	@echo "building and installing graphrunner and graphrunner_workloads (the first build of the native core takes \
+	minutes; MAX_JOBS=$${MAX_JOBS:-all cores})"
+	$(PY) -m pip install -q --no-build-isolation --no-deps . ./workloads
 
 # -P: the source checkout is not on sys.path, so the tests import the installed package.
 test: install
@@ -34,10 +36,10 @@ TP ?= 1
 
 bench: install
 ifeq ($(TP),1)
-	$(PY) -P -m graphrunner.workloads.bench --attn $(ATTN) --out benchmarks/results $(ARGS)
-	$(PY) -P -m graphrunner.workloads.spec_bench --out benchmarks/results
+	$(PY) -P -m graphrunner_workloads.bench --attn $(ATTN) --out benchmarks/results $(ARGS)
+	$(PY) -P -m graphrunner_workloads.spec_bench --out benchmarks/results
 else
-	NCCL_NVLS_ENABLE=0 $(PY) -P -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner.workloads.bench \
+	NCCL_NVLS_ENABLE=0 $(PY) -P -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner_workloads.bench \
 		--tp $(TP) --attn $(ATTN) --out benchmarks/results $(ARGS)
 endif
 
@@ -52,4 +54,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build graphrunner/*.so graphrunner/workloads/*.so $(VENV)
+	rm -rf build workloads/build graphrunner/*.so workloads/graphrunner_workloads/*.so $(VENV)

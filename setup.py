@@ -5,7 +5,8 @@
 
 CUDA is found through CUDA_HOME, else CUDA_PATH, else /usr/local/cuda, else where torch guesses. GPU architectures
 come from TORCH_CUDA_ARCH_LIST when set, else from the visible GPU, else DEFAULT_ARCHS (with PTX for newer GPUs).
-MAX_JOBS caps parallel compile jobs. Package metadata is in pyproject.toml.
+MAX_JOBS caps parallel compile jobs. Package metadata is in pyproject.toml. The workloads built on graphrunner
+(decoder, benchmarks, demos) are a package of their own, built by workloads/setup.py.
 """
 import os
 import re
@@ -88,15 +89,6 @@ def extensions() -> list:
     return [
         cpp_extension.CUDAExtension(name="graphrunner._C", sources=core + ["csrc/py_step.cpp", "csrc/bindings.cpp"],
                                     include_dirs=headers, extra_compile_args=flags, extra_link_args=["-s"]),
-        # The benchmark's C++ launch loop: built for the workloads, never linked into the core.
-        cpp_extension.CUDAExtension(name="graphrunner.workloads._launch_floor",
-                                    sources=["graphrunner/workloads/launch_floor.cpp"],
-                                    extra_compile_args=flags, extra_link_args=["-s"]),
-        # The decoder's decode attention kernel, registered as a torch op: a workload too, never in the core.
-        cpp_extension.CUDAExtension(name="graphrunner.workloads._decode_attention",
-                                    sources=["graphrunner/workloads/decode_attention.cpp",
-                                             "graphrunner/workloads/decode_attention_kernels.cu"],
-                                    extra_compile_args=flags, extra_link_args=["-s"]),
     ]
 
 

@@ -3,7 +3,7 @@
     python -P benchmarks/audit_decoder.py
 """
 import graphrunner as gr
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs
+from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs
 
 cfg = DecoderConfig()
 runner = gr.GraphRunner(Decoder(cfg), decode_inputs(cfg), max_batch_size=cfg.max_batch_size)

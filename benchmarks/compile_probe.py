@@ -11,7 +11,7 @@ from typing import Dict
 import torch
 from torch._dynamo.utils import counters
 
-from graphrunner.workloads.traces import draft_contenders, steps_per_s
+from graphrunner_workloads.traces import draft_contenders, steps_per_s
 
 STEPS = 2000
 ROUNDS = 4

@@ -20,8 +20,8 @@ from typing import List
 import torch
 from torch._inductor.async_compile import shutdown_compile_workers
 
-from graphrunner.workloads.decoder import random_decode_inputs
-from graphrunner.workloads.traces import Step, draft_contenders, kernel_us, queued_us, steps_per_s
+from graphrunner_workloads.decoder import random_decode_inputs
+from graphrunner_workloads.traces import Step, draft_contenders, kernel_us, queued_us, steps_per_s
 
 STEPS = 2000
 REPS = 3

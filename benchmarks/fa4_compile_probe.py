@@ -7,7 +7,7 @@ breaks and the first reasons dynamo gives. On the GPU machine, with flash-attn 4
 import torch
 from flash_attn.cute import flash_attn_varlen_func
 
-from graphrunner.workloads.attention import flash_attn_4_op
+from graphrunner_workloads.attention import flash_attn_4_op
 
 REASONS = 3
 

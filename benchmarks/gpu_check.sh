@@ -9,6 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH=$PATH:$CUDA_HOME/bin
+# Everything runs from the checkout, built in place: graphrunner from here, graphrunner_workloads from workloads/.
+export PYTHONPATH=$PWD/workloads${PYTHONPATH:+:$PYTHONPATH}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' | head -1 | tr 'A-Z' 'a-z')
 gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
@@ -30,6 +32,8 @@ if has build; then
   step "build"
   MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  (cd workloads && MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -20
+   exit "${PIPESTATUS[0]}") || status=1
 fi
 
 if has tests; then
@@ -62,35 +66,35 @@ if has sanitizer; then
   { echo "# compute-sanitizer --tool memcheck, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
     echo "## C++ Graph lifecycle test (build/cmake/graph_lifecycle_test)";
     compute-sanitizer --tool memcheck build/cmake/graph_lifecycle_test 2>&1 | tail -4;
-    echo "## Python: capture and replay of the built-in model (python -m graphrunner.workloads.sanitize)";
-    compute-sanitizer --tool memcheck python3 -m graphrunner.workloads.sanitize 2>&1 | tail -4; } \
+    echo "## Python: capture and replay of the built-in model (python -m graphrunner_workloads.sanitize)";
+    compute-sanitizer --tool memcheck python3 -m graphrunner_workloads.sanitize 2>&1 | tail -4; } \
     > "$results/sanitizer-$gpu.txt"
   cat "$results/sanitizer-$gpu.txt"
 fi
 
 if has hazards; then
   step "hazard reproductions"
-  python3 -m graphrunner.workloads.hazards --out "$results/hazards-$gpu.txt" || status=1
+  python3 -m graphrunner_workloads.hazards --out "$results/hazards-$gpu.txt" || status=1
 fi
 
 if has cotenants; then
   step "co-tenant triggers"
-  python3 -m graphrunner.workloads.cotenants --out "$results/cotenants-$gpu.txt" || status=1
+  python3 -m graphrunner_workloads.cotenants --out "$results/cotenants-$gpu.txt" || status=1
 fi
 
 if has bench; then
   step "benchmark"
-  python3 -m graphrunner.workloads.bench --out "$results" ${BENCH_ARGS:-} || status=1
+  python3 -m graphrunner_workloads.bench --out "$results" ${BENCH_ARGS:-} || status=1
 fi
 
 if has bench-spec; then
   step "benchmark, speculative decoding"
-  python3 -m graphrunner.workloads.spec_bench --out "$results" ${SPEC_ARGS:-} || status=1
+  python3 -m graphrunner_workloads.spec_bench --out "$results" ${SPEC_ARGS:-} || status=1
 fi
 
 if has bench-fa4 && [ -n "$has_fa4" ]; then
   step "benchmark, flash-attn 4"
-  python3 -m graphrunner.workloads.bench --attn flash-attn-4 --out "$results" || status=1
+  python3 -m graphrunner_workloads.bench --attn flash-attn-4 --out "$results" || status=1
 fi
 
 if has bench-tp; then
@@ -100,7 +104,7 @@ if has bench-tp; then
     make -s bench TP="$gpus" ARGS="--out $results" || status=1
   else  # one GPU: the same path as a world of one, all-reduces captured, briefly
     step "tensor-parallel path, world of one"
-    NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 1 -m graphrunner.workloads.bench --tp 1 \
+    NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --nproc-per-node 1 -m graphrunner_workloads.bench --tp 1 \
       --layers 2 --steps 50 --trace-steps 200 --name "${gpu}x1-smoke" --out "$results" || status=1
   fi
 fi
@@ -112,7 +116,7 @@ if has probe; then
       build/staging_probe; } > "$results/staging-probe-$gpu.txt" || status=1
   cat "$results/staging-probe-$gpu.txt"
   { echo "# benchmarks/staging_cost.py, $(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)";
-    PYTHONPATH=. python3 benchmarks/staging_cost.py; } > "$results/staging-cost-$gpu.txt" || status=1
+    PYTHONPATH=.:$PYTHONPATH python3 benchmarks/staging_cost.py; } > "$results/staging-cost-$gpu.txt" || status=1
   cat "$results/staging-cost-$gpu.txt"
 fi
 

@@ -15,9 +15,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import graphrunner as gr
-from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.decoder import Decoder, decode_inputs, random_decode_inputs
-from graphrunner.workloads.traces import DRAFT_PRESET, queued_us, walk
+from graphrunner_workloads.common_runner import CommonRunner
+from graphrunner_workloads.decoder import Decoder, decode_inputs, random_decode_inputs
+from graphrunner_workloads.traces import DRAFT_PRESET, queued_us, walk
 
 ROUNDS = 3
 STEPS = 400

@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import graphrunner as gr
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
+from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
 STEPS = 20
 TOP = 10

@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-from graphrunner.workloads.traces import draft_contenders, paced, steps_per_s
+from graphrunner_workloads.traces import draft_contenders, paced, steps_per_s
 
 STEPS = 2000
 ROUNDS = 3

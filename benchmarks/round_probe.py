@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 import torch
 
-from graphrunner.workloads.traces import PLAIN, Step, draft_contenders, steps_per_s
+from graphrunner_workloads.traces import PLAIN, Step, draft_contenders, steps_per_s
 
 STEPS = 2000
 ROUNDS = 3

@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from graphrunner.workloads.traces import GPU_STEPS, Step, draft_contenders, kernel_us, paced, queued_us
+from graphrunner_workloads.traces import GPU_STEPS, Step, draft_contenders, kernel_us, paced, queued_us
 
 ROUNDS = 5
 PROFILED_STEPS = 200

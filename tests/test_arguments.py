@@ -123,7 +123,7 @@ def test_a_device_that_does_not_exist():
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the errors raised where no CUDA device exists")
 def test_gpu_only_parts_say_so_without_a_gpu():
-    from graphrunner.workloads.decoder import Decoder, DecoderConfig
+    from graphrunner_workloads.decoder import Decoder, DecoderConfig
 
     for make in (lambda: gr.workspace("tests.no_gpu", 16), lambda: Decoder(DecoderConfig(layers=1))):
         with pytest.raises(RuntimeError, match="graphrunner needs a CUDA device, and torch.cuda.is_available"):

@@ -9,9 +9,9 @@ import torch
 import graphrunner as gr
 from conftest import gpu
 from graphrunner.checks import poison, relative_error
-from graphrunner.workloads.attention import decode_op, flash_attn_4_op
-from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
-from graphrunner.workloads.reproductions import installed
+from graphrunner_workloads.attention import decode_op, flash_attn_4_op
+from graphrunner_workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
+from graphrunner_workloads.reproductions import installed
 
 pytestmark = gpu
 

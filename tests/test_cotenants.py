@@ -4,7 +4,7 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu, segments, segments_since
-from graphrunner.workloads.cotenants import INPUTS, MLP, SIZES, TRIGGERS, missing, survives
+from graphrunner_workloads.cotenants import INPUTS, MLP, SIZES, TRIGGERS, missing, survives
 
 pytestmark = gpu
 

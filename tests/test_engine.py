@@ -7,7 +7,7 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu
-from graphrunner.workloads.reproductions import PLANES, ops
+from graphrunner_workloads.reproductions import PLANES, ops
 
 pytestmark = gpu
 

@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 import graphrunner as gr
 from conftest import free_port, gpu
 from graphrunner.distributed import DistributedCaptureError
-from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.reproductions import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
+from graphrunner_workloads.common_runner import CommonRunner
+from graphrunner_workloads.reproductions import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
 
 pytestmark = gpu
 

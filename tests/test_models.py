@@ -7,9 +7,9 @@ import torch
 import graphrunner as gr
 from conftest import gpu
 from graphrunner.checks import relative_error
-from graphrunner.workloads.decoder import DecoderConfig, Decoder, decode_inputs, kv_slot, random_decode_inputs
-from graphrunner.workloads.spec_decode import DraftStep, SpecConfig
-from graphrunner.workloads.traces import padded
+from graphrunner_workloads.decoder import DecoderConfig, Decoder, decode_inputs, kv_slot, random_decode_inputs
+from graphrunner_workloads.spec_decode import DraftStep, SpecConfig
+from graphrunner_workloads.traces import padded
 
 SMALL = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                       max_batch_size=32)

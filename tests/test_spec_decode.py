@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import graphrunner as gr
 from conftest import gpu
-from graphrunner.workloads import spec_decode as sd
+from graphrunner_workloads import spec_decode as sd
 
 pytestmark = gpu
 

@@ -17,7 +17,7 @@ import graphrunner as gr
 from conftest import free_port, gpu
 from graphrunner.distributed import DistributedCaptureError
 from graphrunner.checks import relative_error
-from graphrunner.workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
+from graphrunner_workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 
 pytestmark = gpu
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

@@ -1,4 +1,4 @@
-"""The benchmark's trace contenders (graphrunner.workloads.traces) run the steps they claim to run, and its
+"""The benchmark's trace contenders (graphrunner_workloads.traces) run the steps they claim to run, and its
 results keep the spread over rounds."""
 import json
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import gpu
-from graphrunner.workloads.bench import (changed_settings, parse_args, round_spread, save_results, target_header,
+from graphrunner_workloads.bench import (changed_settings, parse_args, round_spread, save_results, target_header,
                                          target_lines, trace_table)
-from graphrunner.workloads.decoder import DecoderConfig
-from graphrunner.workloads.traces import Contenders, host_limit, round_ratios
+from graphrunner_workloads.decoder import DecoderConfig
+from graphrunner_workloads.traces import Contenders, host_limit, round_ratios
 
 TINY = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                      max_batch_size=16)

@@ -64,9 +64,9 @@ def _attention_op(name: str, forward: Callable[..., torch.Tensor]) -> Callable[.
 @functools.lru_cache(None)
 def decode_op() -> Callable[..., torch.Tensor]:
     """The op graphrunner_workloads::decode_attention(q, k_cache, v_cache, seq_lens, page_table), defined on first
-    use around the kernels of graphrunner.workloads._decode_attention. Bad arguments raise ValueError naming them,
+    use around the kernels of graphrunner_workloads._decode_attention. Bad arguments raise ValueError naming them,
     a failed launch RuntimeError."""
-    kernels = importlib.import_module("graphrunner.workloads._decode_attention")
+    kernels = importlib.import_module("graphrunner_workloads._decode_attention")
 
     def forward(q, k_cache, v_cache, seq_lens, page_table):
         out = q.new_empty(q.shape)

@@ -1,4 +1,4 @@
-"""`python -m graphrunner.workloads.bench` (`make bench`): every contender on the built-in decoder, in one process.
+"""`python -m graphrunner_workloads.bench` (`make bench`): every contender on the built-in decoder, in one process.
 
 Per batch, the host waiting each step: eager; the common runner (torch.cuda.CUDAGraph per size, copy_ staging,
 common_runner.py); bare replay of graphrunner's graph through Graph.replay(), of the common runner's graph through
@@ -28,10 +28,10 @@ from tqdm import tqdm
 import graphrunner as gr
 from graphrunner.graph import capture_stream
 from graphrunner.memory import alias
-from graphrunner.workloads._launch_floor import launch_floor_us
-from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.traces import round_ratios, run_traces
-from graphrunner.workloads.decoder import (ATTENTION_BACKENDS, Decoder, DecoderConfig, decode_inputs,
+from graphrunner_workloads._launch_floor import launch_floor_us
+from graphrunner_workloads.common_runner import CommonRunner
+from graphrunner_workloads.traces import round_ratios, run_traces
+from graphrunner_workloads.decoder import (ATTENTION_BACKENDS, Decoder, DecoderConfig, decode_inputs,
                                            random_decode_inputs)
 
 BATCHES = [1, 3, 8, 17, 64, 200, 256]
@@ -54,7 +54,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    help="the decoder's attention (default: decode, the kernel reading only each row's keys; "
                    "sdpa masks the whole cache)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one per GPU: run under "
-                   "torchrun --nproc-per-node N -m graphrunner.workloads.bench --tp N")
+                   "torchrun --nproc-per-node N -m graphrunner_workloads.bench --tp N")
     p.add_argument("--steps", type=int, default=300, help="timed steps per contender and batch")
     p.add_argument("--trace-steps", type=int, default=2000,
                    help="steps of each random-walk trace of the draft preset (the main preset runs half)")
@@ -429,7 +429,7 @@ def init_tensor_parallel(tp: int) -> None:
     torchrun, --tp 1 runs a world of one with its all-reduces captured."""
     if "LOCAL_RANK" not in os.environ:
         raise SystemExit(f"--tp {tp} runs one process per GPU: torchrun --nproc-per-node {tp} "
-                         "-m graphrunner.workloads.bench "
+                         "-m graphrunner_workloads.bench "
                          f"--tp {tp}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     local = int(os.environ["LOCAL_RANK"])
@@ -455,7 +455,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: List[str] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if gpu_missing("graphrunner.workloads.bench"):
+    if gpu_missing("graphrunner_workloads.bench"):
         return 2
     distributed = args.tp > 1 or "LOCAL_RANK" in os.environ
     if distributed:

@@ -1,7 +1,7 @@
 """Co-tenants: what the rest of a serving process does to memory captured graphs use, side by side for a plain
 shared-pool runner (torch.cuda.CUDAGraph per size, common_runner.py) and graphrunner.
 
-    python -m graphrunner.workloads.cotenants --out cotenants-h100.txt
+    python -m graphrunner_workloads.cotenants --out cotenants-h100.txt
 
 Captured cuBLAS kernels bake in the address of a workspace torch caches per (handle, stream) outside the
 graph's pool. Each trigger below frees or replaces that workspace the way other code in a process does. Every
@@ -21,7 +21,7 @@ import graphrunner as gr
 from graphrunner.audit import audit_graphs
 from graphrunner.checks import relative_error
 from graphrunner.pool import pool_segments
-from graphrunner.workloads.common_runner import CommonRunner
+from graphrunner_workloads.common_runner import CommonRunner
 
 SIZES = [1, 4, 64]
 BATCHES = [1, 3, 4, 50, 64]
@@ -183,7 +183,7 @@ def plain_audit(bias: bool) -> str:
 
 def child(args: List[str]) -> List[str]:
     """The RESULT lines of a child process running `args`, or why it gave none."""
-    proc = subprocess.run([sys.executable, "-m", "graphrunner.workloads.cotenants", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "graphrunner_workloads.cotenants", *args], capture_output=True,
                           text=True, timeout=600)
     text = proc.stdout + proc.stderr
     results = [line[len("RESULT "):] for line in text.splitlines() if line.startswith("RESULT ")]

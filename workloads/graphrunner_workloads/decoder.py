@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from graphrunner.workloads.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
+from graphrunner_workloads.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
 from graphrunner.graph import require_cuda
 from graphrunner.inputs import StaticInput
 

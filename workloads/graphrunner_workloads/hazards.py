@@ -1,8 +1,8 @@
-"""The shared-pool hazard reproductions (graphrunner.workloads.reproductions), side by side: what a plain
+"""The shared-pool hazard reproductions (graphrunner_workloads.reproductions), side by side: what a plain
 shared-pool runner gets, what compute-sanitizer memcheck says about it, and what graphrunner's
 validate(scrub=True, guard=True) finds.
 
-    python -m graphrunner.workloads.hazards --out hazards-h100.txt
+    python -m graphrunner_workloads.hazards --out hazards-h100.txt
 
 Each part runs in its own process, since a plain runner may fault.
 """
@@ -20,8 +20,8 @@ def plain(name: str, fixed: bool = False) -> None:
     import torch
 
     from graphrunner.checks import random_inputs, relative_error
-    from graphrunner.workloads.common_runner import CommonRunner
-    from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES, make
+    from graphrunner_workloads.common_runner import CommonRunner
+    from graphrunner_workloads.reproductions import REPRODUCTIONS, SIZES, make
 
     fn, inputs = make(name, fixed), REPRODUCTIONS[name].inputs
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -45,7 +45,7 @@ def plain(name: str, fixed: bool = False) -> None:
 
 def checked(name: str) -> None:
     import graphrunner as gr
-    from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES, make
+    from graphrunner_workloads.reproductions import REPRODUCTIONS, SIZES, make
 
     runner = gr.GraphRunner(make(name), REPRODUCTIONS[name].inputs, max_batch_size=max(SIZES),
                             capture_sizes=SIZES)
@@ -67,8 +67,8 @@ def plain_spec(fixed: bool) -> None:
     the target's greedy tokens with the seed bug, and does a draft replay change the verify step's memory?"""
     import torch
 
-    from graphrunner.workloads import spec_decode as sd
-    from graphrunner.workloads.common_runner import CommonRunner
+    from graphrunner_workloads import spec_decode as sd
+    from graphrunner_workloads.common_runner import CommonRunner
 
     cfg, sizes = sd.SEED_BUG_CONFIG, sd.SEED_BUG_SIZES
     target, draft = sd.make_models(cfg)
@@ -94,7 +94,7 @@ def checked_spec(fixed: bool) -> None:
     import functools
 
     import graphrunner as gr
-    from graphrunner.workloads import spec_decode as sd
+    from graphrunner_workloads import spec_decode as sd
 
     cfg = sd.SEED_BUG_CONFIG
     target, draft = sd.make_models(cfg)
@@ -110,7 +110,7 @@ def checked_spec(fixed: bool) -> None:
 
 
 def child(args, sanitizer=False):
-    cmd = [sys.executable, "-m", "graphrunner.workloads.hazards", *args]
+    cmd = [sys.executable, "-m", "graphrunner_workloads.hazards", *args]
     if sanitizer:
         cmd = ["compute-sanitizer", "--tool", "memcheck", *cmd]
     limit = 300 if sanitizer else 600
@@ -146,13 +146,13 @@ def main() -> int:
     if args.spec:
         (plain_spec if args.spec == "plain" else checked_spec)(args.fixed)
         return 0
-    from graphrunner.workloads.reproductions import REPRODUCTIONS, SIZES
+    from graphrunner_workloads.reproductions import REPRODUCTIONS, SIZES
 
     import torch
 
     lines = [f"# Shared-pool hazard reproductions on {torch.cuda.get_device_name()}, torch {torch.__version__}",
-             f"# sizes {SIZES} captured largest first into one pool; ops in graphrunner/workloads/reproductions "
-             "(correct in eager mode)", ""]
+             f"# sizes {SIZES} captured largest first into one pool; ops in "
+             "workloads/graphrunner_workloads/reproductions (correct in eager mode)", ""]
     for name, repro in REPRODUCTIONS.items():
         lines.append(f"## {name}")
         if repro.missing():

@@ -1,5 +1,5 @@
 // The benchmark's floor: the host time of a bare cudaGraphLaunch in a C++ loop, with no Python around it.
-// Built only for the benchmark (graphrunner.workloads._launch_floor); the core does not link it.
+// Built only for the benchmark (graphrunner_workloads._launch_floor); the core does not link it.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 

@@ -1,11 +1,11 @@
 """Capture and replay the built-in decoder through GraphRunner, small enough to run under compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python -m graphrunner.workloads.sanitize
+    compute-sanitizer --tool memcheck python -m graphrunner_workloads.sanitize
 """
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
+from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
 cfg = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=1000, cache_len=64,
                     max_batch_size=16)

@@ -1,4 +1,4 @@
-"""`python -m graphrunner.workloads.spec_bench` (run by `make bench`): speculative decoding, verify + draft, for
+"""`python -m graphrunner_workloads.spec_bench` (run by `make bench`): speculative decoding, verify + draft, for
 graphrunner, the common runner pattern and eager, in one process.
 
 A trace of rounds whose batch follows a random walk over 1..max and whose acceptance lengths are random (the
@@ -22,12 +22,12 @@ from typing import Callable, Dict, List
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.bench import (DEFAULT_ATTENTION, add_output_arguments, attention_suffix, gpu_missing,
+from graphrunner_workloads.bench import (DEFAULT_ATTENTION, add_output_arguments, attention_suffix, gpu_missing,
                                          gpu_tag, save_results, target_lines)
-from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
-from graphrunner.workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
-from graphrunner.workloads.traces import medians, round_ratios
+from graphrunner_workloads.common_runner import CommonRunner
+from graphrunner_workloads.decoder import ATTENTION_BACKENDS, Decoder, DecoderConfig, kv_slot
+from graphrunner_workloads.spec_decode import DraftStep, SpecConfig, VerifyStep, make_models, make_runners
+from graphrunner_workloads.traces import medians, round_ratios
 
 MiB = 1024 * 1024
 REPEATS = 3  # turns of every contender over the trace, per regime
@@ -277,7 +277,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: List[str] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if gpu_missing("graphrunner.workloads.spec_bench"):
+    if gpu_missing("graphrunner_workloads.spec_bench"):
         return 2
     res = run(args)
     name = args.name or gpu_tag() + attention_suffix(args.attn)

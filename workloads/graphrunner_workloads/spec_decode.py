@@ -27,7 +27,7 @@ import torch
 
 import graphrunner as gr
 from graphrunner.memory import raw_bytes
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, kv_slot
+from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot
 
 METADATA = ("torch", "kernel", "kernel-seed-bug")
 
@@ -80,9 +80,9 @@ def slot_buffers(cfg: SpecConfig, metadata: str, device: str = "cuda") -> Tuple[
 
 
 def _slots_kernel() -> Callable[..., None]:
-    """The KV-slot kernel (graphrunner.workloads.reproductions): slots[k * rows + r] = the flat slot of request
+    """The KV-slot kernel (graphrunner_workloads.reproductions): slots[k * rows + r] = the flat slot of request
     r's token at start[r] + k, for k < steps, written through the raw pointer however big `slots` is."""
-    from graphrunner.workloads.reproductions import ops
+    from graphrunner_workloads.reproductions import ops
 
     return ops().kv_slots_op
 

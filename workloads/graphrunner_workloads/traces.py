@@ -28,8 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import graphrunner as gr
 from graphrunner.graph import capture_stream
-from graphrunner.workloads.common_runner import CommonRunner
-from graphrunner.workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
+from graphrunner_workloads.common_runner import CommonRunner
+from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
 Step = Callable[[int], object]  # runs step i of the trace (or of a fixed-batch run)
 ROUNDS = 5  # each (contender, regime) runs this many times, in turns; the median is reported, the spread kept

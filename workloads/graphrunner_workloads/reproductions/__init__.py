@@ -1,5 +1,5 @@
 """Step functions that are correct in eager mode but unsafe in a shared graph pool, each with its fixed twin:
-the hazard demo (graphrunner.workloads.hazards) and the tests use them. The CUDA ops build on first use."""
+the hazard demo (graphrunner_workloads.hazards) and the tests use them. The CUDA ops build on first use."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 import graphrunner as gr
-from graphrunner.workloads.reproductions import paged
+from graphrunner_workloads.reproductions import paged
 
 PLANES = 16  # entries per row the metadata kernel writes
 HERE = Path(__file__).parent
