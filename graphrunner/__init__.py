@@ -2,14 +2,18 @@
 
 Capture every batch size largest first into one pool, replay any batch with one native call, keep alive
 every byte the graphs use, and find shared-pool memory bugs at start-up (`GraphRunner.validate`).
+
+Besides the runner: `Graph` (one graph into any pool), `capture_stream` (the private stream graphrunner captures
+on, for code that captures graphs of its own next to a runner's), `audit_graphs` (the audit of any Graphs captured
+with keep_graph=True), and the module `graphrunner.testing` (comparing graph outputs with eager).
 """
 __version__ = "0.2.0"
 
 from graphrunner._native import CudaError, GraphStateError
-from graphrunner.audit import AuditReport, Reference
+from graphrunner.audit import AuditReport, Reference, audit_graphs
 from graphrunner.capture_guard import CaptureGuardWarning, GraphHazardError
 from graphrunner.distributed import DistributedCaptureError
-from graphrunner.graph import Graph
+from graphrunner.graph import Graph, capture_stream
 from graphrunner.inputs import StaticInput
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry, SizeReport
 from graphrunner.runner import GraphRunner, RunnerState, capture_all, validate_all
@@ -21,6 +25,6 @@ from graphrunner.workspace import WorkspaceError, workspace
 __all__ = [
     "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",
     "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
-    "SizeEntry", "SizeReport", "StaticInput", "StepInfo", "ValidationReport", "WorkspaceError", "capture_all",
-    "default_capture_sizes", "validate_all", "workspace",
+    "SizeEntry", "SizeReport", "StaticInput", "StepInfo", "ValidationReport", "WorkspaceError", "audit_graphs",
+    "capture_all", "capture_stream", "default_capture_sizes", "validate_all", "workspace",
 ]

@@ -40,7 +40,8 @@ def pool_id(pool: PoolLike) -> PoolId:
 
 
 def capture_stream(device: Union[int, torch.device]) -> torch.cuda.ExternalStream:
-    """The stream graphs capture on by default: one per device that only graphrunner uses.
+    """The stream graphs capture on by default: one per device that only graphrunner uses (public: workloads that
+    capture their own torch or graphrunner graphs to compare with a runner's capture on it too).
 
     torch hands its pooled streams out round-robin, so a `torch.cuda.Stream()` may be the very stream a torch
     graph or other code uses, and torch caches cuBLAS workspaces per stream: a private stream keeps the

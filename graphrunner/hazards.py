@@ -18,12 +18,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from graphrunner.capture_guard import GraphHazardError
-from graphrunner.checks import SCRUB_WORD
 from graphrunner.memory import raw_bytes
 from graphrunner.messages import WRITE_FIX
 from graphrunner.outputs import named_tensors
 from graphrunner.pool import Block, BlockKind, pool_blocks, pool_segments
 from graphrunner.record import CaptureRecord
+from graphrunner.testing import SCRUB_WORD
 
 Owner = Tuple[str, int]  # (runner name, captured size)
 

@@ -15,7 +15,7 @@ import torch
 
 from graphrunner import distributed
 from graphrunner.capture_guard import GraphHazardError
-from graphrunner.checks import default_rtol, poison, random_inputs, relative_error
+from graphrunner.testing import default_rtol, poison, random_inputs, relative_error
 from graphrunner.hazards import PoolView
 from graphrunner.inputs import StaticInput
 from graphrunner.messages import STATE_FIX, WRITE_FIX

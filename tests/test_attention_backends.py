@@ -8,7 +8,7 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu
-from graphrunner.checks import poison, relative_error
+from graphrunner.testing import poison, relative_error
 from graphrunner_workloads.attention import decode_op, flash_attn_4_op
 from graphrunner_workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 from graphrunner_workloads.reproductions import installed

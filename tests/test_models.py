@@ -6,7 +6,7 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu
-from graphrunner.checks import relative_error
+from graphrunner.testing import relative_error
 from graphrunner_workloads.decoder import DecoderConfig, Decoder, decode_inputs, kv_slot, random_decode_inputs
 from graphrunner_workloads.spec_decode import DraftStep, SpecConfig
 from graphrunner_workloads.traces import padded

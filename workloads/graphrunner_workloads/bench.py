@@ -26,13 +26,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import graphrunner as gr
-from graphrunner.graph import capture_stream
-from graphrunner.memory import alias
 from graphrunner_workloads._launch_floor import launch_floor_us
 from graphrunner_workloads.common_runner import CommonRunner
 from graphrunner_workloads.traces import round_ratios, run_traces
 from graphrunner_workloads.decoder import (ATTENTION_BACKENDS, Decoder, DecoderConfig, decode_inputs,
                                            random_decode_inputs)
+from graphrunner_workloads.memory import alias
 
 BATCHES = [1, 3, 8, 17, 64, 200, 256]
 DEFAULT_ATTENTION = "decode"  # results files of other backends are named with a suffix
@@ -145,7 +144,7 @@ def pool_bytes(model: torch.nn.Module, static: Dict[str, torch.Tensor], order: L
     """Pool memory of capturing `order` into one fresh pool with graphrunner's Graph: total and per size."""
     # Warm up on the capture stream first, as GraphRunner does: cuBLAS makes that stream's workspace outside
     # the pool then (a runner captured earlier took the last one with its graphs).
-    stream = capture_stream(torch.cuda.current_device())
+    stream = gr.capture_stream(torch.cuda.current_device())
     with torch.no_grad(), torch.cuda.stream(stream):
         model(**{n: t[: order[0]] for n, t in static.items()})
     torch.cuda.synchronize()

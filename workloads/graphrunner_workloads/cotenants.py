@@ -18,9 +18,7 @@ from typing import Callable, Dict, List
 import torch
 
 import graphrunner as gr
-from graphrunner.audit import audit_graphs
-from graphrunner.checks import relative_error
-from graphrunner.pool import pool_segments
+from graphrunner.testing import relative_error
 from graphrunner_workloads.common_runner import CommonRunner
 
 SIZES = [1, 4, 64]
@@ -171,10 +169,12 @@ def plain_audit(bias: bool) -> str:
                 model(static[:size])
             graphs.append((f"the plain graph of size {size}", g))
     device = torch.device("cuda", torch.cuda.current_device())
-    owned = [(seg.address, seg.size, "the graphs' pool") for seg in pool_segments(pool, device)]
+    owned = [(seg["address"], seg["total_size"], "the graphs' pool")
+             for seg in torch.cuda.memory_snapshot(mempool_id=pool, include_traces=False)
+             if tuple(seg["segment_pool_id"]) == tuple(pool) and seg["device"] == device.index]
     owned += [(static.data_ptr(), static.nbytes, "the static input")]
     owned += [(t.data_ptr(), t.untyped_storage().nbytes(), "the model's parameters") for t in model.parameters()]
-    report = audit_graphs(graphs, owned, device)
+    report = gr.audit_graphs(graphs, owned, device)
     kernels = sorted({r.kernel[:60] for r in report.borrowed})
     where = sorted({r.memory for r in report.borrowed})
     return (f"{len(report.borrowed)} borrowed reference(s) in {report.graphs} graphs, from kernels {kernels}, "

@@ -24,9 +24,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+import graphrunner as gr
 from graphrunner_workloads.attention import BACKENDS, DEFAULT_PAGE_SIZE, AttentionMeta, attention_backend
-from graphrunner.graph import require_cuda
-from graphrunner.inputs import StaticInput
 
 ATTENTION_BACKENDS = tuple(BACKENDS)
 CONTIGUOUS_BACKENDS = ("sdpa", "decode")  # the backends that also read a contiguous cache
@@ -72,15 +71,15 @@ class DecoderConfig:
         return self.max_batch_size * self.pages_per_seq + 1
 
 
-def decode_inputs(cfg: DecoderConfig) -> Dict[str, StaticInput]:
+def decode_inputs(cfg: DecoderConfig) -> Dict[str, gr.StaticInput]:
     """The decode step's inputs. Pass `make_inputs=functools.partial(random_decode_inputs, cfg)` to validate(): a
     paged step needs distinct pages per row, which independent draws per input cannot give."""
     # A padding row's new key goes to a scratch place: page 0 (paged), or column cache_len of its row.
-    inputs = {"input_ids": StaticInput((), torch.long, pad=0, high=cfg.vocab),
-              "positions": StaticInput((), torch.long, pad=0 if cfg.paged else cfg.cache_len, high=cfg.cache_len),
-              "seq_lens": StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len)}
+    inputs = {"input_ids": gr.StaticInput((), torch.long, pad=0, high=cfg.vocab),
+              "positions": gr.StaticInput((), torch.long, pad=0 if cfg.paged else cfg.cache_len, high=cfg.cache_len),
+              "seq_lens": gr.StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len)}
     if cfg.paged:
-        inputs["page_table"] = StaticInput((cfg.pages_per_seq,), torch.int32, pad=0, low=1, high=cfg.num_pages)
+        inputs["page_table"] = gr.StaticInput((cfg.pages_per_seq,), torch.int32, pad=0, low=1, high=cfg.num_pages)
     return inputs
 
 
@@ -102,8 +101,9 @@ class Decoder(torch.nn.Module):
     def __init__(self, cfg: DecoderConfig = DecoderConfig(), device: str = "cuda", tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None) -> None:
         super().__init__()
-        if torch.device(device).type == "cuda":
-            require_cuda()
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"Decoder(device={device!r}) needs a CUDA device, and torch.cuda.is_available() is "
+                               f"False here (torch {torch.__version__}, built for CUDA {torch.version.cuda})")
         if cfg.heads % tp_size or cfg.intermediate % tp_size:
             raise ValueError(f"heads ({cfg.heads}) and intermediate ({cfg.intermediate}) must divide by tp_size "
                              f"({tp_size})")

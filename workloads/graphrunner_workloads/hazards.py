@@ -19,7 +19,7 @@ def plain(name: str, fixed: bool = False) -> None:
     """A plain shared-pool runner (benchmarks/common_runner.py): interleaved steps against eager."""
     import torch
 
-    from graphrunner.checks import random_inputs, relative_error
+    from graphrunner.testing import random_inputs, relative_error
     from graphrunner_workloads.common_runner import CommonRunner
     from graphrunner_workloads.reproductions import REPRODUCTIONS, SIZES, make
 

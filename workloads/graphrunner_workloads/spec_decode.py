@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import graphrunner as gr
-from graphrunner.memory import raw_bytes
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot
+from graphrunner_workloads.memory import raw_bytes
 
 METADATA = ("torch", "kernel", "kernel-seed-bug")
 

@@ -27,7 +27,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import graphrunner as gr
-from graphrunner.graph import capture_stream
 from graphrunner_workloads.common_runner import CommonRunner
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 
@@ -99,7 +98,7 @@ class Contenders:
     def _prestaged(self, pad: List[Dict[str, torch.Tensor]]) -> List[gr.Graph]:
         """Per step of `pad` (inputs padded to the runner's size for them), a graph captured on the step's own
         inputs, on graphrunner's capture stream, into one pool: replayed, it runs the step with nothing staged."""
-        stream = capture_stream(torch.cuda.current_device())
+        stream = gr.capture_stream(torch.cuda.current_device())
         with torch.cuda.stream(stream):  # this stream's cuBLAS workspace, made before any capture
             self.model(**pad[0])
         stream.synchronize()

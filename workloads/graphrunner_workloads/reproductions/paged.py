@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import graphrunner as gr
-from graphrunner.memory import raw_bytes
+from graphrunner_workloads.memory import raw_bytes
 
 HEADS, HEAD_DIM = 2, 64
 PAGE_SIZE, PAGES_PER_SEQ = 128, 128  # up to 16K keys per row

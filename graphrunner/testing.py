@@ -1,4 +1,7 @@
-"""Numeric helpers for comparing graph outputs with eager ones: fresh inputs, errors, tolerances, poison."""
+"""Helpers for comparing graph outputs with eager: random_inputs, relative_error, default_rtol, poison, SCRUB_WORD.
+
+Validation (`GraphRunner.validate`) uses them; so can tests and workloads that check graphs of their own.
+"""
 from __future__ import annotations
 
 from typing import Dict, Mapping
@@ -6,6 +9,8 @@ from typing import Dict, Mapping
 import torch
 
 from graphrunner.inputs import StaticInput
+
+__all__ = ["SCRUB_WORD", "default_rtol", "poison", "random_inputs", "relative_error"]
 
 SCRUB_WORD = 0x7FFFFFFF  # NaN as float32/float64 words and bf16/fp16 halves; INT_MAX as int32
 
