@@ -2,8 +2,11 @@
 
 A captured kernel bakes raw addresses into its parameters. The pool, the static inputs and what the runner
 keeps alive (its step stamp, the RNG state, the cuBLAS workspaces) live as long as the graphs do; so does
-memory the caller declared long-lived (fn's parameters and buffers when fn is a module, `keep=`, gr.workspace
-buffers). Anything else is borrowed: if its owner frees it, the graph reads or writes freed memory on its
+memory the caller declared long-lived (`keep=`, gr.workspace buffers, `out=`) and every tensor fn keeps alive,
+since the runner holds fn: a module's parameters and buffers, and what fn's closure, default arguments, bound
+object, functools.partial arguments and named globals hold (graphrunner.reach.held_by). Anything else is
+borrowed (a library's cached workspace, a cache another object owns, a tensor reached through a weak reference,
+a tensor freed and its memory reused): if its owner frees it, the graph reads or writes freed memory on its
 next replay. The audit names each such borrowing by size, kernel and memory.
 
 Kernel parameter structs carry unused slots whose bytes are whatever was on the host stack when the kernel
@@ -107,8 +110,11 @@ class AuditReport:
             raise GraphHazardError(
                 f"{first.graph} uses memory nothing keeps alive for it: {first}. {len(self.borrowed)} reference(s) "
                 f"to {distinct} address(es) in all. If that memory's owner frees it (a cache cleared, a tensor "
-                f"dropped), the next replay reads or writes freed memory. Either {BORROW_FIX}.",
-                buffer=first.memory)
+                f"dropped), the next replay reads or writes freed memory. Either {BORROW_FIX}; or hold it from fn, "
+                "which the runner keeps alive: in its closure, a default argument, the object whose method it is, "
+                "a functools.partial argument, a global it names, or an attribute of a module it holds "
+                "(graphrunner.reach.held_by(fn) lists what fn holds; a weak reference or another module's cache "
+                "does not count).", buffer=first.memory)
 
 
 class _Ranges:
@@ -152,9 +158,17 @@ def record_ranges(record: CaptureRecord) -> List[Range]:
 
 
 def declared_ranges(declared: Sequence[torch.Tensor]) -> List[Range]:
-    """The storages of tensors declared long-lived."""
-    return [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(),
-             "memory declared long-lived (parameters, buffers, keep=, gr.workspace)") for t in declared]
+    """The storages of tensors declared long-lived (a tensor without memory of its own, such as a wrapper
+    subclass, is left out)."""
+    out = []
+    for t in declared:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        out.append((storage.data_ptr(), storage.nbytes(),
+                    "memory declared long-lived (parameters, buffers, keep=, gr.workspace)"))
+    return out
 
 
 def _allocator_blocks(device: torch.device) -> List[Tuple[int, int, str]]:
@@ -180,8 +194,8 @@ def audit(records: Sequence[CaptureRecord], declared: Sequence[torch.Tensor]) ->
 
     Args:
         records: the capture records to audit (runners of one pool, captured together or alone).
-        declared: tensors the caller declared long-lived (the runners' module parameters and buffers, keep=,
-            gr.workspace buffers).
+        declared: tensors the caller declared long-lived (what the runners' step functions keep alive, keep=,
+            out=, gr.workspace buffers).
     """
     owned = [r for rec in records for r in record_ranges(rec)] + declared_ranges(declared)
     graphs = [(rec.describe(size), entry.graph) for rec in records for size, entry in rec.entries.items()]

@@ -2,6 +2,18 @@
 against eager, with the pool scrubbed and guarded on request, and name the size and buffer behind a hazard.
 
 It reads capture records and calls the runners it is given as plain callables; it never imports the runner.
+
+What validation writes: every checked step runs fn twice, once eagerly (the reference) and once as a replay,
+on random inputs, so whatever state fn writes as it runs is written twice per step: a KV cache's rows at the
+drawn positions, a position counter advanced (Hugging Face's StaticCache counts each call), the runners'
+state buffers. The capture's warm-up (GraphRunner(warmup=...)) runs fn that many times more before capture,
+on the static buffers' pad values. Nothing of this is undone afterwards: reset such state before real steps
+(StaticCache.reset(), a counter re-seeded, the cache refilled by a prefill). With `restore_state=True` the
+runner's state buffers (RunnerSpec.state_buffers) are put back after each eager step, so the replay starts
+from the state the eager step started from: needed where fn advances state of its own on each call, since
+the two runs would otherwise differ by a step. With `eager_at="size"` the eager step runs on the inputs
+padded to the captured size, as the graph does, for steps that only run at their captured sizes (a cache
+built for one batch), and only the step's own rows are compared.
 """
 from __future__ import annotations
 
@@ -26,6 +38,8 @@ from graphrunner.record import CaptureRecord
 logger = logging.getLogger("graphrunner")
 
 MakeInputs = Callable[[int, torch.Generator], Dict[str, torch.Tensor]]
+EAGER_AT = ("batch", "size")
+Snapshot = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -80,7 +94,8 @@ class ValidationReport:
 
 
 def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
-             seed: int = 0, rtol: Optional[float] = None, collective_timeout_s: float = 300.0) -> ValidationReport:
+             seed: int = 0, rtol: Optional[float] = None, collective_timeout_s: float = 300.0,
+             eager_at: str = "batch", restore_state: bool = False) -> ValidationReport:
     """Replays every size of every target `steps_per_size` times in one shuffled order (see GraphRunner.validate).
 
     Args:
@@ -91,7 +106,14 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype (checks.default_rtol).
         collective_timeout_s: in a distributed run, how long a step waits for the other ranks' outcome.
+        eager_at: "batch" runs the eager reference on the step's own batch; "size" on its inputs padded to the
+            captured size (each input's pad value in the padding rows), comparing the step's rows only.
+        restore_state: put each target's state buffers back after its eager reference step, so the replay
+            starts from the same state.
     """
+    if eager_at not in EAGER_AT:
+        raise ValueError(f"eager_at must be 'batch' (eager on the step's batch) or 'size' (eager on the batch padded "
+                         f"to the captured size), got {eager_at!r}")
     order = random.Random(seed)
     device = targets[0].record.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -110,7 +132,8 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
             batch = order.randint(max(smaller) + 1 if smaller else 1, size)
             inputs = target.draw(batch, gen)
             with ranks.stage(f"validate step {i} ({target.record.label(size)}, batch {batch})"):
-                errors = _checked_replay(target, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1)
+                errors = _checked_replay(target, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1,
+                                         eager_at, restore_state)
             report.replays += 1
             key = (target.record.name, size)
             report.max_error[key] = max([report.max_error.get(key, 0.0), *errors.values()])
@@ -119,9 +142,48 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
     return report
 
 
+def padded_inputs(inputs: Dict[str, torch.Tensor], specs: Mapping[str, StaticInput],
+                  rows: Mapping[str, int]) -> Dict[str, torch.Tensor]:
+    """A step's inputs padded as the graph of a size sees them: each input to `rows[name]` rows, the padding
+    rows holding its StaticInput's pad value.
+
+    Args:
+        inputs: the step's inputs, the batch (or its tokens) in dim 0.
+        specs: each input's StaticInput.
+        rows: the rows each input has at the captured size (CaptureRecord.rows[size]).
+    """
+    out = {}
+    for name, t in inputs.items():
+        missing = rows[name] - t.shape[0]
+        if missing <= 0:
+            out[name] = t
+            continue
+        pad = torch.full((missing, *t.shape[1:]), specs[name].pad, dtype=t.dtype, device=t.device)
+        out[name] = torch.cat([t, pad])
+    return out
+
+
+def step_rows(padded: Any, got: Any) -> Any:
+    """The padded eager step's outputs cut to the rows the replay returned (a 0-d output stays whole)."""
+    rows = {name: t.shape[0] for name, t in named_tensors(got).items() if t.dim()}
+    return {name: t[: rows[name]] if name in rows else t for name, t in named_tensors(padded).items()}
+
+
+def _snapshot(state: Mapping[str, torch.Tensor]) -> Snapshot:
+    """Copies of state buffers (one per distinct tensor), to put back with _restore."""
+    unique = {id(t): t for t in state.values()}
+    return [(t, t.clone()) for t in unique.values()]
+
+
+def _restore(snapshot: Optional[Snapshot]) -> None:
+    for t, copy in snapshot or ():
+        t.copy_(copy)
+
+
 def _replay(target: Target, view: Optional[PoolView], size: int, inputs: Dict[str, torch.Tensor],
-            scrub: List[Block], guard: bool = False) -> Tuple[Any, Optional[list]]:
-    """One replay: poison this size's outputs, scrub, copy what must not change, run, wait."""
+            scrub: List[Block], guard: bool = False, state: Optional[Snapshot] = None) -> Tuple[Any, Optional[list]]:
+    """One replay: put the state back, poison this size's outputs, scrub, copy what must not change, run, wait."""
+    _restore(state)
     for t in named_tensors(target.record.entries[size].outputs).values():
         poison(t)
     if view is not None:
@@ -133,13 +195,25 @@ def _replay(target: Target, view: Optional[PoolView], size: int, inputs: Dict[st
 
 
 def _checked_replay(target: Target, view: Optional[PoolView], size: int, batch: int, inputs: Dict[str, torch.Tensor],
-                    scrub: bool, guard: bool, rtol: Optional[float], bisect: bool) -> Dict[str, float]:
+                    scrub: bool, guard: bool, rtol: Optional[float], bisect: bool, eager_at: str = "batch",
+                    restore_state: bool = False) -> Dict[str, float]:
     """One validated replay against eager; returns each output's error, or raises GraphHazardError."""
-    expected = clone_tensors(target.reference(**inputs))
-    targets = view.scrub_targets((target.record.name, size)) if scrub else []
+    state = _snapshot(target.record.state_buffers) if restore_state else None
     whose = target.record.describe(size)
+    padded = eager_at == "size"
+    eager_inputs = padded_inputs(inputs, target.inputs, target.record.rows[size]) if padded else inputs
     try:
-        out, copies = _replay(target, view, size, inputs, targets, guard)
+        expected = clone_tensors(target.reference(**eager_inputs))
+    except Exception as exc:
+        if padded or batch >= size:
+            raise
+        raise RuntimeError(
+            f"validate()'s eager reference step failed at batch {batch} (the graph of {target.record.label(size)} "
+            f"runs it padded to {size}): {type(exc).__name__}: {exc}. A step that only runs at its captured sizes "
+            "(a cache built for one batch) is compared at the padded size: validate(eager_at='size').") from exc
+    targets = view.scrub_targets((target.record.name, size)) if scrub else []
+    try:
+        out, copies = _replay(target, view, size, inputs, targets, guard, state)
     except RuntimeError as exc:
         raise GraphHazardError(
             f"{whose} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or {STATE_FIX}. This process's "
@@ -148,17 +222,17 @@ def _checked_replay(target: Target, view: Optional[PoolView], size: int, batch: 
     if guard:
         view.check_guarded(copies, target.record, size, batch)
     got = named_tensors(out)
-    want = named_tensors(expected)
+    want = step_rows(expected, out) if padded else named_tensors(expected)
     errors = {name: relative_error(got[name], w) for name, w in want.items()}
     tol = {name: rtol if rtol is not None else default_rtol(w.dtype) for name, w in want.items()}
     bad = {name: e for name, e in errors.items() if not e <= tol[name]}
     if bad:
-        raise _mismatch(target, view, size, batch, inputs, tol, bad, targets, bisect)
+        raise _mismatch(target, view, size, batch, inputs, tol, bad, targets, bisect, state)
     return errors
 
 
 def _blame(target: Target, view: PoolView, size: int, inputs: Dict[str, torch.Tensor],
-           blocks: List[Block]) -> Optional[Block]:
+           blocks: List[Block], state: Optional[Snapshot] = None) -> Optional[Block]:
     """Bisects the scrubbed memory down to the buffer the graph reads before writing: first the pool block,
     then, inside free memory, the allocation this size's capture made there. A subset is read if filling it
     with two different patterns changes the output (scrubbed state persists, so "fails with the subset
@@ -169,7 +243,7 @@ def _blame(target: Target, view: PoolView, size: int, inputs: Dict[str, torch.Te
             view.scrub(blocks)  # everything else scrubbed alike, so no stale copy of a result can hide a read
             if zero_subset:
                 view.scrub(subset, word=0)
-            outs.append(named_tensors(clone_tensors(_replay(target, view, size, inputs, [])[0])))
+            outs.append(named_tensors(clone_tensors(_replay(target, view, size, inputs, [], state=state)[0])))
         return any(not torch.equal(a.view(torch.uint8), outs[1][k].view(torch.uint8)) for k, a in outs[0].items())
 
     def bisect(candidates: List[Block]) -> Optional[Block]:
@@ -190,7 +264,8 @@ def _blame(target: Target, view: PoolView, size: int, inputs: Dict[str, torch.Te
 
 
 def _mismatch(target: Target, view: Optional[PoolView], size: int, batch: int, inputs: Dict[str, torch.Tensor],
-              tol: Dict[str, float], bad: Dict[str, float], targets: List[Block], bisect: bool) -> GraphHazardError:
+              tol: Dict[str, float], bad: Dict[str, float], targets: List[Block], bisect: bool,
+              state: Optional[Snapshot] = None) -> GraphHazardError:
     name, err = next(iter(bad.items()))
     head = (f"{target.record.describe(size)} (batch {batch}) gives {name} with relative error {err:.3g} against "
             f"eager (tolerance {tol[name]:.1g})")
@@ -200,10 +275,14 @@ def _mismatch(target: Target, view: Optional[PoolView], size: int, batch: int, i
             "takes replays on this rank alone, whose collectives the other ranks would never join; validate a "
             f"world of one to name it. Likely {STATE_FIX}.", size=size, buffer=name)
     if view is not None and targets:
-        culprit = _blame(target, view, size, inputs, targets)
+        culprit = _blame(target, view, size, inputs, targets, state)
         if culprit is not None:
             return GraphHazardError(f"{head}: it reads {culprit.describe()}, which it did not write in its own "
                                     f"replay. {STATE_FIX}.", size=size, buffer=culprit.label)
+    restore = "" if state is not None else (
+        "; if fn advances state of its own on each call (a KV cache's position counter, a ring buffer), "
+        "validate(restore_state=True) runs the replay from the state the eager step started from")
     return GraphHazardError(f"{head}, with the pool's free memory left as it was. Check that fn gives the same "
                             "rows for a batch whether or not it is padded (padding rows must not mix into real "
-                            f"rows), and that it draws no random numbers; or {STATE_FIX}.", size=size, buffer=name)
+                            f"rows), and that it draws no random numbers{restore}; or {STATE_FIX}.", size=size,
+                            buffer=name)

@@ -4,6 +4,7 @@ import time
 import types
 import weakref
 
+import pytest
 import torch
 
 import graphrunner as gr
@@ -153,3 +154,14 @@ def test_the_spec_declares_what_fn_holds_and_guards_its_state():
                                            "fn.__closure__[0] (cache).layers[0].values",
                                            "fn.__closure__[0] (cache).position"}
     assert spec.declared() == [] and spec.state_buffers() == {}
+
+
+def test_a_borrowed_reference_names_the_fixes_keep_and_holding_it_from_fn():
+    from graphrunner.audit import classify
+
+    live = (0x7F0001000000, 4096, "a live allocation of 4096 bytes in the general pool (block 0x7f0001000000)")
+    report = classify([("the graph of size 8", [("kernel", "gemv", [(0, live[0], False)])])], [], [live],
+                      lambda address: "")
+    with pytest.raises(gr.GraphHazardError, match=r"uses memory nothing keeps alive for it.*keep=\[tensor or module"
+                                                  r".*or hold it from fn.*in its closure.*reach\.held_by\(fn\)"):
+        report.check()
