@@ -250,9 +250,15 @@ class GraphRunner(_C.StepCall):
 
     def validate(self, steps_per_size: int = 2, scrub: bool = False, guard: bool = False, isolate: bool = False,
                  seed: int = 0, rtol: Optional[float] = None, make_inputs: Optional[MakeInputs] = None,
-                 ) -> ValidationReport:
+                 eager_at: str = "batch", restore_state: bool = False) -> ValidationReport:
         """Audits the graphs, then replays every size in random interleaved order on fresh random inputs against
         eager. Raises GraphHazardError naming the size and the buffer.
+
+        What it writes: each checked step runs fn eagerly and then replays its graph, on random inputs, so any
+        state fn writes (a KV cache's rows, a position counter such as Hugging Face's StaticCache keeps, the
+        runner's state buffers) is written twice a step, as the capture's warm-up wrote it `warmup` times.
+        Nothing is undone afterwards: reset such state before real steps (StaticCache.reset() and a prefill, a
+        counter re-seeded). See docs/huggingface.md.
 
         Args:
             steps_per_size: replays per captured size.
@@ -267,13 +273,22 @@ class GraphRunner(_C.StepCall):
                 16-bit floats, exact for integers).
             make_inputs: make_inputs(batch, generator) -> one step's inputs, where inputs depend on each other
                 (distinct pages per row, say); by default each input is drawn alone from its StaticInput's range.
+            eager_at: "batch": the eager reference runs on the step's batch; "size": on the batch padded to the
+                captured size (each input's pad value in the padding rows), as the graph runs, comparing the
+                step's rows only. For steps that only run at their captured sizes (a cache built for one batch).
+            restore_state: put the runner's state buffers (RunnerSpec.state_buffers: module buffers, keep=,
+                out=, the non-parameter tensors fn holds, such as a KV cache object's tensors and counter) back
+                after each eager reference step, so the replay starts from the same state. For steps that advance
+                state of their own on each call; it costs a copy of those buffers per step.
         """
         if isolate:
             self._require_armed("validate()")
             return validate_in_child(type(self).from_spec, self.spec.without_pool(), steps_per_size=steps_per_size,
-                                     scrub=scrub, guard=guard, seed=seed, rtol=rtol, make_inputs=make_inputs)
+                                     scrub=scrub, guard=guard, seed=seed, rtol=rtol, make_inputs=make_inputs,
+                                     eager_at=eager_at, restore_state=restore_state)
         return validate_all(self, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
-                            make_inputs={self.spec.name: make_inputs} if make_inputs is not None else None)
+                            make_inputs={self.spec.name: make_inputs} if make_inputs is not None else None,
+                            eager_at=eager_at, restore_state=restore_state)
 
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -332,7 +347,8 @@ def capture_all(*runners: GraphRunner) -> List[CaptureReport]:
 
 def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
                  seed: int = 0, rtol: Optional[float] = None,
-                 make_inputs: Optional[Dict[str, MakeInputs]] = None) -> ValidationReport:
+                 make_inputs: Optional[Dict[str, MakeInputs]] = None, eager_at: str = "batch",
+                 restore_state: bool = False) -> ValidationReport:
     """Audits the graphs of runners that share one pool, then replays every size of every runner in one
     random interleaved order against eager (see GraphRunner.validate). Scrub and guard treat another runner's
     memory like another size's: a write into it names the writing runner, size and buffer, and the owner.
@@ -345,6 +361,8 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype.
         make_inputs: runner name -> make_inputs(batch, generator), for runners whose inputs depend on each other.
+        eager_at: "batch" or "size": where the eager reference runs (see GraphRunner.validate).
+        restore_state: put each runner's state buffers back after its eager reference step.
     """
     records = [r._require_armed("validate()") for r in runners]
     if len({tuple(rec.pool) for rec in records}) > 1:
@@ -355,7 +373,8 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
     targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name))
                for r, rec in zip(runners, records)]
     return validate(targets, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
-                    collective_timeout_s=runners[0].spec.collective_timeout_s)
+                    collective_timeout_s=runners[0].spec.collective_timeout_s, eager_at=eager_at,
+                    restore_state=restore_state)
 
 
 def _audit(runners: Sequence[GraphRunner]) -> AuditReport:
