@@ -9,10 +9,9 @@ with keep_graph=True), and the module `graphrunner.testing` (comparing graph out
 """
 __version__ = "0.2.0"
 
-from graphrunner._native import CudaError, GraphStateError
 from graphrunner.audit import AuditReport, Reference, audit_graphs
-from graphrunner.capture_guard import CaptureGuardWarning, GraphHazardError
-from graphrunner.distributed import DistributedCaptureError
+from graphrunner.errors import (CaptureGuardWarning, CudaError, DistributedCaptureError, GraphHazardError,
+                                GraphStateError, WorkspaceError)
 from graphrunner.graph import Graph, capture_stream
 from graphrunner.inputs import StaticInput
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry, SizeReport
@@ -20,7 +19,7 @@ from graphrunner.runner import GraphRunner, RunnerState, capture_all, validate_a
 from graphrunner.schedule import default_capture_sizes
 from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import ValidationReport
-from graphrunner.workspace import WorkspaceError, workspace
+from graphrunner.workspace import workspace
 
 __all__ = [
     "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",

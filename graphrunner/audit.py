@@ -30,9 +30,8 @@ from typing import Callable, Dict, Iterable, List, Sequence, Set, Tuple
 import torch
 
 from graphrunner._native import _C
-from graphrunner.capture_guard import GraphHazardError
+from graphrunner.errors import BORROW_FIX, GraphHazardError
 from graphrunner.graph import Graph
-from graphrunner.messages import BORROW_FIX
 from graphrunner.pool import pool_segments
 from graphrunner.record import CaptureRecord
 

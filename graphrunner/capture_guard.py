@@ -11,34 +11,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from graphrunner.messages import STATE_FIX
+from graphrunner.errors import STATE_FIX, CaptureGuardWarning, GraphHazardError
 from graphrunner.pool import Block, BlockKind, pool_blocks
-
-
-class GraphHazardError(RuntimeError):
-    """A captured graph is unsafe in the shared pool; the message names the size, the buffer and a fix.
-
-    Attributes:
-        size: the captured size at fault, where one is known.
-        buffer: the buffer at fault (an output's name, a block's label), where one is known.
-        offset: the byte offset of the first bad byte in that buffer, where one is known.
-        runner: the name of the runner whose graph is at fault, where one is known.
-        owner: the graph whose memory was written, as (runner name, size), where it belongs to one; size 0 for
-            memory every size of that runner uses (its static inputs, its state buffers).
-        overrun: for a write out of bounds, the writer's own buffer that ends where the write starts (the one
-            its kernel most likely overran), where there is one.
-    """
-
-    def __init__(self, message: str, size: "int | None" = None, buffer: "str | None" = None,
-                 offset: "int | None" = None, runner: "str | None" = None,
-                 owner: "Tuple[str, int] | None" = None, overrun: "str | None" = None) -> None:
-        super().__init__(message)
-        self.size, self.buffer, self.offset, self.runner, self.owner = size, buffer, offset, runner, owner
-        self.overrun = overrun
-
-
-class CaptureGuardWarning(UserWarning):
-    """A capture left an allocation alive in the shared pool (GraphRunner(strict=True) raises instead)."""
 
 
 def _format_frames(frames: List[dict]) -> str:

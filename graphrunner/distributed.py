@@ -17,12 +17,9 @@ from typing import Any, Iterator, List, Optional, Union
 
 import torch.distributed as dist
 
+from graphrunner.errors import DistributedCaptureError
+
 _captures = itertools.count()  # every rank captures in the same order, so this numbers them alike
-
-
-class DistributedCaptureError(RuntimeError):
-    """A stage of capture() or a step of validate() failed on some rank; raised on every rank, naming the
-    ranks and their errors (the failing rank's own error is the `__cause__` there)."""
 
 
 def in_distributed_run() -> bool:

@@ -17,9 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from graphrunner.capture_guard import GraphHazardError
+from graphrunner.errors import WRITE_FIX, GraphHazardError
 from graphrunner.memory import raw_bytes
-from graphrunner.messages import WRITE_FIX
 from graphrunner.outputs import named_tensors
 from graphrunner.pool import Block, BlockKind, pool_blocks, pool_segments
 from graphrunner.record import CaptureRecord

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict
 
 import torch.multiprocessing as mp
 
-from graphrunner.capture_guard import GraphHazardError
+from graphrunner.errors import GraphHazardError
 from graphrunner.validate import ValidationReport
 
 CHILD_TIMEOUT_S = 600

@@ -26,11 +26,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from graphrunner import distributed
-from graphrunner.capture_guard import GraphHazardError
+from graphrunner.errors import STATE_FIX, WRITE_FIX, GraphHazardError
 from graphrunner.testing import default_rtol, poison, random_inputs, relative_error
 from graphrunner.hazards import PoolView
 from graphrunner.inputs import StaticInput
-from graphrunner.messages import STATE_FIX, WRITE_FIX
 from graphrunner.outputs import clone_tensors, named_tensors
 from graphrunner.pool import Block
 from graphrunner.record import CaptureRecord

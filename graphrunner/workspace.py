@@ -11,13 +11,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from graphrunner.errors import WorkspaceError
 from graphrunner.graph import require_cuda
 
 _workspaces: Dict[Tuple[str, int], torch.Tensor] = {}
-
-
-class WorkspaceError(RuntimeError):
-    """A workspace was first requested inside a capture, or with a size its first request did not cover."""
 
 
 def workspace(name: str, nbytes: int, *, zero: bool = False,

@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from graphrunner.distributed import DistributedCaptureError, RankAgreement, SoloAgreement
+from graphrunner.distributed import RankAgreement, SoloAgreement
+from graphrunner.errors import DistributedCaptureError
 
 TIMEOUT_S = 3.0
 

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 import graphrunner as gr
 from conftest import free_port, gpu
-from graphrunner.distributed import DistributedCaptureError
+from graphrunner.errors import DistributedCaptureError
 from graphrunner_workloads.common_runner import CommonRunner
 from graphrunner_workloads.reproductions import INPUTS, REPRODUCTIONS, SIZES, WIDTH, make, under_allocated
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import graphrunner as gr
 from conftest import free_port, gpu
-from graphrunner.distributed import DistributedCaptureError
+from graphrunner.errors import DistributedCaptureError
 from graphrunner.testing import relative_error
 from graphrunner_workloads.decoder import DecoderConfig, Decoder, random_decode_inputs, decode_inputs
 
