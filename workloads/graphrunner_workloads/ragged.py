@@ -1,0 +1,416 @@
+"""Ragged steps of the built-in decoder over its paged KV cache: any mix of decode tokens and prefill chunks in
+one step, keyed by token count (issue #33).
+
+A step packs R requests' new tokens, t in all, into token rows: request r has `query_lens[r]` new tokens (1 for
+a decode, a chunk of its prompt for a prefill), at positions `seq_lens[r] - query_lens[r]` .. `seq_lens[r] - 1`.
+Each new token's key and value go into the cache at its `slots` entry; then each token attends to its request's
+cached keys and, causally, to the request's new ones. The step returns each request's last-token logits
+[R, vocab], or with `sample=True` its greedy token [R]. Everything per token (embedding, projections, MLP) runs
+at the step's token rows; the LM head only at each request's last token.
+
+Graph-safe: the only host integers a step uses are its token and request counts (fixed per captured size, T and
+R(T)) and the cache's shape; every length is read on the device. The request of each token is a searchsorted of
+the token's index into the cumulative query lengths, so no step reads a length back to the host.
+
+Padding, as a ragged GraphRunner stages it (each input's pad value):
+- padding tokens (rows t..T-1) have id 0, position 0 and slot 0: page 0 is the scratch page no request owns, so
+  their keys land there; they count as the last request's tokens and read its key 0, which always exists
+  (seq_lens pads to 1), so they never make a fully masked row;
+- padding requests have query length 0, context 1 and page-table rows of 0: no token is theirs, and their output
+  rows (garbage) are sliced away by the runner.
+
+Attention (`RaggedDecoder(attention=...)`):
+- "sdpa": torch's scaled_dot_product_attention over a masked padded layout; any device and dtype (the CPU tests
+  and the float32 checks run it). Each request's pages are gathered into [R * cache_len] keys, and every token
+  attends to all of them through a mask: its own request's keys, at positions up to its own and below the
+  request's length. It computes T x R x cache_len scores, R times what the tokens need.
+- "flash": torch's built-in FlashAttention-2 varlen kernel (aten::_flash_attention_forward) on the paged cache
+  through its block table, reading each request's length on the device (seqused_k) and aligning the causal mask
+  to the end of each request's keys; it computes only the scores each token has. CUDA, 16-bit dtypes, and a
+  page size that is a multiple of 256 (that kernel's paged path). No flash-attn package is needed.
+flash-attn 4's varlen paged path (flash_attn.cute) is not wired in: torch's built-in kernel gives a graph-safe
+varlen backend on every CUDA machine already, and flash-attn 4 is optional here.
+
+The uniform decode runner an engine keeps beside the ragged one runs `RaggedDecoder.decode`: the same step with
+one token per request, so its inputs are the ragged ones without query_lens.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import graphrunner as gr
+from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot, rms_norm, rotary
+
+ATTENTION = ("sdpa", "flash")
+SPLIT = "query_lens"  # the ragged runner's split input
+FLASH_PAGE_MULTIPLE = 256  # page sizes the built-in flash kernel's paged path takes
+
+
+class RaggedMeta:
+    """What every layer's attention reads, computed once per step from the step's metadata.
+
+    Attributes:
+        request: [T] int64, each token's request (padding tokens: the last request).
+        positions: [T] int64, each token's position.
+        seq_lens: [R] int32, each request's context, this step's tokens included.
+        page_table: [R, pages_per_seq] int32, each request's pages.
+        cu_seqlens: [R + 1] int32, where each request's tokens start, then the step's token count.
+        mask: [T, R * cache_len] bool, the keys each token sees in the padded layout (masked layout only).
+        real: [T] bool, the tokens that belong to a request, False for padding tokens (varlen layout only).
+    """
+
+    def __init__(self, positions: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
+                 page_table: torch.Tensor, key_positions: torch.Tensor, masked: bool) -> None:
+        tokens, requests = positions.shape[0], query_lens.shape[0]
+        # Into a zeroed buffer rather than torch.cat: cat's kernel parameters carry uninitialised bytes, which the
+        # capture audit may read as addresses.
+        self.cu_seqlens = torch.zeros(requests + 1, dtype=torch.int32, device=positions.device)
+        torch.cumsum(query_lens, 0, dtype=torch.int32, out=self.cu_seqlens[1:])
+        token_index = torch.arange(tokens, device=positions.device, dtype=torch.int32)
+        # A token's request is how many requests end at or before it; padding tokens, past every end, are the
+        # last request's.
+        self.request = torch.searchsorted(self.cu_seqlens[1:], token_index, right=True).clamp_(max=requests - 1)
+        self.positions, self.seq_lens, self.page_table = positions, seq_lens, page_table
+        self.mask: Optional[torch.Tensor] = None
+        self.real: Optional[torch.Tensor] = None
+        if not masked:
+            self.real = token_index < self.cu_seqlens[-1]
+        else:
+            same = self.request[:, None] == torch.arange(requests, device=positions.device)[None, :]
+            causal = key_positions[None, :] <= positions[:, None]                 # [T, cache_len]
+            within = key_positions[None, :] < seq_lens[:, None]                   # [R, cache_len]
+            self.mask = (same[:, :, None] & causal[:, None, :] & within[None, :, :]).view(tokens, -1)
+
+
+def sdpa_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
+    """Attention of q [T, heads, dim] over one layer's paged cache [pages, page_size, heads, dim], masked padded
+    layout: the step's requests' pages gathered into [R * cache_len] keys, each token masked to its own."""
+    keys = k_cache[meta.page_table].flatten(0, 2).transpose(0, 1)  # [heads, R * cache_len, dim]
+    values = v_cache[meta.page_table].flatten(0, 2).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=meta.mask)
+    return out.transpose(0, 1)
+
+
+def flash_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
+    """Attention of q [T, heads, dim] over one layer's paged cache through torch's built-in FlashAttention-2
+    varlen kernel: the block table names each request's pages, seqused_k its keys, and the causal mask is
+    aligned to each request's last key, where its last new token sits."""
+    tokens, cache_len = q.shape[0], meta.page_table.shape[1] * k_cache.shape[1]
+    # With a block table the kernel finds keys through it and takes their count from seqused_k: cum_seq_k is only
+    # checked for its shape, so the query offsets serve.
+    out = torch.ops.aten._flash_attention_forward(
+        q, k_cache, v_cache, meta.cu_seqlens, meta.cu_seqlens, tokens, cache_len, 0.0, True, False,
+        seqused_k=meta.seq_lens, block_table=meta.page_table)[0]
+    # Padding tokens are in no request: the kernel leaves their rows unwritten (whatever the pool held, NaN
+    # under validate's scrub). Zeroed, so their keys in later layers, written to the scratch page, stay finite:
+    # the "sdpa" backends read masked keys there, and a NaN key poisons even a masked score.
+    return torch.where(meta.real[:, None, None], out, 0)
+
+
+BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RaggedMeta], torch.Tensor]] = {
+    "sdpa": sdpa_ragged, "flash": flash_ragged}
+
+
+class RaggedDecoder(torch.nn.Module):
+    """The built-in decoder's ragged step: fn(input_ids, positions, slots, query_lens, seq_lens, page_table) ->
+    each request's last-token logits [R, vocab] (or greedy tokens [R] with `sample=True`).
+
+    It runs the given Decoder's weights and KV cache (a submodule, so runners declare and guard them), so a
+    uniform decode runner and a ragged runner built on one Decoder share one cache.
+
+    Args:
+        decoder: a paged Decoder (page_size > 0) on one GPU or the CPU, tensor parallelism off.
+        attention: "sdpa" (any device and dtype) or "flash" (CUDA, 16-bit, page size a multiple of 256); see
+            the module's docstring.
+        sample: return each request's greedy token instead of its logits.
+    """
+
+    def __init__(self, decoder: Decoder, attention: str = "sdpa", sample: bool = False) -> None:
+        super().__init__()
+        cfg = decoder.cfg
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if not cfg.paged:
+            raise ValueError("a ragged step reads a paged KV cache: build the Decoder with page_size > 0")
+        if decoder.tp_size != 1:
+            raise ValueError(f"the ragged step runs on one GPU; this Decoder is split over {decoder.tp_size}")
+        if attention == "flash" and (decoder.embed.device.type != "cuda" or
+                                     cfg.dtype not in (torch.float16, torch.bfloat16) or
+                                     cfg.page_size % FLASH_PAGE_MULTIPLE):
+            raise ValueError(f"attention 'flash' needs a CUDA Decoder in float16 or bfloat16 with a page size that is "
+                             f"a multiple of {FLASH_PAGE_MULTIPLE}; this one is on {decoder.embed.device} in "
+                             f"{cfg.dtype} with pages of {cfg.page_size}: use attention='sdpa'")
+        self.decoder, self.attention, self.sample = decoder, attention, sample
+        self.attend = BACKENDS[attention]
+
+    @property
+    def cfg(self) -> DecoderConfig:
+        return self.decoder.cfg
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_lens: torch.Tensor,
+                seq_lens: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+        """One ragged step: logits [R, vocab] of each request's last new token, or its greedy token [R].
+
+        Args:
+            input_ids: [T] int64 token ids, request after request (padding tokens last).
+            positions: [T] int64 each token's position in its request.
+            slots: [T] int64 flat cache slot (page * page_size + offset) each token's key and value go to.
+            query_lens: [R] int32 new tokens per request, on the device (0 for padding requests).
+            seq_lens: [R] int32 each request's context length, this step's tokens included.
+            page_table: [R, pages_per_seq] int32 each request's pages.
+        """
+        dec, cfg = self.decoder, self.decoder.cfg
+        tokens = input_ids.shape[0]
+        meta = RaggedMeta(positions, query_lens, seq_lens, page_table, dec.cache_positions,
+                          masked=self.attention == "sdpa")
+        # Rotary tables [T, 1, 1, head_dim], for q and k together (see Decoder.forward).
+        angles = (positions[:, None].float() * dec.inv_freq)[:, None, None, :]
+        cos, sin = angles.cos().to(cfg.dtype), (angles.sin() * dec.sin_signs).to(cfg.dtype)
+        where = [slots // cfg.page_size, slots % cfg.page_size]
+        hidden = dec.embed[input_ids]
+        for i, layer in enumerate(dec.layers):
+            qkv = (rms_norm(hidden, layer.norm1) @ layer.qkv.t()).view(tokens, 3, dec.heads, cfg.head_dim)
+            q, k = rotary(qkv[:, :2], cos, sin).unbind(1)
+            v = qkv[:, 2]
+            # Written before attention reads the cache, so each token sees its own and earlier new keys. One
+            # index_put_ on the whole cache, as the Decoder writes it.
+            for cache, new in ((dec.k_cache, k), (dec.v_cache, v)):
+                torch.ops.aten.index_put_(cache, [dec.layer_ids[i], *where], new)
+            attn = self.attend(q, dec.k_cache[i], dec.v_cache[i], meta).reshape(tokens, -1)
+            hidden = hidden + attn @ layer.o.t()
+            gate, up = (rms_norm(hidden, layer.norm2) @ layer.gate_up.t()).chunk(2, -1)
+            hidden = hidden + (F.silu(gate) * up) @ layer.down.t()
+        # Each request's last new token; a padding request (no tokens) takes a neighbour's row, sliced away later.
+        last = (meta.cu_seqlens[1:].long() - 1).clamp_(min=0)
+        logits = rms_norm(hidden[last], dec.final_norm) @ dec.lm_head.t()
+        return logits.argmax(-1) if self.sample else logits
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+               page_table: torch.Tensor) -> torch.Tensor:
+        """A decode step, one new token per request: what a uniform runner (sizes count requests) captures.
+
+        Args:
+            input_ids: [R] int64 each request's new token.
+            positions: [R] int64 its position (seq_lens - 1).
+            slots: [R] int64 its flat cache slot.
+            seq_lens: [R] int32 each request's context, the new token included.
+            page_table: [R, pages_per_seq] int32 each request's pages.
+        """
+        return self.forward(input_ids, positions, slots, torch.ones_like(seq_lens), seq_lens, page_table)
+
+
+def ragged_inputs(cfg: DecoderConfig) -> Dict[str, gr.StaticInput]:
+    """The ragged step's inputs, for GraphRunner(..., split="query_lens"). Pads put padding tokens on the scratch
+    page (slot 0 of page 0) at position 0, and give padding requests no tokens, a context of 1 and page 0. Pass
+    `make_inputs=functools.partial(random_ragged_step, cfg)` to validate(): a valid step needs distinct pages per
+    request and positions that agree with the lengths, which independent draws per input cannot give.
+
+    Args:
+        cfg: the decoder's config (paged).
+    """
+    return {"input_ids": gr.StaticInput((), torch.long, pad=0, high=cfg.vocab, per_token=True),
+            "positions": gr.StaticInput((), torch.long, pad=0, high=cfg.cache_len, per_token=True),
+            "slots": gr.StaticInput((), torch.long, pad=0, high=cfg.num_pages * cfg.page_size, per_token=True),
+            SPLIT: gr.StaticInput((), torch.int32, pad=0, low=1, high=cfg.cache_len + 1),
+            "seq_lens": gr.StaticInput((), torch.int32, pad=1, low=1, high=cfg.cache_len + 1),
+            "page_table": gr.StaticInput((cfg.pages_per_seq,), torch.int32, pad=0, low=1, high=cfg.num_pages)}
+
+
+def decode_step_inputs(cfg: DecoderConfig) -> Dict[str, gr.StaticInput]:
+    """The uniform decode runner's inputs (RaggedDecoder.decode): the ragged ones without query_lens.
+
+    Args:
+        cfg: the decoder's config (paged).
+    """
+    return {name: spec for name, spec in ragged_inputs(cfg).items() if name != SPLIT}
+
+
+def random_ragged_step(cfg: DecoderConfig, tokens: int, requests: int, gen: Optional[torch.Generator] = None,
+                       device: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """One valid ragged step of `tokens` tokens over `requests` requests (each with at least one): random split,
+    random cached context per request, distinct pages per request; query_lens on the CPU, the rest on `device`.
+    make_inputs for a ragged runner's validate(): functools.partial(random_ragged_step, cfg).
+
+    Args:
+        cfg: the decoder's config (paged); requests <= cfg.max_batch_size, tokens <= requests * cfg.cache_len.
+        tokens: the step's tokens.
+        requests: the step's requests.
+        gen: the generator; its device is where the tensors go (CPU when None).
+        device: where the tensors go; default gen's device.
+    """
+    if not 1 <= requests <= min(tokens, cfg.max_batch_size) or tokens > requests * cfg.cache_len:
+        raise ValueError(f"a step of {tokens} tokens over {requests} requests does not fit: each request needs 1 to "
+                         f"{cfg.cache_len} tokens and at most {cfg.max_batch_size} requests fit the cache")
+    where = torch.device(device) if device is not None else (gen.device if gen is not None else torch.device("cpu"))
+    draw = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=where)))
+    # The split: requests - 1 distinct cuts in 1..tokens-1, redrawn until no request exceeds the cache.
+    while True:
+        cuts = torch.randperm(tokens - 1, generator=draw)[: requests - 1] + 1
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([tokens])])
+        query_lens = bounds.diff()
+        if int(query_lens.max()) <= cfg.cache_len:
+            break
+    cached = (torch.rand(requests, generator=draw) * (cfg.cache_len - query_lens + 1)).long()
+    seq_lens = cached + query_lens
+    request = torch.repeat_interleave(torch.arange(requests), query_lens)
+    positions = torch.arange(tokens) - bounds[:-1][request] + cached[request]
+    pages = torch.randperm(cfg.num_pages - 1, generator=draw)[: requests * cfg.pages_per_seq] + 1
+    page_table = pages.view(requests, cfg.pages_per_seq).int()
+    step = {"input_ids": torch.randint(0, cfg.vocab, (tokens,), generator=draw), "positions": positions,
+            "slots": kv_slot(page_table[request], positions, cfg.page_size), "seq_lens": seq_lens.int(),
+            "page_table": page_table}
+    step = {name: t.to(where) for name, t in step.items()}
+    step[SPLIT] = query_lens.int()
+    return step
+
+
+def random_decode_step(cfg: DecoderConfig, batch: int, gen: Optional[torch.Generator] = None,
+                       device: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """One valid decode step for RaggedDecoder.decode (one token per request): make_inputs for the uniform decode
+    runner's validate(), functools.partial(random_decode_step, cfg).
+
+    Args:
+        cfg: the decoder's config (paged).
+        batch: requests.
+        gen: the generator; its device is where the tensors go (CPU when None).
+        device: where the tensors go; default gen's device.
+    """
+    step = random_ragged_step(cfg, batch, batch, gen, device)
+    del step[SPLIT]
+    return step
+
+
+def pad_step(inputs: Mapping[str, gr.StaticInput], step: Mapping[str, torch.Tensor], tokens: int,
+             requests: int) -> Dict[str, torch.Tensor]:
+    """`step` padded to `tokens` token rows and `requests` request rows with each input's pad value, as a ragged
+    runner stages a step into a larger size: what a padded graph computes, eagerly.
+
+    Args:
+        inputs: the step's input specs (ragged_inputs).
+        step: the step's inputs.
+        tokens: token rows to pad per-token inputs to.
+        requests: request rows to pad the others to.
+    """
+    out = {}
+    for name, t in step.items():
+        rows = tokens if inputs[name].per_token else requests
+        pad = torch.full((rows - t.shape[0], *t.shape[1:]), inputs[name].pad, dtype=t.dtype, device=t.device)
+        out[name] = torch.cat([t, pad])
+    return out
+
+
+class PlainRaggedRunner:
+    """The common hand-written pattern for ragged steps, kept plain as a baseline: one torch.cuda.CUDAGraph per
+    token count T (largest first, one pool), static buffers of the largest size, and each step copy_'s every
+    input into them, fills the padding rows with the pad values (stale slots would make padding tokens write
+    into real requests' pages) and replays the smallest graph holding its tokens and requests.
+
+    Args:
+        fn: the ragged step, fn(**inputs) -> [R] rows.
+        inputs: the input specs (ragged_inputs); `split` names the per-request token counts.
+        capture_sizes: the token counts to capture.
+        max_requests: requests per size: size T holds min(T, max_requests).
+        split: the input holding each request's token count.
+        pool: the pool to capture into; None makes one.
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: Mapping[str, gr.StaticInput], capture_sizes: Sequence[int],
+                 max_requests: int, split: str = SPLIT, pool: Optional[Any] = None, device: str = "cuda") -> None:
+        self.fn, self.inputs, self.split = fn, dict(inputs), split
+        self.sizes = sorted(capture_sizes)
+        self.requests = {size: min(size, max_requests) for size in self.sizes}
+        most = {True: self.sizes[-1], False: self.requests[self.sizes[-1]]}
+        self.static = {name: torch.full((most[spec.per_token], *spec.shape), spec.pad, dtype=spec.dtype, device=device)
+                       for name, spec in self.inputs.items()}
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: Dict[int, torch.Tensor] = {}
+        stream = torch.cuda.Stream()
+        with torch.no_grad():
+            for size in reversed(self.sizes):
+                views = self._views(size)
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        fn(**views)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    self.outputs[size] = fn(**views)
+                self.graphs[size] = graph
+
+    def _views(self, size: int) -> Dict[str, torch.Tensor]:
+        return {name: buf[: size if self.inputs[name].per_token else self.requests[size]]
+                for name, buf in self.static.items()}
+
+    def size_for(self, tokens: int, requests: int) -> int:
+        """The captured size a step of `tokens` tokens over `requests` requests runs at (ValueError if none)."""
+        for size in self.sizes:
+            if size >= tokens and self.requests[size] >= requests:
+                return size
+        raise ValueError(f"no captured size holds {tokens} tokens over {requests} requests")
+
+    @torch.no_grad()
+    def __call__(self, **step: torch.Tensor) -> torch.Tensor:
+        requests = step[self.split].shape[0]
+        tokens = next(t.shape[0] for name, t in step.items() if self.inputs[name].per_token)
+        size = self.size_for(tokens, requests)
+        for name, view in self._views(size).items():
+            t = step[name]
+            view[: t.shape[0]].copy_(t)
+            view[t.shape[0]:].fill_(self.inputs[name].pad)
+        self.graphs[size].replay()
+        return self.outputs[size][:requests]
+
+    def close(self) -> None:
+        """Destroys the graphs; the pool's memory goes back once nothing else uses it."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs, self.outputs, self.static = {}, {}, {}
+
+
+def decode_runner(model: RaggedDecoder, max_requests: int, capture_sizes: Optional[Sequence[int]] = None,
+                  **options: Any) -> gr.GraphRunner:
+    """An engine's uniform decode runner: RaggedDecoder.decode, sizes counting requests, named "decode".
+
+    Args:
+        model: the ragged step; the runner runs its Decoder's weights and cache.
+        max_requests: the largest batch.
+        capture_sizes: the batch sizes; default gr.default_capture_sizes(max_requests).
+        options: further GraphRunner arguments (pool=, fallback=, ...).
+    """
+    return gr.GraphRunner(model.decode, decode_step_inputs(model.cfg), max_batch_size=max_requests,
+                          capture_sizes=capture_sizes, name="decode", **options)
+
+
+def ragged_runner(model: RaggedDecoder, capture_sizes: Sequence[int], max_requests: int,
+                  **options: Any) -> gr.GraphRunner:
+    """An engine's ragged runner for mixed steps: sizes counting tokens, size T holding min(T, max_requests)
+    requests, split on query_lens, named "mixed". Capture it with the decode runner, one pool:
+    gr.capture_all(decode, mixed).
+
+    Args:
+        model: the ragged step; the runner runs its Decoder's weights and cache.
+        capture_sizes: the token counts.
+        max_requests: the most requests a size holds.
+        options: further GraphRunner arguments (pool=, fallback=, ...).
+    """
+    return gr.GraphRunner(model, ragged_inputs(model.cfg), capture_sizes=list(capture_sizes), split=SPLIT,
+                          max_requests=max_requests, name="mixed", **options)
+
+
+def default_ragged_sizes(budget: int) -> List[int]:
+    """Token counts for a ragged runner whose steps pack at most `budget` tokens: 16, 64, 256, ... below the
+    budget, and the budget.
+
+    Args:
+        budget: the most tokens a step packs.
+    """
+    sizes, size = [], 16
+    while size < budget:
+        sizes.append(size)
+        size *= 4
+    return sizes + [budget]
