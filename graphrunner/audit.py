@@ -35,8 +35,6 @@ from graphrunner.graph import Graph
 from graphrunner.pool import pool_segments
 from graphrunner.record import CaptureRecord
 
-MiB = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class Reference:

@@ -88,11 +88,6 @@ class StaticInput:
             if not info.min <= pad <= info.max:
                 raise ValueError(f"StaticInput pad {pad!r} does not fit {dtype} ({info.min}..{info.max})")
 
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one row (one token's, for a per-token input)."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
     def pad_bytes(self) -> bytes:
         """The pad value's bytes in this dtype, as the staging kernel repeats them over padding rows."""
         return bytes(torch.tensor([self.pad], dtype=self.dtype).view(torch.uint8).tolist())

@@ -44,7 +44,7 @@ def test_a_numpy_dtype_is_refused():
 
 def test_static_input_accepts_good_values():
     spec = gr.StaticInput([2, 3], torch.int8, pad=-128.0, low=-5, high=5)
-    assert spec.shape == (2, 3) and spec.row_bytes == 6
+    assert spec.shape == (2, 3) and spec.pad_bytes() == b"\x80"
     assert gr.StaticInput((), torch.bool, pad=True).pad_bytes() == b"\x01"
 
 

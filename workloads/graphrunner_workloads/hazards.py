@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def plain(name: str, fixed: bool = False) -> None:
-    """A plain shared-pool runner (benchmarks/common_runner.py): interleaved steps against eager."""
+    """A plain shared-pool runner (common_runner.py): interleaved steps against eager."""
     import torch
 
     from graphrunner.testing import random_inputs, relative_error
