@@ -66,7 +66,10 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
     device = torch.device("cuda", spec0.device)
     stream = capture_stream(device)
     ranks = distributed.agreement(spec0.collective_timeout_s)
-    order = sorted(((size, i) for i, c in enumerate(captures) for size in c.spec.capture_sizes), reverse=True)
+    # Largest first by the rows a graph processes (tokens), which is what its activations scale with: a ragged
+    # size counts tokens, a uniform size requests of tokens_per_request rows each.
+    order = [(size, i) for _, size, i in sorted(((c.spec.tokens_of(size), size, i) for i, c in enumerate(captures)
+                                                 for size in c.spec.capture_sizes), reverse=True)]
     ranks.same_everywhere("capture order", order)
     with ranks.stage("warm-up"):
         for c in captures:
