@@ -4,6 +4,7 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -174,6 +175,23 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "private_stream", [](int device) { return reinterpret_cast<uintptr_t>(private_stream(device)); },
       py::arg("device"), "The raw stream graphrunner alone captures on for `device`, as an int.");
+  m.def(
+      "all_ones",
+      [](const at::Tensor& split) {
+        if (!split.device().is_cpu() || !split.is_contiguous() ||
+            (split.scalar_type() != c10::kInt && split.scalar_type() != c10::kLong)) {
+          return false;
+        }
+        const int64_t n = split.numel();
+        if (split.scalar_type() == c10::kInt) {
+          const int32_t* v = split.const_data_ptr<int32_t>();
+          return std::all_of(v, v + n, [](int32_t x) { return x == 1; });
+        }
+        const int64_t* v = split.const_data_ptr<int64_t>();
+        return std::all_of(v, v + n, [](int64_t x) { return x == 1; });
+      },
+      py::arg("split"),
+      "Whether a ragged step's split (a contiguous CPU int32/int64 tensor) gives every request one token.");
   m.def("address_kind", &address_kind, py::arg("address"),
         "What CUDA says an address is: 'device', 'host', 'managed' or ''.");
 }

@@ -10,6 +10,7 @@ with keep_graph=True), and the module `graphrunner.testing` (comparing graph out
 __version__ = "0.2.0"
 
 from graphrunner.audit import AuditReport, Reference, audit_graphs
+from graphrunner.dispatch import Dispatch
 from graphrunner.errors import (CaptureGuardWarning, CudaError, DistributedCaptureError, GraphHazardError,
                                 GraphStateError, WorkspaceError)
 from graphrunner.graph import Graph, capture_stream
@@ -23,7 +24,7 @@ from graphrunner.workspace import workspace
 
 __all__ = [
     "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",
-    "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
+    "Dispatch", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
     "SizeEntry", "SizeReport", "StaticInput", "StepInfo", "ValidationReport", "WorkspaceError", "audit_graphs",
     "capture_all", "capture_stream", "default_capture_sizes", "validate_all", "workspace",
 ]

@@ -167,3 +167,35 @@ def test_ragged_size_table_refuses_bad_request_counts():
 def test_unarmed_ragged_runner_refuses_steps():
     with pytest.raises(gr.GraphStateError, match=r"capture\(\) has not run yet"):
         ragged()(**inputs([3, 1]))
+
+
+def test_dispatch_checks_its_runners():
+    uniform = gr.GraphRunner(lambda input_ids, positions, page_table: positions,
+                             {n: INPUTS[n] for n in ("input_ids", "positions", "page_table")}, capture_sizes=[8])
+    gr.Dispatch(ragged(), uniform)
+    with pytest.raises(TypeError, match=r"Dispatch\(ragged=...\) takes a ragged GraphRunner"):
+        gr.Dispatch(uniform)
+    with pytest.raises(TypeError, match=r"Dispatch\(uniform=...\) takes a uniform GraphRunner with "
+                                        r"tokens_per_request=1"):
+        gr.Dispatch(ragged(), ragged())
+    extra = gr.GraphRunner(lambda input_ids, query_lens: input_ids,
+                           {"input_ids": INPUTS["input_ids"], "query_lens": INPUTS["query_lens"]}, capture_sizes=[8])
+    with pytest.raises(ValueError, match=r"the uniform runner's inputs must be the ragged runner's without the split "
+                                         r"'query_lens'; it also takes \['query_lens'\]"):
+        gr.Dispatch(ragged(), extra)
+
+
+def test_dispatch_picks_by_the_steps_shape():
+    uniform = gr.GraphRunner(lambda input_ids, positions, page_table: positions,
+                             {n: INPUTS[n] for n in ("input_ids", "positions", "page_table")}, capture_sizes=[8])
+    d = gr.Dispatch(ragged(), uniform)
+    assert d.runner_for(3, 3) is uniform
+    assert d.runner_for(3, 4) is d.ragged
+    assert d.runner_for(9, 9) is d.ragged  # no uniform size holds 9 requests
+
+
+@pytest.mark.parametrize("split, ones", [([1, 1, 1], True), ([1, 2, 0], False), ([1], True), ([], True)])
+def test_all_ones_reads_the_split_on_the_host(split, ones):
+    assert _C.all_ones(torch.tensor(split, dtype=torch.int32)) is ones
+    assert _C.all_ones(torch.tensor(split, dtype=torch.int64)) is ones
+    assert _C.all_ones(torch.tensor(split, dtype=torch.float32)) is False
