@@ -126,7 +126,7 @@ def test_gpu_only_parts_say_so_without_a_gpu():
     from graphrunner_workloads.decoder import Decoder, DecoderConfig
 
     for make in (lambda: gr.workspace("tests.no_gpu", 16), lambda: Decoder(DecoderConfig(layers=1))):
-        with pytest.raises(RuntimeError, match="graphrunner needs a CUDA device, and torch.cuda.is_available"):
+        with pytest.raises(RuntimeError, match="needs a CUDA device, and torch.cuda.is_available"):
             make()
 
 
