@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -224,8 +224,9 @@ class GraphRunner(_C.StepCall):
                     outputs[batch] = _sliced(record, size, batch, batch * spec.tokens_per_request)
         before_replay = None
         if spec.before_replay is not None:
-            views = {size: record.static_views(size) for size in spec.capture_sizes}
-            before_replay = functools.partial(_before_replay, spec, views)
+            sizes = {size: (spec.requests_of(size), spec.tokens_of(size), record.static_views(size))
+                     for size in spec.capture_sizes}
+            before_replay = functools.partial(_before_replay, spec.before_replay, sizes)
         self._arm(record.launcher, outputs, before_replay, clone_tensors if spec.clone_outputs else None,
                   self._eager)
         self.record, self.state = record, RunnerState.ARMED
@@ -395,12 +396,13 @@ def _sliced(record: CaptureRecord, size: int, requests: int, tokens: int) -> Any
     return map_tensors(record.entries[size].outputs, rows)
 
 
-def _before_replay(spec: RunnerSpec, views: Dict[int, Dict[str, torch.Tensor]], requests: int, tokens: int,
-                   size: int, inputs: Dict[str, torch.Tensor]) -> None:
-    """What the native step calls before a launch: the user's hook, with the step's StepInfo. Like the other
-    callables the runner arms, it does not refer back to the runner."""
-    padded = (spec.requests_of(size), spec.tokens_of(size)) if size else (0, 0)
-    spec.before_replay(StepInfo(requests, padded[0], tokens, padded[1], views.get(size, {}), inputs))
+def _before_replay(hook: Callable[[StepInfo], None], sizes: Dict[int, Tuple[int, int, Dict[str, torch.Tensor]]],
+                   requests: int, tokens: int, size: int, inputs: Dict[str, torch.Tensor]) -> None:
+    """What the native step calls before a launch: the user's hook, with the step's StepInfo. `sizes` holds
+    each captured size's (requests, tokens, static views). Like the other callables the runner arms, it does
+    not refer back to the runner."""
+    padded_requests, padded_tokens, views = sizes.get(size, (0, 0, {}))
+    hook(StepInfo(requests, padded_requests, tokens, padded_tokens, views, inputs))
 
 
 def _refuse(message: str, **inputs: torch.Tensor) -> Any:

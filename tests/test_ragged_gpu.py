@@ -16,24 +16,25 @@ REQUESTS = {8: 4, 32: 6, 128: 6}
 INPUTS = {"input_ids": gr.StaticInput((), torch.long, per_token=True, high=100),
           "positions": gr.StaticInput((), torch.long, per_token=True, high=512),
           "query_lens": gr.StaticInput((), torch.int32),
-          "scale": gr.StaticInput((), torch.float32, pad=0.0)}
+          "scale": gr.StaticInput((), torch.float64, pad=0.0)}
 
 
 class Step(torch.nn.Module):
     """Each request's tokens summed, plus its last token's row, times its scale: every output row depends on
-    exactly its own request's tokens, found on the device from the split."""
+    exactly its own request's tokens, found on the device from the split. Float64, so the order index_add_
+    sums in cannot move a result past the tolerance."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.emb = torch.nn.Parameter(torch.randn(100, D, device="cuda"))
+        self.emb = torch.nn.Parameter(torch.randn(100, D, device="cuda", dtype=torch.float64))
 
     def forward(self, input_ids, positions, query_lens, scale):
         tokens, requests = input_ids.shape[0], query_lens.shape[0]
         ends = query_lens.cumsum(0)
         owner = torch.searchsorted(ends, torch.arange(tokens, device=ends.device), right=True)
-        x = self.emb[input_ids] * (positions + 1).float()[:, None]
+        x = self.emb[input_ids] * (positions + 1).double()[:, None]
         x = x * (owner < requests)[:, None]  # padding tokens belong to no request
-        sums = torch.zeros(requests, D, device=x.device).index_add_(0, owner.clamp(max=requests - 1), x)
+        sums = torch.zeros(requests, D, device=x.device, dtype=x.dtype).index_add_(0, owner.clamp(max=requests - 1), x)
         return (sums + x[(ends - 1).clamp(min=0)]) * scale[:, None]
 
 
@@ -45,7 +46,7 @@ def draw(tokens_max, requests_max, rng):
     return {"input_ids": torch.randint(0, 100, (tokens,), device="cuda"),
             "positions": torch.randint(0, 512, (tokens,), device="cuda"),
             "query_lens": torch.tensor(lens, dtype=torch.int32),
-            "scale": torch.rand(requests, device="cuda") + 0.5}
+            "scale": torch.rand(requests, device="cuda", dtype=torch.float64) + 0.5}
 
 
 def eager(model, step):
@@ -74,7 +75,7 @@ def test_mixed_steps_equal_eager_on_the_unpadded_step(runner):
         poison(runner.record.entries[size].outputs)
         got = runner(**step)
         assert got.shape == (requests, D)
-        torch.testing.assert_close(got, eager(runner.spec.fn, step), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, eager(runner.spec.fn, step), rtol=1e-9, atol=1e-9)
     assert seen == set(SIZES)
 
 
@@ -87,13 +88,14 @@ def test_steps_queued_without_waiting_keep_their_own_split(runner):
     outs = [runner(**s).clone() for s in steps]
     torch.cuda.synchronize()
     for s, out in zip(steps, outs):
-        torch.testing.assert_close(out, eager(runner.spec.fn, s), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(out, eager(runner.spec.fn, s), rtol=1e-9, atol=1e-9)
 
 
 @gpu
 def test_padding_tokens_and_requests_get_their_pads(runner):
     step = {"input_ids": torch.tensor([5, 6, 7], device="cuda"), "positions": torch.tensor([1, 2, 3], device="cuda"),
-            "query_lens": torch.tensor([2, 1], dtype=torch.int32), "scale": torch.ones(2, device="cuda")}
+            "query_lens": torch.tensor([2, 1], dtype=torch.int32),
+            "scale": torch.ones(2, device="cuda", dtype=torch.float64)}
     runner(**step)
     torch.cuda.synchronize()
     static = runner.record.static_views(8)
@@ -116,7 +118,7 @@ def test_hooks_see_tokens_and_requests():
         r(**draw(20, 3, random.Random(2)) | {"query_lens": torch.tensor([18, 1, 1], dtype=torch.int32),
                                             "input_ids": torch.zeros(20, dtype=torch.long, device="cuda"),
                                             "positions": torch.zeros(20, dtype=torch.long, device="cuda"),
-                                            "scale": torch.ones(3, device="cuda")})
+                                            "scale": torch.ones(3, device="cuda", dtype=torch.float64)})
     assert seen[:3] == [("capture", 6, 128), ("capture", 6, 32), ("capture", 4, 8)]
     assert seen[3] == ("step", 3, 6, 20, 32, "cpu")
 
@@ -128,17 +130,17 @@ def test_larger_steps_run_eagerly_or_raise():
         with gr.GraphRunner(model, INPUTS, capture_sizes=[8, 32], split="query_lens", max_requests=4,
                             fallback=fallback) as r:
             r.capture()
-            step = draw(64, 6, random.Random(3))
-            step = dict(step, query_lens=torch.tensor([20, 20, 1, 1, 1, 1], dtype=torch.int32),
-                        input_ids=torch.randint(0, 100, (44,), device="cuda"),
-                        positions=torch.randint(0, 512, (44,), device="cuda"))
+            step = {"query_lens": torch.tensor([20, 20, 1, 1, 1, 1], dtype=torch.int32),
+                    "input_ids": torch.randint(0, 100, (44,), device="cuda"),
+                    "positions": torch.randint(0, 512, (44,), device="cuda"),
+                    "scale": torch.rand(6, device="cuda", dtype=torch.float64)}
             if fallback == "eager":
                 torch.testing.assert_close(r(**step), eager(model, step))
             else:
                 with pytest.raises(ValueError, match="a step of 44 tokens over 6 requests is larger"):
                     r(**step)
             small = draw(8, 4, random.Random(4))  # the runner is still usable
-            torch.testing.assert_close(r(**small), eager(model, small), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(r(**small), eager(model, small), rtol=1e-9, atol=1e-9)
 
 
 @gpu
@@ -147,7 +149,7 @@ def test_a_bad_split_leaves_the_runner_usable(runner):
     bad = dict(step, query_lens=step["query_lens"] + 1)
     with pytest.raises(ValueError, match=r"input 'query_lens' (sums to|gives request)"):
         runner(**bad)
-    torch.testing.assert_close(runner(**step), eager(runner.spec.fn, step), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(runner(**step), eager(runner.spec.fn, step), rtol=1e-9, atol=1e-9)
 
 
 @gpu
