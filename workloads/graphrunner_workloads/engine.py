@@ -11,8 +11,8 @@ Modes, what each step runs through:
 - "eager": every step eagerly (the CPU tests run it);
 - "decode_only": steps of one token per request through a uniform decode graph runner (RaggedDecoder.decode, sizes
   count requests), mixed steps eagerly: graphrunner before ragged runners;
-- "ragged": decode steps through that runner, mixed steps through a ragged runner (sizes count tokens), both
-  captured into one pool.
+- "ragged": every step through gr.Dispatch: decode steps to that runner, mixed steps to a ragged runner (sizes
+  count tokens), both captured into one pool.
 
 Correctness, as engine users judge it: every request's tokens equal running that request alone through the plain
 eager Decoder, its whole prompt in one step and then one token a step (`reference_tokens`). That holds exactly in
@@ -138,7 +138,8 @@ class Engine:
         mode: "eager", "decode_only" or "ragged".
         budget: the most tokens a step packs (>= max_running, so every decoding request fits).
         max_running: the most requests a step holds; at most the decoder's max_batch_size.
-        capture_sizes: the ragged runner's token counts; default default_ragged_sizes(budget).
+        capture_sizes: the ragged runner's token counts, the largest at least the budget; default
+            default_ragged_sizes(budget).
     """
 
     def __init__(self, model: RaggedDecoder, mode: str, budget: int = 256, max_running: int = 8,
@@ -155,11 +156,16 @@ class Engine:
         self.device = model.decoder.embed.device
         self.decode: Optional[gr.GraphRunner] = None
         self.mixed: Optional[gr.GraphRunner] = None
+        self.dispatch: Optional[gr.Dispatch] = None
         if mode != "eager":
             self.decode = decode_runner(model, max_running)
+        sizes = list(capture_sizes or default_ragged_sizes(budget))
+        if max(sizes) < budget:
+            raise ValueError(f"the ragged runner's largest size ({max(sizes)}) must hold the budget ({budget})")
         if mode == "ragged":
-            self.mixed = ragged_runner(model, capture_sizes or default_ragged_sizes(budget), max_running)
+            self.mixed = ragged_runner(model, sizes, max_running)
             gr.capture_all(self.decode, self.mixed)
+            self.dispatch = gr.Dispatch(self.mixed, self.decode)
         elif mode == "decode_only":
             self.decode.capture()
 
@@ -222,24 +228,21 @@ class Engine:
     def _step(self, batch: List[Tuple[Request, int]]) -> Tuple[List[int], bool]:
         """Runs one step; returns each request's sampled token and whether a graph runner ran it."""
         inputs = step_inputs(self.model.decoder, [(req.tokens, req.computed, n, req.pages) for req, n in batch])
-        uniform = all(n == 1 for _, n in batch)
+        if self.dispatch is not None:  # decode steps to the uniform runner, the rest to the ragged one
+            return self.dispatch(**inputs).tolist(), True
+        if self.decode is not None and all(n == 1 for _, n in batch):
+            del inputs[SPLIT]  # the decode runner's inputs are the ragged ones without the split
+            return self.decode(**inputs).tolist(), True
+        inputs[SPLIT] = inputs[SPLIT].to(self.device)  # the eager step reads the split on the device
         with torch.no_grad():
-            if uniform and self.decode is not None:
-                del inputs[SPLIT]  # the decode runner's inputs are the ragged ones without the split
-                out, graphed = self.decode(**inputs), True
-            elif not uniform and self.mixed is not None:
-                out, graphed = self.mixed(**inputs), True
-            else:  # the eager step reads the split on the device
-                inputs[SPLIT] = inputs[SPLIT].to(self.device)
-                out, graphed = self.model(**inputs), False
-        return out.tolist(), graphed
+            return self.model(**inputs).tolist(), False
 
     def close(self) -> None:
         """Destroys the runners' graphs."""
         for runner in (self.decode, self.mixed):
             if runner is not None:
                 runner.close()
-        self.decode = self.mixed = None
+        self.decode = self.mixed = self.dispatch = None
 
 
 def step_inputs(decoder: Decoder, batch: Sequence[Tuple[Sequence[int], int, int, Sequence[int]]]

@@ -246,17 +246,19 @@ def random_ragged_step(cfg: DecoderConfig, tokens: int, requests: int, gen: Opti
                          f"{cfg.cache_len} tokens and at most {cfg.max_batch_size} requests fit the cache")
     where = torch.device(device) if device is not None else (gen.device if gen is not None else torch.device("cpu"))
     draw = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=gen, device=where)))
-    # The split: requests - 1 distinct cuts in 1..tokens-1, redrawn until no request exceeds the cache.
-    while True:
-        cuts = torch.randperm(tokens - 1, generator=draw)[: requests - 1] + 1
-        bounds = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([tokens])])
-        query_lens = bounds.diff()
-        if int(query_lens.max()) <= cfg.cache_len:
-            break
+    # The split: requests - 1 distinct cuts in 1..tokens-1 (any mix of long and short requests). Where that gives a
+    # request more tokens than the cache holds, the extra tokens go to distinct free places, cache_len - 1 per
+    # request, instead.
+    cuts = torch.randperm(tokens - 1, generator=draw)[: requests - 1] + 1
+    query_lens = torch.cat([torch.zeros(1, dtype=torch.long), cuts.sort().values, torch.tensor([tokens])]).diff()
+    if int(query_lens.max()) > cfg.cache_len:
+        extra = torch.randperm(requests * (cfg.cache_len - 1), generator=draw)[: tokens - requests]
+        query_lens = 1 + torch.bincount(extra // (cfg.cache_len - 1), minlength=requests)
+    first = torch.cumsum(query_lens, 0) - query_lens
     cached = (torch.rand(requests, generator=draw) * (cfg.cache_len - query_lens + 1)).long()
     seq_lens = cached + query_lens
     request = torch.repeat_interleave(torch.arange(requests), query_lens)
-    positions = torch.arange(tokens) - bounds[:-1][request] + cached[request]
+    positions = torch.arange(tokens) - first[request] + cached[request]
     pages = torch.randperm(cfg.num_pages - 1, generator=draw)[: requests * cfg.pages_per_seq] + 1
     page_table = pages.view(requests, cfg.pages_per_seq).int()
     step = {"input_ids": torch.randint(0, cfg.vocab, (tokens,), generator=draw), "positions": positions,
