@@ -272,7 +272,8 @@ class GraphRunner(_C.StepCall):
             seed: seeds the order, the batches and the inputs.
             rtol: the relative error accepted for every output; None: by dtype (1e-4 for float32, 3e-2 for
                 16-bit floats, exact for integers).
-            make_inputs: make_inputs(batch, generator) -> one step's inputs, where inputs depend on each other
+            make_inputs: make_inputs(batch, generator) -> one step's inputs (a ragged runner: make_inputs(tokens,
+                requests, generator), the split on the host), where inputs depend on each other
                 (distinct pages per row, say); by default each input is drawn alone from its StaticInput's range.
             eager_at: "batch": the eager reference runs on the step's batch; "size": on the batch padded to the
                 captured size (each input's pad value in the padding rows), as the graph runs, comparing the
@@ -361,7 +362,8 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
         guard: fail on any write outside the replaying graph's own memory.
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype.
-        make_inputs: runner name -> make_inputs(batch, generator), for runners whose inputs depend on each other.
+        make_inputs: runner name -> make_inputs(batch, generator) (ragged: make_inputs(tokens, requests,
+            generator)), for runners whose inputs depend on each other.
         eager_at: "batch" or "size": where the eager reference runs (see GraphRunner.validate).
         restore_state: put each runner's state buffers back after its eager reference step.
     """
@@ -371,7 +373,8 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
                          f"{sorted({tuple(rec.pool) for rec in records})}: validate each pool on its own")
     _audit(runners).check()
     make_inputs = make_inputs or {}
-    targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name))
+    targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name),
+                      r.spec.split)
                for r, rec in zip(runners, records)]
     return validate(targets, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
                     collective_timeout_s=runners[0].spec.collective_timeout_s, eager_at=eager_at,

@@ -27,7 +27,7 @@ import torch
 
 from graphrunner import distributed
 from graphrunner.errors import STATE_FIX, WRITE_FIX, GraphHazardError
-from graphrunner.testing import default_rtol, poison, random_inputs, relative_error
+from graphrunner.testing import default_rtol, poison, random_inputs, random_ragged_inputs, relative_error
 from graphrunner.hazards import PoolView
 from graphrunner.inputs import StaticInput
 from graphrunner.outputs import clone_tensors, named_tensors
@@ -36,7 +36,8 @@ from graphrunner.record import CaptureRecord
 
 logger = logging.getLogger("graphrunner")
 
-MakeInputs = Callable[[int, torch.Generator], Dict[str, torch.Tensor]]
+# make_inputs(batch, generator) for a uniform runner; make_inputs(tokens, requests, generator) for a ragged one.
+MakeInputs = Callable[..., Dict[str, torch.Tensor]]
 EAGER_AT = ("batch", "size")
 Snapshot = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -51,8 +52,10 @@ class Target:
         reference: the eager step: reference(**inputs) gives what step should give.
         inputs: its input specs, for drawing random inputs.
         tokens_per_request: rows per request of its per-token inputs.
-        make_inputs: make_inputs(batch, generator) draws one step's inputs instead, where inputs depend on
-            each other (distinct pages per row, say); None draws each input alone from its spec.
+        make_inputs: make_inputs(batch, generator) (uniform) or make_inputs(tokens, requests, generator)
+            (ragged) draws one step's inputs instead, where inputs depend on each other (distinct pages per
+            row, say); None draws each input alone from its spec.
+        split: a ragged runner's split input (its sizes count tokens), or None.
     """
 
     record: CaptureRecord
@@ -61,11 +64,24 @@ class Target:
     inputs: Mapping[str, StaticInput]
     tokens_per_request: int = 1
     make_inputs: Optional[MakeInputs] = None
+    split: Optional[str] = None
 
-    def draw(self, batch: int, gen: torch.Generator) -> Dict[str, torch.Tensor]:
-        if self.make_inputs is not None:
-            return self.make_inputs(batch, gen)
-        return random_inputs(self.inputs, batch, gen, self.tokens_per_request)
+    def draw(self, size: int, smaller: int, order: random.Random,
+             gen: torch.Generator) -> Tuple[str, int, Dict[str, torch.Tensor]]:
+        """A random step that runs at `size` (the next smaller captured size is `smaller`, 0 for none): how
+        messages name it, its requests, and its inputs. A ragged step has more tokens than `smaller` holds and
+        a random mixture of prefill and decode requests."""
+        if self.split is None:
+            batch = order.randint(smaller + 1, size)
+            inputs = self.make_inputs(batch, gen) if self.make_inputs is not None else \
+                random_inputs(self.inputs, batch, gen, self.tokens_per_request)
+            return f"batch {batch}", batch, inputs
+        rows = self.record.rows[size]
+        tokens = order.randint(smaller + 1, size)
+        requests = order.randint(1, min(rows[self.split], tokens))
+        inputs = self.make_inputs(tokens, requests, gen) if self.make_inputs is not None else \
+            random_ragged_inputs(self.inputs, self.split, tokens, requests, gen)
+        return f"{requests} requests, {tokens} tokens", requests, inputs
 
 
 @dataclass
@@ -127,10 +143,9 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
     start = time.perf_counter()
     with torch.cuda.device(device):
         for i, (target, size) in enumerate(schedule):
-            smaller = [s for s in target.record.entries if s < size]
-            batch = order.randint(max(smaller) + 1 if smaller else 1, size)
-            inputs = target.draw(batch, gen)
-            with ranks.stage(f"validate step {i} ({target.record.label(size)}, batch {batch})"):
+            smaller = max((s for s in target.record.entries if s < size), default=0)
+            step, batch, inputs = target.draw(size, smaller, order, gen)
+            with ranks.stage(f"validate step {i} ({target.record.label(size)}, {step})"):
                 errors = _checked_replay(target, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1,
                                          eager_at, restore_state)
             report.replays += 1

@@ -157,3 +157,10 @@ def test_outputs_of_a_ragged_runner_must_be_per_request():
     with pytest.raises(ValueError, match=r"a ragged runner's outputs need one row per request \(6 at this size\)"):
         gr.GraphRunner(lambda input_ids, positions, query_lens, scale: positions * 2, INPUTS, capture_sizes=[32],
                        split="query_lens", max_requests=6).capture()
+
+
+@gpu
+def test_validate_draws_ragged_mixtures_and_passes(runner):
+    report = runner.validate(steps_per_size=4, scrub=True, guard=True)
+    assert report.replays == 4 * len(SIZES) and set(report.max_error) == {("", s) for s in SIZES}
+
