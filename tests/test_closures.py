@@ -109,10 +109,10 @@ class Counting:
     def __init__(self):
         self.model = mlp()
         self.position = torch.zeros((), dtype=torch.long, device="cuda")
-        self.cache = torch.zeros(64, 8, HIDDEN, device="cuda")
+        self.cache = torch.zeros(64, HIDDEN, device="cuda")
 
     def __call__(self, x):
-        self.cache[self.position, : x.shape[0]] = x
+        self.cache.index_copy_(0, self.position.view(1), x[:1])  # as HF's StaticLayer.update writes its keys
         out = self.model(x) + self.position.float()
         self.position.add_(1)
         return out
