@@ -184,24 +184,25 @@ class Engine:
         free = list(range(cfg.num_pages - 1, 0, -1))  # page 0 is the padding tokens' scratch page
         running: List[Request] = []
         done: Dict[int, List[int]] = {}
-        steps = mixed = graphs = 0
+        clock = steps = mixed = graphs = 0  # clock: the step arrivals are counted in, idle ones included
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         while waiting or running:
-            while waiting and waiting[0].arrival <= steps and len(running) < self.max_running:
+            while waiting and waiting[0].arrival <= clock and len(running) < self.max_running:
                 need = -(-(waiting[0].prompt_len + waiting[0].max_new) // cfg.page_size)
                 if need > len(free):
                     break
                 req = waiting.popleft()
                 req.pages = [free.pop() for _ in range(need)]
                 running.append(req)
-            if not running:  # nothing arrived yet
-                steps = waiting[0].arrival
+            if not running:  # nothing has arrived: idle until the next arrival
+                clock = waiting[0].arrival
                 continue
             batch = self._schedule(running)
             out, graphed = self._step(batch)
-            steps, mixed, graphs = steps + 1, mixed + (len(out) < sum(n for _, n in batch)), graphs + graphed
+            clock, steps = clock + 1, steps + 1
+            mixed, graphs = mixed + (len(out) < sum(n for _, n in batch)), graphs + graphed
             for (req, n), token in zip(batch, out):
                 req.computed += n
                 if req.computed == len(req.tokens):  # this step ended its prompt, or decoded its last token

@@ -40,6 +40,11 @@ MiB = 1024 * 1024
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
+    """The command line; --quick lowers the layers, steps and engine workload for a smoke run.
+
+    Args:
+        argv: the arguments, without the program name.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="8,32", help="the presets' layer counts, comma-separated")
     p.add_argument("--sizes", default="16,64,256,1024", help="token counts T, comma-separated")
@@ -74,7 +79,13 @@ def changed_settings(args: argparse.Namespace) -> List[str]:
 
 def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None) -> DecoderConfig:
     """The benchmark decoder (bench.py's shape: hidden 1024, 8 heads of 128, bf16) with `layers` layers, pages of
-    256 (the flash kernel's paged path) and room for `--requests` requests of `cache_len` positions."""
+    256 (the flash kernel's paged path) and room for `--requests` requests of `cache_len` positions.
+
+    Args:
+        layers: the decoder's layers.
+        args: the parsed command line.
+        cache_len: positions per request (rounded up to whole pages); default --cache-len.
+    """
     page = 256
     cache = cache_len or args.cache_len
     return DecoderConfig(layers=layers, cache_len=-(-cache // page) * page, page_size=page,
@@ -83,7 +94,13 @@ def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = Non
 
 def step_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> Tuple[List[Dict[str, object]],
                                                                                     Dict[str, object]]:
-    """Every contender at every T on one preset: a row per T, and the preset's keys."""
+    """Every contender at every T on one preset: a row per T, and the preset's keys.
+
+    Args:
+        args: the parsed command line.
+        layers: the preset's layers.
+        gen: draws the steps (on the GPU).
+    """
     cfg = preset(layers, args)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
@@ -128,7 +145,11 @@ def step_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> Tu
 
 
 def engine_keys(args: argparse.Namespace) -> Dict[str, object]:
-    """The engine loop's generated tokens/s in decode_only and ragged modes, turn about on one workload (8 layers)."""
+    """The engine loop's generated tokens/s in decode_only and ragged modes, turn about on one workload (8 layers).
+
+    Args:
+        args: the parsed command line.
+    """
     workload = Workload(requests=args.engine_requests, prompt_lens=(1, args.prompt_max),
                         output_lens=(1, args.output_max))
     cfg = preset(8, args, cache_len=workload.longest)
@@ -164,7 +185,11 @@ def engine_keys(args: argparse.Namespace) -> Dict[str, object]:
 
 def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
     """Pool bytes of the decode and ragged runners captured together (gr.capture_all, one pool) over the largest
-    ragged graph alone in a fresh pool, on the 8-layer preset."""
+    ragged graph alone in a fresh pool, on the 8-layer preset.
+
+    Args:
+        args: the parsed command line.
+    """
     cfg = preset(8, args)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
@@ -183,6 +208,11 @@ def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
+    """Every part of the benchmark; the results, keys starting with "_" kept out of the JSON.
+
+    Args:
+        args: the parsed command line.
+    """
     gen = torch.Generator(device="cuda").manual_seed(0)
     res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "cuda": torch.version.cuda, "attention": args.attention, "requests": args.requests,
@@ -197,7 +227,11 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def targets(res: Dict[str, object]) -> List[Tuple[str, str, float]]:
-    """The targets, for the sizes and presets the run has."""
+    """The targets, for the sizes and presets the run has.
+
+    Args:
+        res: the results.
+    """
     out = [("ragged_run_vs_eager_T16_L8", ">=", 5.0)]
     for layers, rows in res["_rows"].items():
         out += [(f"ragged_run_vs_bare_T{r['tokens']}_L{layers}", "<=", 1.03) for r in rows]
@@ -206,6 +240,11 @@ def targets(res: Dict[str, object]) -> List[Tuple[str, str, float]]:
 
 
 def table(res: Dict[str, object]) -> str:
+    """The text report: per preset a row per T, the engine and pool lines, the targets.
+
+    Args:
+        res: the results.
+    """
     out = [f"{res['gpu']}, torch {res['torch']}, ragged steps of {res['requests']} requests (T if fewer), "
            f"attention {res['attention']}", "",
            "step wall us (host us), synchronised per step; decode: a decode step of the same requests"]
@@ -234,6 +273,12 @@ def table(res: Dict[str, object]) -> str:
 
 
 def plot(res: Dict[str, object], path: Path) -> None:
+    """Wall and host time per T for every contender and preset, and the engine's tokens/s, into `path`.
+
+    Args:
+        res: the results.
+        path: the PNG to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,6 +306,11 @@ def plot(res: Dict[str, object], path: Path) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the benchmark and writes bench-<gpu>-ragged.json, .txt and .png; 2 where no GPU is visible.
+
+    Args:
+        argv: the command line; None reads sys.argv.
+    """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if gpu_missing("graphrunner_workloads.ragged_bench"):
         return 2

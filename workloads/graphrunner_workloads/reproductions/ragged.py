@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -93,6 +93,12 @@ def make_runner(fixed: bool = False) -> gr.GraphRunner:
 
 
 def eager(fn: TokenMap, step: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """`fn` on `step` eagerly, its split moved to the GPU (as the runner stages it).
+
+    Args:
+        fn: the step.
+        step: its inputs (the split on the CPU).
+    """
     return fn(**dict(step, **{SPLIT: step[SPLIT].cuda()}))
 
 
@@ -138,7 +144,12 @@ def checked(fixed: bool = False) -> str:
         runner.close()
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+    """Prints one RESULT line (hazards.py's child protocol) for --plain or --checked, buggy or --fixed.
+
+    Args:
+        argv: the command line; None reads sys.argv.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plain", action="store_true", help="a plain ragged runner")
     p.add_argument("--checked", action="store_true", help="graphrunner's validate(scrub=True, guard=True)")
