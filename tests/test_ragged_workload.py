@@ -15,8 +15,8 @@ from conftest import gpu
 from graphrunner.testing import poison
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload, reference_tokens, step_inputs
-from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, RaggedMeta, decode_runner, pad_step, ragged_inputs,
-                                          ragged_runner, random_decode_step, random_ragged_step)
+from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, RaggedMeta, decode_runner, flash_available, pad_step,
+                                          ragged_inputs, ragged_runner, random_decode_step, random_ragged_step)
 from graphrunner_workloads.reproductions import ragged as repro
 
 TINY = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=128, cache_len=64,
@@ -202,6 +202,7 @@ def test_ragged_runner_replays_equal_eager_on_fresh_steps():
 
 
 @gpu
+@pytest.mark.skipif(not flash_available(), reason="this torch's flash kernel takes no block table")
 def test_flash_attention_agrees_with_sdpa_in_bfloat16():
     cfg = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=512, cache_len=512,
                         page_size=256, max_batch_size=8, dtype=torch.bfloat16)

@@ -114,6 +114,15 @@ BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RaggedMe
     "sdpa": sdpa_ragged, "flash": flash_ragged}
 
 
+def flash_available() -> bool:
+    """Whether this torch's built-in flash kernel takes a block table and per-request key counts (the "flash"
+    backend's varlen paged call) and a GPU is there to run it."""
+    if not torch.cuda.is_available():
+        return False
+    names = {arg.name for arg in torch.ops.aten._flash_attention_forward.default._schema.arguments}
+    return {"block_table", "seqused_k"} <= names
+
+
 class RaggedDecoder(torch.nn.Module):
     """The built-in decoder's ragged step: fn(input_ids, positions, slots, query_lens, seq_lens, page_table) ->
     each request's last-token logits [R, vocab] (or greedy tokens [R] with `sample=True`).
@@ -137,6 +146,9 @@ class RaggedDecoder(torch.nn.Module):
             raise ValueError("a ragged step reads a paged KV cache: build the Decoder with page_size > 0")
         if decoder.tp_size != 1:
             raise ValueError(f"the ragged step runs on one GPU; this Decoder is split over {decoder.tp_size}")
+        if attention == "flash" and not flash_available():
+            raise ValueError("attention 'flash' needs a GPU and a torch whose aten::_flash_attention_forward takes "
+                             f"block_table and seqused_k (torch {torch.__version__} does not): use attention='sdpa'")
         if attention == "flash" and (decoder.embed.device.type != "cuda" or
                                      cfg.dtype not in (torch.float16, torch.bfloat16) or
                                      cfg.page_size % FLASH_PAGE_MULTIPLE):

@@ -32,7 +32,8 @@ from graphrunner_workloads.bench import (add_output_arguments, gpu_missing, gpu_
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, decode_runner,
-                                          ragged_inputs, ragged_runner, random_decode_step, random_ragged_step)
+                                          flash_available, ragged_inputs, ragged_runner, random_decode_step,
+                                          random_ragged_step)
 from graphrunner_workloads.traces import round_ratios
 
 CONTENDERS = ["eager", "plain", "graphrunner", "bare", "decode"]
@@ -50,8 +51,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--sizes", default="16,64,256,1024", help="token counts T, comma-separated")
     p.add_argument("--requests", type=int, default=8, help="requests per step (T if fewer tokens)")
     p.add_argument("--cache-len", type=int, default=512, help="the step benchmark's cache positions per request")
-    p.add_argument("--attention", choices=ATTENTION, default="flash",
-                   help="the ragged step's attention (flash: torch's built-in varlen kernel; sdpa: masked layout)")
+    p.add_argument("--attention", choices=ATTENTION, default="flash" if flash_available() else "sdpa",
+                   help="the ragged step's attention (flash, where this torch has it: torch's built-in varlen kernel; "
+                   "sdpa: masked layout)")
     p.add_argument("--steps", type=int, default=200, help="timed steps per contender and T")
     p.add_argument("--engine-requests", type=int, default=48)
     p.add_argument("--engine-rounds", type=int, default=3, help="runs of the workload per engine mode, turn about")
