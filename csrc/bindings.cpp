@@ -151,7 +151,11 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "add_graph",
           [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_graph(size, graph); },
-          py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the batches of `size`.")
+          py::arg("size"), py::arg("graph"), "After that capture: `graph` serves the steps of `size`.")
+      .def(
+          "add_segment",
+          [](PyLauncher& s, int64_t size, std::shared_ptr<Graph> graph) { s.launcher->add_segment(size, graph); },
+          py::arg("size"), py::arg("graph"), "A piecewise size's next segment, launched after the break before it.")
       .def_property_readonly(
           "owned_memory", [](const PyLauncher& s) { return s.launcher->owned_memory(); },
           "[(address, bytes)] of host-mapped memory the staging kernels use (the step stamp, the split slots).");

@@ -220,11 +220,22 @@ void Launcher::add_graph(int64_t size, std::shared_ptr<Graph> graph) {
   captured_for_size_.at(size) = std::move(captured);
 }
 
-void Launcher::launch(int64_t size, StepShape shape, BorrowedInputs inputs) {
+Launcher::Captured& Launcher::captured(int64_t size) const {
   if (size < 1 || size >= static_cast<int64_t>(captured_for_size_.size()) || !captured_for_size_[size]) {
     throw StateError("no graph of size " + std::to_string(size) + " is captured; run this step eagerly");
   }
-  Captured& c = *captured_for_size_[size];
+  return *captured_for_size_[size];
+}
+
+void Launcher::add_segment(int64_t size, std::shared_ptr<Graph> graph) {
+  if (!graph->captured()) {
+    throw StateError("add_segment(" + std::to_string(size) + ") with a graph that is not captured");
+  }
+  captured(size).segments.push_back(std::move(graph));
+}
+
+void Launcher::launch(int64_t size, StepShape shape, BorrowedInputs inputs) {
+  Captured& c = captured(size);
   auto* step = reinterpret_cast<StageParams<kMaxInputs>*>(c.params);  // its head: counts and src
   // A non-contiguous input is staged from a contiguous copy made on the graph's stream: when the copy
   // is freed on return, the allocator reuses its memory only for work queued behind this graph. The usual

@@ -63,6 +63,12 @@ class Launcher {
   void stage(int64_t size);
   // After that capture: `graph` (kept, see Graph::set_argument_node) serves the steps of `size`.
   void add_graph(int64_t size, std::shared_ptr<Graph> graph);
+  // A piecewise size: `graph` is its next segment, launched by launch_segment() after the break before it.
+  void add_segment(int64_t size, std::shared_ptr<Graph> graph);
+  // Segments of `size` after its first graph (0 for a size captured whole).
+  size_t segments(int64_t size) const { return captured(size).segments.size(); }
+  // Launches segment `k` (1-based: the segment after break k) of `size` on the current stream.
+  void launch_segment(int64_t size, size_t k) { captured(size).segments.at(k - 1)->replay(); }
   // Stages a step of checked inputs and launches the graph of `size` (sizes().size_for(shape), nonzero). It
   // does not wait: the caller keeps the lead, waiting first while must_wait() (py_step.cpp does, without the
   // GIL).
@@ -80,6 +86,7 @@ class Launcher {
  private:
   struct Captured {
     std::shared_ptr<Graph> graph;
+    std::vector<std::shared_ptr<Graph>> segments;  // a piecewise size's graphs after the first
     // The size's StageParams<inputs_bound_>, with its table filled in; each launch fills in batch, seq and src.
     alignas(16) unsigned char params[sizeof(StageParams<kMaxInputs>)];
   };
@@ -92,6 +99,8 @@ class Launcher {
   std::shared_ptr<InputChecker> checker_;
   std::vector<at::Tensor> static_buffers_;
   SizeTable sizes_;
+  Captured& captured(int64_t size) const;
+
   std::map<int64_t, Staged> staged_;
   std::vector<std::shared_ptr<Captured>> captured_for_size_;  // item s: the graph of size s, if captured
   unsigned max_blocks_ = 1;  // per input: two per SM

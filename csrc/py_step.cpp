@@ -49,10 +49,47 @@ struct StepCallObject {
   PyObject* finish;         // finish(outputs) makes the returned value (cloned outputs), or NULL
   PyObject* eager;          // eager(**inputs): a step no captured graph holds
   PyObject* unarmed;        // unarmed(**inputs): every call while not armed, or NULL before the first _disarm
+  PyObject* pieces;         // list: item s is a piecewise size's breaks [(op, args, kwargs)], else None; or NULL
+  PyObject* step_info;      // step_info(requests, tokens, size, inputs) -> the StepInfo breaks get, or NULL
   PyLauncher* native;       // launcher's C++ side; NULL = not armed
 };
 
 StepCallObject* as_step_call(PyObject* self) { return reinterpret_cast<StepCallObject*>(self); }
+
+// Note [breaks]: a piecewise size runs its first graph (staging included), then for each break the op,
+// eagerly, with the arguments recorded at capture (tensors at the addresses the graphs use) and the step's
+// StepInfo as `step`, then the next graph. The op writes its result into the boundary buffer the next graph
+// reads (capture refused an op that returned fresh memory). An op that raises ends the step there: later
+// segments do not run, and the next step stages everything anew.
+bool run_breaks(StepCallObject* self, PyObject* breaks, StepShape shape, int64_t size, PyObject* kwargs,
+                Launcher& launcher) {
+  static PyObject* step_key = PyUnicode_InternFromString("step");
+  py::object held = py::reinterpret_borrow<py::object>(self->launcher);  // the ops are Python: they could close us
+  py::object info = py::reinterpret_steal<py::object>(
+      PyObject_CallFunction(self->step_info, "LLLO", static_cast<long long>(shape.requests),
+                            static_cast<long long>(shape.tokens), static_cast<long long>(size), kwargs));
+  if (!info) {
+    return false;
+  }
+  const Py_ssize_t count = PyList_GET_SIZE(breaks);
+  for (Py_ssize_t k = 0; k < count; ++k) {
+    PyObject* entry = PyList_GET_ITEM(breaks, k);  // (op, args, kwargs)
+    PyObject* op_kwargs = PyTuple_GET_ITEM(entry, 2);
+    if (PyDict_SetItem(op_kwargs, step_key, info.ptr()) < 0) {
+      return false;
+    }
+    PyObject* done = PyObject_Call(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1), op_kwargs);
+    if (done == nullptr) {
+      return false;
+    }
+    Py_DECREF(done);
+    if (self->launcher != held.ptr()) {
+      throw StateError("a break op closed this GraphRunner during the step; close it after the step");
+    }
+    launcher.launch_segment(size, static_cast<size_t>(k) + 1);
+  }
+  return true;
+}
 
 // The step itself. The inputs are checked before anything else runs, so a bad call leaves nothing
 // half-done; the hook runs after the checks and before the staging argument is set, so a hook that raises
@@ -107,6 +144,12 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
       }
     }
     launcher.launch(size, shape, inputs);
+    if (self->pieces != nullptr) {
+      PyObject* breaks = PyList_GET_ITEM(self->pieces, size);
+      if (breaks != Py_None && !run_breaks(self, breaks, shape, size, kwargs, launcher)) {
+        return nullptr;
+      }
+    }
     PyObject* out = PyList_GET_ITEM(self->outputs, launcher.sizes().output_slot(size, shape.requests));
     if (self->finish != nullptr) {
       return PyObject_CallOneArg(self->finish, out);
@@ -126,6 +169,8 @@ void clear_armed(StepCallObject* self) {
   Py_CLEAR(self->before_replay);
   Py_CLEAR(self->finish);
   Py_CLEAR(self->eager);
+  Py_CLEAR(self->pieces);
+  Py_CLEAR(self->step_info);
 }
 
 int step_call_clear(PyObject* self_obj) {
@@ -143,6 +188,8 @@ int step_call_traverse(PyObject* self_obj, visitproc visit, void* arg) {
   Py_VISIT(self->finish);
   Py_VISIT(self->eager);
   Py_VISIT(self->unarmed);
+  Py_VISIT(self->pieces);
+  Py_VISIT(self->step_info);
   return 0;
 }
 
@@ -164,14 +211,18 @@ PyObject* callable_ref(PyObject* obj, const char* what, bool optional) {
   return obj;
 }
 
-// _arm(launcher, outputs, before_replay, finish, eager): every later call runs in C++ against `launcher`.
+// _arm(launcher, outputs, before_replay, finish, eager[, pieces, step_info]): every later call runs in C++
+// against `launcher`.
 PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
   PyObject* launcher = nullptr;
   PyObject* outputs = nullptr;
   PyObject* before_replay = nullptr;
   PyObject* finish = nullptr;
   PyObject* eager = nullptr;
-  if (!PyArg_ParseTuple(args, "OO!OOO", &launcher, &PyList_Type, &outputs, &before_replay, &finish, &eager)) {
+  PyObject* pieces = Py_None;
+  PyObject* step_info = Py_None;
+  if (!PyArg_ParseTuple(args, "OO!OOO|OO", &launcher, &PyList_Type, &outputs, &before_replay, &finish, &eager,
+                        &pieces, &step_info)) {
     return nullptr;
   }
   try {
@@ -179,12 +230,42 @@ PyObject* step_call_arm(PyObject* self_obj, PyObject* args) {
     if (PyList_GET_SIZE(outputs) != native->launcher->sizes().output_slots()) {
       throw InputValueError("_arm() needs one output entry per slot of the size table (SizeTable.output_slots)");
     }
+    if (pieces != Py_None) {
+      if (!PyList_Check(pieces) || PyList_GET_SIZE(pieces) != native->launcher->sizes().max_size() + 1) {
+        throw InputValueError("_arm() needs pieces as a list with one entry per size 0..the largest");
+      }
+      for (Py_ssize_t s = 0; s < PyList_GET_SIZE(pieces); ++s) {
+        PyObject* breaks = PyList_GET_ITEM(pieces, s);
+        if (breaks == Py_None) {
+          continue;
+        }
+        if (!PyList_Check(breaks) || static_cast<size_t>(PyList_GET_SIZE(breaks)) != native->launcher->segments(s)) {
+          throw InputValueError("_arm(): size " + std::to_string(s) + " needs one break per segment after its first");
+        }
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(breaks); ++k) {
+          PyObject* e = PyList_GET_ITEM(breaks, k);
+          if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 3 || !PyCallable_Check(PyTuple_GET_ITEM(e, 0)) ||
+              !PyTuple_Check(PyTuple_GET_ITEM(e, 1)) || !PyDict_Check(PyTuple_GET_ITEM(e, 2))) {
+            throw InputTypeError("_arm(): each break is a tuple (op, args tuple, kwargs dict)");
+          }
+        }
+      }
+    }
     // Take every reference first, so a bad argument leaves the object as it was.
     py::object hook = py::reinterpret_steal<py::object>(callable_ref(before_replay, "before_replay", true));
     py::object finisher = py::reinterpret_steal<py::object>(callable_ref(finish, "finish", true));
     py::object eager_ref = py::reinterpret_steal<py::object>(callable_ref(eager, "eager", false));
+    py::object info_ref = py::reinterpret_steal<py::object>(callable_ref(step_info, "step_info", true));
+    if (pieces != Py_None && !info_ref) {
+      throw InputTypeError("_arm(): a piecewise runner needs step_info");
+    }
     StepCallObject* self = as_step_call(self_obj);
     clear_armed(self);
+    if (pieces != Py_None) {
+      Py_INCREF(pieces);
+      self->pieces = pieces;
+      self->step_info = info_ref.release().ptr();
+    }
     Py_INCREF(launcher);
     Py_INCREF(outputs);
     self->launcher = launcher;
@@ -216,7 +297,8 @@ PyObject* step_call_disarm(PyObject* self_obj, PyObject* unarmed) {
 
 PyMethodDef step_call_methods[] = {
     {"_arm", step_call_arm, METH_VARARGS,
-     "_arm(launcher, outputs, before_replay or None, finish or None, eager): run every call natively."},
+     "_arm(launcher, outputs, before_replay or None, finish or None, eager[, pieces, step_info]): run every call "
+     "natively."},
     {"_disarm", step_call_disarm, METH_O, "_disarm(unarmed): send every call to unarmed(**inputs)."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -148,7 +148,8 @@ def record_ranges(record: CaptureRecord) -> List[Range]:
     out += [(address, nbytes, f"a {library} workspace the runner keeps alive")
             for library, address, nbytes in record.workspace_blocks()]
     for entry in record.entries.values():
-        out += [(address, nbytes, "the graph's RNG seed and offset") for address, nbytes in entry.graph.owned_memory]
+        out += [(address, nbytes, "the graph's RNG seed and offset") for graph in entry.graphs
+                for address, nbytes in graph.owned_memory]
     if record.launcher is not None:
         out += [(address, nbytes, "the launcher's step stamp") for address, nbytes in record.launcher.owned_memory]
     return out
@@ -195,7 +196,8 @@ def audit(records: Sequence[CaptureRecord], declared: Sequence[torch.Tensor]) ->
             out=, gr.workspace buffers).
     """
     owned = [r for rec in records for r in record_ranges(rec)] + declared_ranges(declared)
-    graphs = [(rec.describe(size), entry.graph) for rec in records for size, entry in rec.entries.items()]
+    graphs = [(rec.describe(size) + (f" (segment {k})" if entry.segments else ""), graph)
+              for rec in records for size, entry in rec.entries.items() for k, graph in enumerate(entry.graphs)]
     return audit_graphs(graphs, owned, records[0].device)
 
 

@@ -19,9 +19,10 @@ from tqdm import tqdm
 from graphrunner import distributed
 from graphrunner._native import _C
 from graphrunner.capture_guard import CaptureGuard
-from graphrunner.graph import Graph, capture_stream
+from graphrunner.graph import capture_stream
 from graphrunner.memory import alias
 from graphrunner.outputs import map_tensors
+from graphrunner.piecewise import Segments
 from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
 from graphrunner.spec import RunnerSpec, StepInfo
 
@@ -136,24 +137,33 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
     requests, tokens = spec.requests_of(size), spec.tokens_of(size)
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
+    long_lived = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                  for t in [*record.static_inputs.values(), *spec.declared()]}
     with guard.watch((spec.name, size), record.label(size)) as kept:
         reserved = torch.cuda.memory_reserved(record.device)
-        graph = Graph(keep_graph=True)  # the audit reads its nodes
         start = time.perf_counter()
-        with graph.capture(pool=record.pool, stream=stream, capture_error_mode=spec.capture_error_mode):
+        # One segment, or one more after each break op fn calls (graphrunner/piecewise.py).
+        with Segments(record.pool, stream, spec.capture_error_mode,
+                      StepInfo(requests, requests, tokens, tokens, record.static_views(size)), long_lived,
+                      record.label(size)) as segments:
             record.launcher.stage(size)
             out = spec.fn(**record.static_views(size))
             map_tensors(out, lambda name, t: _check_output(spec, name, t, size))
             out = _write_into_buffers(spec, out)
         elapsed_ms = (time.perf_counter() - start) * 1000
+        graph, *rest = segments.graphs
         record.launcher.add_graph(size, graph)
+        for segment in rest:
+            record.launcher.add_segment(size, segment)
         # Keep aliases, not the outputs: their blocks go back to the pool for the next, smaller capture.
         # (Outputs in the caller's buffers are views of memory the caller owns.)
         buffers = spec.out_buffers()
         outputs = map_tensors(out, lambda name, t: t if name in buffers else alias(t))
         del out
-        record.entries[size] = SizeEntry(size, graph, outputs, list(graph.footprint), kept, elapsed_ms,
-                                         torch.cuda.memory_reserved(record.device) - reserved)
+        footprint = [block for g in segments.graphs for block in g.footprint]
+        record.entries[size] = SizeEntry(size, graph, outputs, footprint, kept, elapsed_ms,
+                                         torch.cuda.memory_reserved(record.device) - reserved, rest,
+                                         segments.breaks)
 
 
 def _stage_capture_inputs(spec: RunnerSpec, record: CaptureRecord, size: int) -> None:

@@ -32,6 +32,9 @@ class SizeEntry:
         kept_alive: allocations the capture left alive in the pool that are not outputs (the capture guard's).
         capture_ms: wall time of the capture.
         pool_bytes_added: memory the pool grew by during this capture.
+        segments: a piecewise size's graphs after the first, one after each break (empty for a size captured
+            whole); footprint covers them too.
+        breaks: the break op calls between the graphs (graphrunner.piecewise.Break), one per segment.
     """
 
     size: int
@@ -41,6 +44,13 @@ class SizeEntry:
     kept_alive: List[Block]
     capture_ms: float
     pool_bytes_added: int
+    segments: List[Graph] = field(default_factory=list)
+    breaks: List[Any] = field(default_factory=list)
+
+    @property
+    def graphs(self) -> List[Graph]:
+        """Every graph of this size, in the order a step runs them."""
+        return [self.graph, *self.segments]
 
 
 @dataclass
@@ -100,7 +110,8 @@ class CaptureRecord:
         """Destroys the graphs and drops this record's hold on the workspaces (freed once no record holds
         them). The caller makes sure no replay is still running."""
         for entry in self.entries.values():
-            entry.graph.reset()
+            for graph in entry.graphs:
+                graph.reset()
         self.entries.clear()
         self.workspaces = None
         self.static_inputs.clear()
@@ -116,7 +127,7 @@ class CaptureRecord:
         return CaptureReport(
             name=self.name, rank=rank, warmup_ms=self.warmup_ms,
             workspace_bytes=sum(nbytes for _, _, nbytes in self.workspace_blocks()),
-            sizes=[SizeReport(e.size, e.capture_ms, e.pool_bytes_added, e.graph.num_nodes)
+            sizes=[SizeReport(e.size, e.capture_ms, e.pool_bytes_added, sum(g.num_nodes for g in e.graphs))
                    for e in self.entries.values()])
 
 

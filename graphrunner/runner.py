@@ -222,13 +222,20 @@ class GraphRunner(_C.StepCall):
                 size = self.sizes.size_for(batch)
                 if size:
                     outputs[batch] = _sliced(record, size, batch, batch * spec.tokens_per_request)
+        sizes = {size: (spec.requests_of(size), spec.tokens_of(size), record.static_views(size))
+                 for size in spec.capture_sizes}
+        step_info = functools.partial(_step_info, sizes)
         before_replay = None
         if spec.before_replay is not None:
-            sizes = {size: (spec.requests_of(size), spec.tokens_of(size), record.static_views(size))
-                     for size in spec.capture_sizes}
-            before_replay = functools.partial(_before_replay, spec.before_replay, sizes)
+            before_replay = functools.partial(_before_replay, spec.before_replay, step_info)
+        pieces = None  # a piecewise size's breaks, as the native step calls them (csrc/py_step.cpp, Note [breaks])
+        if any(entry.breaks for entry in record.entries.values()):
+            pieces = [None] * (spec.max_batch_size + 1)
+            for size, entry in record.entries.items():
+                if entry.breaks:
+                    pieces[size] = [(b.op, b.args, dict(b.kwargs)) for b in entry.breaks]
         self._arm(record.launcher, outputs, before_replay, clone_tensors if spec.clone_outputs else None,
-                  self._eager)
+                  self._eager, pieces, step_info if pieces is not None else None)
         self.record, self.state = record, RunnerState.ARMED
 
     # -- steps -----------------------------------------------------------------------------------
@@ -399,13 +406,18 @@ def _sliced(record: CaptureRecord, size: int, requests: int, tokens: int) -> Any
     return map_tensors(record.entries[size].outputs, rows)
 
 
-def _before_replay(hook: Callable[[StepInfo], None], sizes: Dict[int, Tuple[int, int, Dict[str, torch.Tensor]]],
-                   requests: int, tokens: int, size: int, inputs: Dict[str, torch.Tensor]) -> None:
-    """What the native step calls before a launch: the user's hook, with the step's StepInfo. `sizes` holds
-    each captured size's (requests, tokens, static views). Like the other callables the runner arms, it does
-    not refer back to the runner."""
+def _step_info(sizes: Dict[int, Tuple[int, int, Dict[str, torch.Tensor]]], requests: int, tokens: int, size: int,
+               inputs: Dict[str, torch.Tensor]) -> StepInfo:
+    """The StepInfo of a step; `sizes` holds each captured size's (requests, tokens, static views). Like the
+    other callables the runner arms, it does not refer back to the runner."""
     padded_requests, padded_tokens, views = sizes.get(size, (0, 0, {}))
-    hook(StepInfo(requests, padded_requests, tokens, padded_tokens, views, inputs))
+    return StepInfo(requests, padded_requests, tokens, padded_tokens, views, inputs)
+
+
+def _before_replay(hook: Callable[[StepInfo], None], step_info: Callable[..., StepInfo], requests: int, tokens: int,
+                   size: int, inputs: Dict[str, torch.Tensor]) -> None:
+    """What the native step calls before a launch: the user's hook, with the step's StepInfo."""
+    hook(step_info(requests, tokens, size, inputs))
 
 
 def _refuse(message: str, **inputs: torch.Tensor) -> Any:

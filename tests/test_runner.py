@@ -309,7 +309,8 @@ def test_captured_steps_never_enter_python(model):
         finally:
             sys.setprofile(None)
         # _before_replay hands the hook its StepInfo (a dataclass's __init__); neither refers to the runner
-        assert set(called) <= {"<lambda>", "_before_replay", "__init__", "clone_tensors", "map_tensors"}, called
+        assert set(called) <= {"<lambda>", "_before_replay", "_step_info", "__init__", "clone_tensors",
+                           "map_tensors"}, called
         torch.testing.assert_close(got["logits"], model(**step)["logits"], rtol=1e-4, atol=1e-4)
         assert got["logits"].data_ptr() != r.record.entries[8].outputs["logits"].data_ptr()  # a clone, not a view
         assert seen == [(5, 8)]

@@ -1,0 +1,186 @@
+"""Piecewise capture: graphs around ops that cannot be captured.
+
+Some ops cannot live in a graph: varlen attention whose kernel needs host-side lengths, routing that syncs
+with the host, kernels that plan per call. Mark such an op with `gr.breaking_op`; the model calls it as usual.
+Outside a capture the op just runs. While graphrunner captures a size, calling it ends the current segment
+(one graph), runs the op once, records the call (the op, its tensors at the addresses the graphs use, its
+boundary buffer `out=`) and starts the next segment, into the same pool. A step at that size then runs, in
+one native call, segment 0 (staging included), break 1, segment 1, ... (csrc/py_step.cpp, Note [breaks]).
+
+The contract of a break op: it writes its result into the tensor passed as `out=` (the boundary buffer the
+next segment reads, allocated by the model before the call, so it lives in the graph pool) and returns it or
+None; it takes a keyword `step`: the step's gr.StepInfo while a runner replays it (with the step's inputs,
+a ragged runner's split still on the host), None when it runs eagerly. An op that returns fresh memory is
+refused at capture: the next segment would read the boundary buffer, which nothing wrote (vllm #37363).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from graphrunner.graph import Graph, PoolId
+from graphrunner.memory import alias
+from graphrunner.spec import StepInfo
+
+_active = threading.local()  # .segments: the Segments capture this thread is in, if any
+
+
+@dataclass(frozen=True)
+class Break:
+    """One recorded break: what a replay calls between two segments.
+
+    Attributes:
+        op: the break op's function (unwrapped).
+        name: how messages name it.
+        args: its positional arguments as captured (tensors at the addresses the graphs use).
+        kwargs: its keyword arguments as captured, `out` among them (`step` is set per step).
+    """
+
+    op: Callable[..., Any]
+    name: str
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+
+
+class BreakOp:
+    """An op a captured graph breaks around (see the module's docstring). Made by `gr.breaking_op`.
+
+    Args:
+        fn: the op: fn(*args, out=tensor, step=StepInfo or None, **kwargs) writes its result into out.
+        name: how messages name it; default fn's qualified name.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: Optional[str] = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"breaking_op() takes a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        segments: Optional[Segments] = getattr(_active, "segments", None)
+        if segments is None:
+            return self.fn(*args, step=None, **kwargs)
+        return segments.break_here(self, args, kwargs)
+
+
+def breaking_op(fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None) -> Any:
+    """Marks an op that cannot be captured: graphs of every runner break around each call of it.
+
+    Use as `@gr.breaking_op` or `gr.breaking_op(fn, name="varlen_attention")`.
+
+    Args:
+        fn: the op: fn(*args, out=tensor, step=StepInfo or None, **kwargs) writes its result into out (see the
+            module graphrunner.piecewise for the contract).
+        name: how messages and reports name it; default fn's qualified name.
+    """
+    if fn is None:
+        return functools.partial(breaking_op, name=name)
+    return BreakOp(fn, name)
+
+
+@dataclass
+class Segments:
+    """The capture of one size as segments, a new graph after each break (graphrunner.capture uses it for
+    every size: a size whose fn calls no break op is one segment, a plain graph).
+
+    Args:
+        pool: the pool every segment allocates from.
+        stream: the capture stream (current while the block runs).
+        capture_error_mode: CUDA's stream capture mode.
+        info: the StepInfo break ops get at capture.
+        long_lived: storages (data_ptr -> bytes) a break's tensors may live in besides this capture's own
+            allocations: static input buffers, the caller's declared tensors.
+        label: how messages name the size ("size 8 of runner 'mixed'").
+    """
+
+    pool: PoolId
+    stream: torch.cuda.Stream
+    capture_error_mode: str
+    info: StepInfo
+    long_lived: Dict[int, int]
+    label: str
+    graphs: List[Graph] = field(default_factory=list)
+    breaks: List[Break] = field(default_factory=list)
+
+    def __enter__(self) -> "Segments":
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self._stream_ctx = torch.cuda.stream(self.stream)
+        self._stream_ctx.__enter__()
+        self._begin()
+        _active.segments = self
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        _active.segments = None
+        try:
+            if kind is None:
+                self.graphs[-1].capture_end()
+            elif self.graphs and self.graphs[-1].capturing:
+                self.graphs[-1].abort_capture()
+        finally:
+            self._stream_ctx.__exit__(kind, exc, tb)
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+    def _begin(self) -> None:
+        graph = Graph(keep_graph=True)  # the audit reads its nodes
+        graph.capture_begin(self.pool, self.capture_error_mode)
+        self.graphs.append(graph)
+
+    def break_here(self, op: BreakOp, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """Ends the current segment at a call of `op`, runs it once, records it and begins the next segment."""
+        if "step" in kwargs:
+            raise TypeError(f"break op {op.name} was called with step=...; graphrunner passes step itself (the "
+                            "StepInfo while replaying, None eagerly)")
+        out = kwargs.get("out")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"break op {op.name} was called without out=: a break op writes its result into a "
+                            "boundary buffer the next segment reads; allocate it before the call (out=torch.empty"
+                            "(...)) and pass it as out=")
+        self.graphs[-1].capture_end()
+        produced = _allocated(self.graphs)
+        for where, t in _tensors(args, kwargs):
+            if not (_inside(t, produced) or _inside(t, self.long_lived)):
+                raise ValueError(
+                    f"break op {op.name} at {self.label} got {where}, a tensor of {tuple(t.shape)} at "
+                    f"0x{t.data_ptr():x} that neither this capture made nor the runner holds (a static input, "
+                    "fn's parameters and buffers, keep=): a replay would call the op on whatever is there then. "
+                    "Pass tensors the segment before the break computed, or declare long-lived ones with keep=")
+        result = op.fn(*args, step=self.info, **kwargs)
+        if result is not None and not (isinstance(result, torch.Tensor) and result.data_ptr() == out.data_ptr()
+                                       and result.shape == out.shape):
+            shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise ValueError(
+                f"break op {op.name} at {self.label} returned {shape} in fresh memory instead of writing its out= "
+                f"buffer {tuple(out.shape)}: the next segment reads the out= buffer, which nothing would write on "
+                "replay. Write the result into out (out.copy_(result), or the kernel's own out= argument) and "
+                "return out or None")
+        # Aliases, not the tensors: a recorded break must not keep this capture's blocks allocated, or the next,
+        # smaller capture could not reuse them (the memory stays the pool's, as the graphs' own does).
+        self.breaks.append(Break(op.fn, op.name, tuple(_aliased(a) for a in args),
+                                 {k: _aliased(v) for k, v in kwargs.items()}))
+        self._begin()
+        return out
+
+
+def _aliased(value: Any) -> Any:
+    return alias(value) if isinstance(value, torch.Tensor) else value
+
+
+def _tensors(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
+    found = [(f"argument {i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    return found + [(f"argument {k}=", v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+
+def _allocated(graphs: Sequence[Graph]) -> Dict[int, int]:
+    """What the segments captured so far allocated in the pool: address -> bytes."""
+    return {address: nbytes for g in graphs for address, nbytes in g.footprint}
+
+
+def _inside(t: torch.Tensor, ranges: Dict[int, int]) -> bool:
+    start = t.untyped_storage().data_ptr()
+    return any(a <= start < a + n for a, n in ranges.items())

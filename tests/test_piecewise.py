@@ -1,0 +1,147 @@
+"""Piecewise capture: graphs that break around ops that cannot be captured (an op that needs the step's
+lengths on the host). Replays equal eager on fresh steps, with outputs poisoned; the break contract's errors
+name the op and the fix."""
+import random
+
+import pytest
+import torch
+
+import graphrunner as gr
+from graphrunner.testing import poison
+from conftest import gpu
+
+D = 8
+
+
+@gr.breaking_op
+def prefix_sums(x, *, lens=None, out, step):
+    """Each request's running sum over its own tokens: a loop over host lengths, which no graph can hold.
+    Replayed, the lengths come from the step (the split on the host); eagerly, from the device."""
+    host = step.inputs["query_lens"].tolist() if step is not None else lens.tolist()
+    start = 0
+    out.zero_()
+    for n in host:
+        out[start:start + n] = x[start:start + n].cumsum(0)
+        start += n
+    return out
+
+
+class Model(torch.nn.Module):
+    def __init__(self, layers=3):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(layers, D, D, device="cuda", dtype=torch.float64) / D ** 0.5)
+        self.emb = torch.nn.Parameter(torch.randn(50, D, device="cuda", dtype=torch.float64))
+
+    def forward(self, input_ids, query_lens):
+        x = self.emb[input_ids]
+        for w in self.w:
+            h = torch.empty_like(x)
+            prefix_sums(x @ w, lens=query_lens, out=h)
+            x = torch.tanh(h) + x
+        ends = query_lens.cumsum(0) - 1
+        return x[ends.clamp(min=0)]
+
+
+INPUTS = {"input_ids": gr.StaticInput((), torch.long, per_token=True, high=50),
+          "query_lens": gr.StaticInput((), torch.int32)}
+
+
+def step(tokens, requests, rng):
+    cuts = sorted(rng.sample(range(1, tokens), requests - 1))
+    lens = [b - a for a, b in zip([0] + cuts, cuts + [tokens])]
+    return {"input_ids": torch.randint(0, 50, (tokens,), device="cuda"),
+            "query_lens": torch.tensor(lens, dtype=torch.int32)}
+
+
+def eager(model, s):
+    return model(**dict(s, query_lens=s["query_lens"].cuda()))
+
+
+def test_breaking_op_needs_a_callable_and_runs_plainly_outside_capture():
+    with pytest.raises(TypeError, match="breaking_op\\(\\) takes a callable, got int"):
+        gr.breaking_op(3)
+    seen = []
+    op = gr.breaking_op(lambda x, out, step: seen.append(step) or out.copy_(x), name="copy")
+    x = torch.arange(3.0)
+    assert torch.equal(op(x, out=torch.empty(3)), x) and seen == [None] and op.name == "copy"
+
+
+@pytest.fixture
+def runner():
+    r = gr.GraphRunner(Model(), INPUTS, capture_sizes=[8, 32], split="query_lens", max_requests=4)
+    r.capture()
+    yield r
+    r.close()
+
+
+@gpu
+def test_segments_and_breaks_replay_like_eager(runner):
+    entry = runner.record.entries[32]
+    assert len(entry.segments) == 3 and [b.name for b in entry.breaks] == ["prefix_sums"] * 3
+    rng = random.Random(0)
+    for _ in range(20):
+        tokens = rng.randint(2, 32)
+        s = step(tokens, rng.randint(1, min(4, tokens)), rng)
+        size = runner.size_for(s["query_lens"].shape[0], tokens)
+        poison(runner.record.entries[size].outputs)
+        torch.testing.assert_close(runner(**s), eager(runner.spec.fn, s), rtol=1e-9, atol=1e-9)
+
+
+@gpu
+def test_piecewise_runner_validates_and_audits(runner):
+    assert not runner.audit().borrowed
+    runner.validate(steps_per_size=3, scrub=True, guard=True)
+
+
+@gpu
+def test_uniform_and_ragged_piecewise_share_one_pool():
+    model = Model()
+    uniform = gr.GraphRunner(lambda input_ids: model(input_ids, torch.ones_like(input_ids, dtype=torch.int32)),
+                             {"input_ids": INPUTS["input_ids"]}, capture_sizes=[4, 8], name="decode")
+    ragged = gr.GraphRunner(model, INPUTS, capture_sizes=[16, 32], split="query_lens", max_requests=4, name="mixed")
+    gr.capture_all(uniform, ragged)
+    try:
+        d = gr.Dispatch(ragged, uniform)
+        rng = random.Random(1)
+        for tokens, requests in ((5, 5), (20, 3), (8, 8), (31, 4)):
+            s = step(tokens, requests, rng) if tokens > requests else \
+                {"input_ids": torch.randint(0, 50, (tokens,), device="cuda"),
+                 "query_lens": torch.ones(tokens, dtype=torch.int32)}
+            torch.testing.assert_close(d(**s).clone(), eager(model, s), rtol=1e-9, atol=1e-9)
+        gr.validate_all(uniform, ragged, scrub=True, guard=True)
+    finally:
+        uniform.close()
+        ragged.close()
+
+
+@gpu
+def test_an_op_returning_fresh_memory_is_refused_at_capture():
+    fresh = gr.breaking_op(lambda x, out, step: x * 2, name="doubles")
+    r = gr.GraphRunner(lambda x: fresh(x + 1, out=torch.empty_like(x)) + 1, {"x": gr.StaticInput((4,), torch.float32)},
+                       capture_sizes=[2])
+    with pytest.raises(ValueError, match=r"break op doubles at size 2 returned \(2, 4\) in fresh memory instead of "
+                                         r"writing its out= buffer \(2, 4\): the next segment reads the out= buffer"):
+        r.capture()
+    assert r.state is gr.RunnerState.UNARMED
+
+
+@gpu
+def test_an_op_without_out_or_with_step_is_refused():
+    op = gr.breaking_op(lambda x, out=None, step=None: x, name="bare")
+    r = gr.GraphRunner(lambda x: op(x), {"x": gr.StaticInput((4,), torch.float32)}, capture_sizes=[2])
+    with pytest.raises(TypeError, match=r"break op bare was called without out=: a break op writes its result into a "
+                                        r"boundary buffer"):
+        r.capture()
+    r = gr.GraphRunner(lambda x: op(x, out=x, step=1), {"x": gr.StaticInput((4,), torch.float32)}, capture_sizes=[2])
+    with pytest.raises(TypeError, match=r"break op bare was called with step=...; graphrunner passes step itself"):
+        r.capture()
+
+
+@gpu
+def test_a_tensor_the_capture_did_not_make_is_refused():
+    op = gr.breaking_op(lambda x, host, out, step: out.copy_(x), name="takes_host")
+    r = gr.GraphRunner(lambda x: op(x * 1, torch.ones(2), out=torch.empty_like(x)),
+                       {"x": gr.StaticInput((4,), torch.float32)}, capture_sizes=[2])
+    with pytest.raises(ValueError, match=r"break op takes_host at size 2 got argument 1, a tensor of \(2,\) at 0x[0-9a-f]+ "
+                                         r"that neither this capture made nor the runner holds"):
+        r.capture()
