@@ -16,8 +16,10 @@ D = 8
 @gr.breaking_op
 def prefix_sums(x, *, lens=None, out, step):
     """Each request's running sum over its own tokens: a loop over host lengths, which no graph can hold.
-    Replayed, the lengths come from the step (the split on the host); eagerly, from the device."""
-    host = step.inputs["query_lens"].tolist() if step is not None else lens.tolist()
+    Replayed by a ragged runner, the lengths come from the step (the split on the host); otherwise (eagerly, at
+    capture, or a uniform runner's step) from the device, which waits for them."""
+    given = step.inputs if step is not None and step.inputs is not None else {}
+    host = given["query_lens"].tolist() if "query_lens" in given else lens.tolist()
     start = 0
     out.zero_()
     for n in host:
