@@ -332,4 +332,8 @@ def _checked_split(spec: RunnerSpec, sizes: List[int]) -> Optional[Dict[int, int
     if bad:
         raise ValueError(f"max_requests[T] must be an int in 1..T (a size of T tokens holds at most T requests), got "
                          f"{bad}")
+    falls = [t for a, t in zip(sizes, sizes[1:]) if given[t] < given[a]]
+    if falls:
+        raise ValueError(f"max_requests must not fall as sizes grow (then every step within the largest size's "
+                         f"tokens and requests has a size), got {given}")
     return {t: given[t] for t in sizes}

@@ -127,6 +127,7 @@ def test_the_split_must_be_on_the_host():
     (dict(max_requests={16: 4}), ValueError, r"max_requests must be an int or a dict with one entry per captured "
                                              r"size \[16, 64, 256\]"),
     (dict(max_requests={16: 17, 64: 8, 256: 8}), ValueError, r"max_requests\[T\] must be an int in 1..T"),
+    (dict(max_requests={16: 8, 64: 4, 256: 8}), ValueError, r"max_requests must not fall as sizes grow"),
     (dict(tokens_per_request=2), ValueError, r"tokens_per_request is for uniform runners"),
     (dict(max_lead=None), ValueError, r"a ragged runner needs max_lead"),
 ])
