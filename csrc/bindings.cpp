@@ -102,6 +102,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("pool", &Graph::pool)
       .def_property_readonly("device", [](const Graph& g) { return static_cast<int>(g.device()); })
       .def_property_readonly("num_nodes", &Graph::num_nodes)
+      .def_property_readonly("exec_bytes", &Graph::exec_bytes,
+                             "Device memory the driver took for the executable graph (instantiation and upload), "
+                             "outside torch's allocator; coarse alone (the driver maps it in 2 MiB chunks), exact "
+                             "summed over many graphs. 0 before capture and after reset().")
       .def_property_readonly("exec_handle", [](const Graph& g) { return reinterpret_cast<uintptr_t>(g.exec()); },
                              "The cudaGraphExec_t as an int (for benchmarks' own launch loops).")
       .def_property_readonly("footprint", &Graph::footprint, "What the capture allocated: [(address, bytes)].")

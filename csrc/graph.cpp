@@ -119,9 +119,22 @@ void Graph::capture_end() {
 void Graph::instantiate(cudaStream_t stream) {
   context_ = current_context();  // under the capture's device guard: the device's primary context
   GR_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &num_nodes_));
+  // The executable's device memory, by the driver's free figure around instantiation and upload (the capture
+  // has ended, so the query is legal; CUDA has no per-executable accounting: cudaGraphMemAttr* counts only
+  // memory that graphs' own allocation nodes take). The driver maps this memory in chunks (2 MiB on Hopper): a
+  // graph that fits in a chunk mapped earlier reads 0 and the one that maps the next reads the whole chunk, so
+  // single readings are coarse and only sums over many graphs are exact. Memory another thread or process
+  // allocates or frees on the device meanwhile skews the reading.
+  size_t free_before = 0;
+  size_t free_after = 0;
+  size_t total = 0;
+  GR_CUDA_CHECK(cudaMemGetInfo(&free_before, &total));
   GR_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
-  // Uploading now moves the one-time setup cost out of the first replay.
+  // Uploading now moves the one-time setup cost out of the first replay (and its memory into the reading).
   GR_CUDA_CHECK(cudaGraphUpload(exec_, stream));
+  GR_CUDA_CHECK(cudaStreamSynchronize(stream));
+  GR_CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
+  exec_bytes_ = free_before > free_after ? free_before - free_after : 0;
   if (!keep_graph_) {
     GR_CUDA_CHECK(cudaGraphDestroy(graph_));
     graph_ = nullptr;
@@ -249,6 +262,7 @@ void Graph::reset() {
     graph_ = nullptr;
   }
   num_nodes_ = 0;
+  exec_bytes_ = 0;
   context_ = nullptr;
   argument_node_ = nullptr;
   argument_set_ = false;

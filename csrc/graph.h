@@ -49,6 +49,9 @@ class Graph {
   PoolId pool() const { return pool_; }
   c10::DeviceIndex device() const { return device_; }
   size_t num_nodes() const { return num_nodes_; }
+  // Device memory the driver took for this graph's executable (instantiation and upload), outside torch's
+  // allocator: the drop in the driver's free memory across the two. 0 before capture and after reset().
+  size_t exec_bytes() const { return exec_bytes_; }
   cudaGraphExec_t exec() const { return exec_; }
   // What this graph's capture allocated in the pool (address, bytes), in allocation order.
   const std::vector<AddressRange>& footprint() const { return footprint_; }
@@ -80,6 +83,7 @@ class Graph {
   c10::DeviceIndex device_ = -1;
   CUcontext context_ = nullptr;  // the device's context, which replay() finds current on a serving thread
   size_t num_nodes_ = 0;
+  size_t exec_bytes_ = 0;
   bool capturing_ = false;
   bool holds_pool_ = false;
   cudaGraphNode_t argument_node_ = nullptr;

@@ -21,10 +21,13 @@ from graphrunner.schedule import default_capture_sizes
 from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import ValidationReport
 from graphrunner.workspace import workspace
+from graphrunner.plan import CapturePlan, dry_run
+from graphrunner.record import PoolReport
 
 __all__ = [
     "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",
     "Dispatch", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
     "SizeEntry", "SizeReport", "StaticInput", "StepInfo", "ValidationReport", "WorkspaceError", "audit_graphs",
     "capture_all", "capture_stream", "default_capture_sizes", "validate_all", "workspace",
+    "CapturePlan", "PoolReport", "dry_run",
 ]

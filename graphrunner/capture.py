@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -23,7 +23,7 @@ from graphrunner.graph import capture_stream
 from graphrunner.memory import alias
 from graphrunner.outputs import map_tensors
 from graphrunner.piecewise import Segments
-from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry
+from graphrunner.record import CaptureRecord, CaptureReport, PoolReport, SizeEntry
 from graphrunner.spec import RunnerSpec, StepInfo
 
 logger = logging.getLogger("graphrunner")
@@ -44,17 +44,51 @@ class Capture:
     sizes: Any
 
 
-def capture(captures: Sequence[Capture], pool: Any) -> List[CaptureRecord]:
-    """Captures every size of every runner largest first into `pool`; returns one record per runner, in order.
-    On failure every record made so far is released and the error raised.
+class OverBudget(Exception):
+    """A capture kept within a budget measured over it; its graphs were destroyed (capture_within retries)."""
+
+    def __init__(self, measured: int, budget: int) -> None:
+        super().__init__(f"the capture took {measured} bytes, over its budget of {budget}")
+        self.measured, self.budget = measured, budget
+
+
+def capture(captures: Sequence[Capture], pool: Any, budget: Optional[int] = None,
+            dropped: Optional[List[List[int]]] = None) -> List[CaptureRecord]:
+    """Captures every size of every runner largest first into `pool`; returns one record per runner, in order,
+    each with its report (`record.capture_report`), logged. On failure every record made so far is released and
+    the error raised.
+
+    The driver's free memory is read around the whole capture, after a device synchronize and
+    `torch.cuda.empty_cache()` on both sides (so what the warm-up leaves in torch's cache is not counted, and
+    torch's cache is emptied as a side effect): the reports' `driver_bytes`, what the capture keeps as the driver
+    counts it, and `outside_bytes`, its part outside torch's allocator (the executables' memory, measured per
+    graph in `Graph.exec_bytes`, and anything else the driver handed out meanwhile).
 
     Args:
         captures: the runners, all on one device.
         pool: the allocator pool id the graphs allocate from.
+        budget: the bytes the capture may keep (graphrunner.plan.capture_within): a capture whose driver_bytes
+            exceed it on any rank destroys its graphs and raises OverBudget on every rank.
+        dropped: per runner, the sizes left out for the budget (for the reports).
     """
+    device = torch.device("cuda", captures[0].spec.device)
+    free, reserved = _settled_memory(device)
     records: List[CaptureRecord] = []
     try:
-        _schedule(captures, pool, records)
+        ranks, stream = _schedule(captures, pool, records)
+        # Every graph baked in the cuBLAS workspaces torch cached for our private stream during the warm-up:
+        # from now on the graphs own them (see csrc/workspaces.h).
+        workspaces = _C.WorkspaceHold()
+        workspaces.take(stream.cuda_stream)
+        for record in records:
+            record.workspaces = workspaces
+        free_after, reserved_after = _settled_memory(device)
+        driver_bytes = free - free_after
+        if budget is not None and any(ranks.exchange("the capture's bytes against its budget",
+                                                     value=driver_bytes > budget)):
+            raise OverBudget(driver_bytes, budget)
+        _report(captures, records, ranks, driver_bytes, driver_bytes - (reserved_after - reserved), budget,
+                dropped or [[] for _ in captures])
     except BaseException:
         for record in records:
             record.release()
@@ -62,15 +96,33 @@ def capture(captures: Sequence[Capture], pool: Any) -> List[CaptureRecord]:
     return records
 
 
-def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecord]) -> None:
+def capture_order(specs: Sequence[RunnerSpec]) -> List[Tuple[int, int]]:
+    """The (size, runner index) pairs of runners captured together, in the order they are captured: largest
+    first by the rows a graph processes (tokens), which is what its activations scale with: a ragged size counts
+    tokens, a uniform size requests of tokens_per_request rows each.
+
+    Args:
+        specs: the runners' specs, in capture_all's order.
+    """
+    return [(size, i) for _, size, i in sorted(((spec.tokens_of(size), size, i) for i, spec in enumerate(specs)
+                                                for size in spec.capture_sizes), reverse=True)]
+
+
+def _settled_memory(device: torch.device) -> Tuple[int, int]:
+    """The driver's free memory and torch's reserved memory on `device`, once the device is idle and torch's
+    cache is emptied."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+
+
+def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecord]
+              ) -> Tuple[distributed.Agreement, torch.cuda.Stream]:
     spec0 = captures[0].spec
     device = torch.device("cuda", spec0.device)
     stream = capture_stream(device)
     ranks = distributed.agreement(spec0.collective_timeout_s)
-    # Largest first by the rows a graph processes (tokens), which is what its activations scale with: a ragged
-    # size counts tokens, a uniform size requests of tokens_per_request rows each.
-    order = [(size, i) for _, size, i in sorted(((c.spec.tokens_of(size), size, i) for i, c in enumerate(captures)
-                                                 for size in c.spec.capture_sizes), reverse=True)]
+    order = capture_order([c.spec for c in captures])
     ranks.same_everywhere("capture order", order)
     with ranks.stage("warm-up"):
         for c in captures:
@@ -91,20 +143,43 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
     finally:
         if gc_enabled:
             gc.enable()
-    # Every graph above baked in the cuBLAS workspaces torch cached for our private stream during the warm-up:
-    # from now on the graphs own them (see csrc/workspaces.h).
-    workspaces = _C.WorkspaceHold()
-    workspaces.take(stream.cuda_stream)
-    for c, record in zip(captures, records):
-        record.workspaces = workspaces
+    return ranks, stream
+
+
+def _report(captures: Sequence[Capture], records: List[CaptureRecord], ranks: distributed.Agreement,
+            driver_bytes: int, outside_bytes: int, budget: Optional[int], dropped: List[List[int]]) -> None:
+    """Makes each record's report (exchanged among the ranks of a distributed run) and logs it: a line per
+    runner, and one for the pool when several runners were captured together."""
+    reports = []
+    for c, record, left_out in zip(captures, records, dropped):
         report = record.report(rank=ranks.rank)
+        report.driver_bytes, report.outside_bytes = driver_bytes, outside_bytes
+        report.shared_workspaces = len(records) > 1
+        report.budget, report.dropped = budget, list(left_out)
         report.ranks = ranks.exchange(f"capture report of {c.spec.name or 'the runner'}", value=report) \
             if ranks.world > 1 else []
         record.capture_report = report
-        if distributed.is_rank_zero():
-            logger.info("graphrunner: %s", report.summary())
-            if c.spec.verbose:
-                print(f"graphrunner: {report.summary()}", file=sys.stderr)
+        reports.append(report)
+    log(reports, verbose=any(c.spec.verbose for c in captures))
+
+
+def log(reports: Sequence[CaptureReport], verbose: bool = False) -> None:
+    """Logs the reports of one capture to the "graphrunner" logger (and stderr where `verbose`): a line per
+    runner, and the pool's totals when there are several (on rank 0 of a distributed run only).
+
+    Args:
+        reports: the reports of runners captured together.
+        verbose: print the lines to stderr too.
+    """
+    if not distributed.is_rank_zero():
+        return
+    lines = [r.summary() for r in reports]
+    if len(reports) > 1:
+        lines.append(PoolReport(list(reports)).summary())
+    for line in lines:
+        logger.info("graphrunner: %s", line)
+        if verbose:
+            print(f"graphrunner: {line}", file=sys.stderr)
 
 
 def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:

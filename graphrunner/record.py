@@ -52,6 +52,11 @@ class SizeEntry:
         """Every graph of this size, in the order a step runs them."""
         return [self.graph, *self.segments]
 
+    @property
+    def exec_bytes(self) -> int:
+        """Device memory the driver took for this size's executable graphs (`Graph.exec_bytes`, summed)."""
+        return sum(g.exec_bytes for g in self.graphs)
+
 
 @dataclass
 class CaptureRecord:
@@ -102,6 +107,10 @@ class CaptureRecord:
         """How messages name the graph of `size`."""
         return f"the graph of {self.label(size)}"
 
+    def static_bytes(self) -> int:
+        """Bytes of the static input buffers (each with the largest size's rows)."""
+        return sum(t.untyped_storage().nbytes() for t in self.static_inputs.values())
+
     def workspace_blocks(self) -> List[Tuple[str, int, int]]:
         """The library workspaces kept alive for these graphs: [(library, address, bytes)]."""
         return list(self.workspaces.held) if self.workspaces is not None else []
@@ -127,23 +136,54 @@ class CaptureRecord:
         return CaptureReport(
             name=self.name, rank=rank, warmup_ms=self.warmup_ms,
             workspace_bytes=sum(nbytes for _, _, nbytes in self.workspace_blocks()),
-            sizes=[SizeReport(e.size, e.capture_ms, e.pool_bytes_added, sum(g.num_nodes for g in e.graphs))
+            static_bytes=self.static_bytes(),
+            sizes=[SizeReport(e.size, e.capture_ms, e.pool_bytes_added, sum(g.num_nodes for g in e.graphs),
+                              e.exec_bytes, len(e.graphs))
                    for e in self.entries.values()])
 
 
 @dataclass
 class SizeReport:
-    """One size's line of the capture report: capture time, pool growth, graph nodes."""
+    """One size's line of the capture report.
+
+    Attributes:
+        size: the captured size.
+        capture_ms: wall time of its capture.
+        pool_bytes_added: what the pool grew by during its capture (0 for most sizes after the largest).
+        num_nodes: nodes of its graphs.
+        exec_bytes: device memory the driver took for its executable graphs, outside torch's allocator (read in
+            2 MiB chunks: one size may read 0 and the next 2 MiB; sums over many sizes are exact).
+        graphs: its graphs (more than one for a piecewise size).
+    """
 
     size: int
     capture_ms: float
     pool_bytes_added: int
     num_nodes: int
+    exec_bytes: int = 0
+    graphs: int = 1
+
+    @property
+    def bytes(self) -> int:
+        """What this size added: pool growth and executables."""
+        return self.pool_bytes_added + self.exec_bytes
+
+
+def _mib(nbytes: Optional[int]) -> str:
+    return "-" if nbytes is None else f"{nbytes / MiB:.1f}"
 
 
 @dataclass
 class CaptureReport:
-    """What `capture()` did, per size, plus the warm-up and the workspaces kept alive.
+    """What `capture()` did, per size, plus the warm-up, the workspaces kept alive and the static inputs: every
+    byte a runner's graphs hold.
+
+    The bytes add up as `bytes` = pool + executables + workspaces + static inputs: the pool's growth while this
+    runner's sizes were captured, the driver's memory for their executable graphs (outside torch's allocator),
+    the library workspaces the graphs own, and the static input buffers. Runners captured together share one
+    pool and one workspace hold: each one's pool bytes are what the pool grew by during its own captures (the sum
+    over the runners is the pool), while each report lists the whole shared hold (`shared_workspaces`);
+    `PoolReport` counts it once.
 
     Attributes:
         sizes: one SizeReport per size, in capture order.
@@ -152,6 +192,16 @@ class CaptureReport:
         name: the runner's name ("" when unnamed).
         rank: this process's rank in a distributed run (0 otherwise).
         ranks: every rank's report, in a distributed run.
+        static_bytes: the static input buffers.
+        driver_bytes: the fall of the driver's free memory across the whole capture (every runner captured with
+            this one, measured after emptying torch's cache on both sides): everything the capture keeps, as
+            the driver counts it, other processes' allocations meanwhile included. None where not measured.
+        outside_bytes: the part of driver_bytes outside torch's allocator (driver_bytes less the growth of
+            torch's reserved memory): the executables, and anything else the driver handed out meanwhile (lazily
+            loaded kernels, library handles). None where not measured.
+        shared_workspaces: the workspace hold is shared with other runners captured together.
+        budget: the max_bytes capture_all kept the capture within, if one was given.
+        dropped: sizes of this runner left out to stay within the budget (their steps run eagerly).
     """
 
     sizes: List[SizeReport] = field(default_factory=list)
@@ -160,6 +210,12 @@ class CaptureReport:
     name: str = ""
     rank: int = 0
     ranks: List["CaptureReport"] = field(default_factory=list)
+    static_bytes: int = 0
+    driver_bytes: Optional[int] = None
+    outside_bytes: Optional[int] = None
+    shared_workspaces: bool = False
+    budget: Optional[int] = None
+    dropped: List[int] = field(default_factory=list)
 
     @property
     def capture_s(self) -> float:
@@ -169,11 +225,28 @@ class CaptureReport:
     def pool_bytes(self) -> int:
         return sum(r.pool_bytes_added for r in self.sizes)
 
+    @property
+    def exec_bytes(self) -> int:
+        """The executable graphs' device memory, summed over sizes."""
+        return sum(r.exec_bytes for r in self.sizes)
+
+    @property
+    def graphs(self) -> int:
+        return sum(r.graphs for r in self.sizes)
+
+    @property
+    def bytes(self) -> int:
+        """Every byte this runner's graphs hold: pool + executables + workspaces + static inputs."""
+        return self.pool_bytes + self.exec_bytes + self.workspace_bytes + self.static_bytes
+
     def summary(self) -> str:
-        """One line: sizes, time, pool and workspace memory (and the slowest rank, in a distributed run)."""
-        text = (f"{self.name + ': ' if self.name else ''}captured {len(self.sizes)} sizes in {self.capture_s:.2f} s "
-                f"(warm-up {self.warmup_ms:.0f} ms), pool {self.pool_bytes / MiB:.1f} MiB, workspaces kept "
-                f"{self.workspace_bytes / MiB:.1f} MiB")
+        """One line, as vLLM's "captured N graphs in S s, took X MiB", with the split (and the slowest rank, in a
+        distributed run)."""
+        text = f"{self.name + ': ' if self.name else ''}{_took(self.graphs, len(self.sizes), self.capture_s)} " \
+               f"(warm-up {self.warmup_ms:.0f} ms), took {self.bytes / MiB:.1f} MiB " + \
+               _split(self.pool_bytes, self.exec_bytes, self.workspace_bytes, self.static_bytes,
+                      " (shared)" if self.shared_workspaces else "")
+        text += _budget(self.budget, {self.name: self.dropped} if self.dropped else {})
         if self.ranks:
             slowest = max(self.ranks, key=lambda r: r.capture_s)
             text += (f" on rank {self.rank} of {len(self.ranks)}; slowest rank {slowest.rank} "
@@ -182,14 +255,120 @@ class CaptureReport:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "rank": self.rank, "warmup_ms": self.warmup_ms, "capture_s": self.capture_s,
-                "pool_bytes": self.pool_bytes, "workspace_bytes": self.workspace_bytes,
+                "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
+                "static_bytes": self.static_bytes, "bytes": self.bytes, "driver_bytes": self.driver_bytes,
+                "outside_bytes": self.outside_bytes, "shared_workspaces": self.shared_workspaces,
+                "budget": self.budget, "dropped": list(self.dropped),
                 "sizes": [vars(r) for r in self.sizes], "ranks": [r.to_dict() for r in self.ranks]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
-        lines = [f"{'size':>6} {'capture ms':>11} {'pool MiB added':>15} {'nodes':>6}"]
-        lines += [f"{r.size:>6} {r.capture_ms:>11.2f} {r.pool_bytes_added / MiB:>15.2f} {r.num_nodes:>6}"
-                  for r in self.sizes]
+        lines = [f"{'size':>6} {'capture ms':>11} {'pool MiB added':>15} {'exec MiB':>9} {'nodes':>6}"]
+        lines += [f"{r.size:>6} {r.capture_ms:>11.2f} {r.pool_bytes_added / MiB:>15.2f} {r.exec_bytes / MiB:>9.2f} "
+                  f"{r.num_nodes:>6}" for r in self.sizes]
         return "\n".join(lines + [self.summary()])
+
+
+@dataclass
+class PoolReport:
+    """The totals of runners captured together into one pool (`capture_all`): every byte counted once.
+
+    Attributes:
+        runners: each runner's CaptureReport, in the order they were passed.
+    """
+
+    runners: List[CaptureReport]
+
+    @property
+    def graphs(self) -> int:
+        return sum(r.graphs for r in self.runners)
+
+    @property
+    def capture_s(self) -> float:
+        return sum(r.capture_s for r in self.runners)
+
+    @property
+    def pool_bytes(self) -> int:
+        """The pool's growth over the whole capture (each runner's report holds its own captures' part)."""
+        return sum(r.pool_bytes for r in self.runners)
+
+    @property
+    def exec_bytes(self) -> int:
+        return sum(r.exec_bytes for r in self.runners)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """The workspace hold, counted once: every runner of one capture_all lists the same one."""
+        return max((r.workspace_bytes for r in self.runners), default=0)
+
+    @property
+    def static_bytes(self) -> int:
+        return sum(r.static_bytes for r in self.runners)
+
+    @property
+    def bytes(self) -> int:
+        """Every byte the graphs of all these runners hold: pool + executables + workspaces + static inputs."""
+        return self.pool_bytes + self.exec_bytes + self.workspace_bytes + self.static_bytes
+
+    @property
+    def driver_bytes(self) -> Optional[int]:
+        """The driver's figure for the whole capture (see CaptureReport.driver_bytes)."""
+        return self.runners[0].driver_bytes if self.runners else None
+
+    @property
+    def outside_bytes(self) -> Optional[int]:
+        return self.runners[0].outside_bytes if self.runners else None
+
+    @property
+    def budget(self) -> Optional[int]:
+        return self.runners[0].budget if self.runners else None
+
+    @property
+    def dropped(self) -> Dict[str, List[int]]:
+        """Runner name -> the sizes left out to stay within the budget (runners that dropped none left out)."""
+        return {r.name: list(r.dropped) for r in self.runners if r.dropped}
+
+    def summary(self) -> str:
+        """One line for the pool: "captured N graphs in S s, took X MiB (pool, executables, workspaces kept,
+        static inputs)", the driver's own figure, and what a budget dropped."""
+        names = ", ".join(repr(r.name) for r in self.runners if r.name)
+        sizes = sum(len(r.sizes) for r in self.runners)
+        text = f"{'pool of ' + names + ': ' if names else ''}{_took(self.graphs, sizes, self.capture_s)}, took " \
+               f"{self.bytes / MiB:.1f} MiB " + _split(self.pool_bytes, self.exec_bytes, self.workspace_bytes,
+                                                       self.static_bytes, "")
+        if self.driver_bytes is not None:
+            text += f"; the driver's free memory fell {self.driver_bytes / MiB:.1f} MiB"
+            if self.outside_bytes is not None:
+                text += f", {self.outside_bytes / MiB:.1f} of it outside torch's allocator"
+        return text + _budget(self.budget, self.dropped)
+
+    def to_dict(self) -> dict:
+        return {"graphs": self.graphs, "capture_s": self.capture_s, "bytes": self.bytes,
+                "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
+                "static_bytes": self.static_bytes, "driver_bytes": self.driver_bytes,
+                "outside_bytes": self.outside_bytes, "budget": self.budget, "dropped": self.dropped,
+                "runners": [r.to_dict() for r in self.runners]}
+
+    def __str__(self) -> str:
+        return "\n".join([str(r) for r in self.runners] + [self.summary()])
+
+
+def _took(graphs: int, sizes: int, seconds: float) -> str:
+    return f"captured {graphs} graphs{f' ({sizes} sizes)' if graphs != sizes else ''} in {seconds:.2f} s"
+
+
+def _split(pool: int, executables: int, workspaces: int, static: int, shared: str) -> str:
+    return (f"(pool {_mib(pool)}, executables {_mib(executables)}, workspaces kept {_mib(workspaces)}{shared}, "
+            f"static inputs {_mib(static)})")
+
+
+def _budget(budget: Optional[int], dropped: Dict[str, List[int]]) -> str:
+    if budget is None:
+        return ""
+    if not dropped:
+        return f"; within the budget of {budget / MiB:.1f} MiB, every size kept"
+    what = "; ".join(f"{', '.join(map(str, sorted(sizes)))}{f' of {name!r}' if name else ''}"
+                     for name, sizes in dropped.items())
+    return f"; within the budget of {budget / MiB:.1f} MiB, dropped sizes {what} (their steps run eagerly)"

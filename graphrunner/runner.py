@@ -16,6 +16,7 @@ from graphrunner.graph import PoolLike, pool_id, require_cuda
 from graphrunner.inputs import StaticInput
 from graphrunner.isolate import validate_in_child
 from graphrunner.outputs import clone_tensors, map_tensors
+from graphrunner.plan import CapturePlan, capture_within, check_budget
 from graphrunner.record import CaptureRecord, CaptureReport
 from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import MakeInputs, Target, ValidationReport, validate
@@ -320,14 +321,29 @@ class GraphRunner(_C.StepCall):
         self.close()
 
 
-def capture_all(*runners: GraphRunner) -> List[CaptureReport]:
+def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
+                plan: Optional[CapturePlan] = None) -> List[CaptureReport]:
     """Captures several runners into one pool, every size of every runner largest first, so the pool holds
-    about what the largest graph of any runner needs. Returns each runner's report, in argument order.
+    about what the largest graph of any runner needs. Returns each runner's report, in argument order: per size
+    and in total, every byte the graphs hold (pool growth, executables, workspaces, static inputs) and the
+    driver's own figure for the whole capture; it logs a line per runner and one for the pool.
 
     Runners of one pool share its memory: they must never replay concurrently on different streams.
 
+    With `max_bytes`, the capture keeps the sizes that fit, dropping the largest first: every runner keeps its sizes
+    up to the largest limit whose predicted bytes fit (`plan.bytes_for`), and is rebuilt on them
+    (`runner.capture_sizes` lists what was kept; the reports' `dropped`, what was not). Steps of batches above the
+    largest kept size run eagerly, up to the max_batch_size the runner was built with. The capture is measured (the
+    driver's free memory, torch's cache emptied on both sides, as gr.dry_run measures) and, were it over the
+    budget, captured again with fewer sizes: the capture kept never exceeds max_bytes. A budget that even the
+    smallest sizes exceed raises ValueError. See graphrunner.plan.capture_within.
+
     Args:
         runners: runners built with the same pool (or all with pool=None: they get one new pool), on one device.
+        max_bytes: the most bytes the capture may keep (a positive int), or None: every size.
+        plan: the gr.dry_run plan of these runners (made before the engine's big buffers, with a stand-in for
+            them). Without one, a budgeted capture first dry-runs the runners themselves, which needs the memory
+            of capturing every size while it runs.
     """
     if not runners or not all(isinstance(r, GraphRunner) for r in runners):
         raise TypeError("capture_all() takes one or more GraphRunner objects")
@@ -345,10 +361,12 @@ def capture_all(*runners: GraphRunner) -> List[CaptureReport]:
                          f"{sorted(pools)} on devices {sorted(devices)}")
     if len(runners) > 1 and len(set(names)) != len(names):
         raise ValueError(f"runners captured together need distinct names (GraphRunner(name=...)), got {names}")
+    check_budget(max_bytes, plan, runners)
     require_cuda()
     with torch.cuda.device(torch.device("cuda", runners[0].spec.device)):
-        records = schedule.capture([schedule.Capture(r.spec, r._checker, r.sizes) for r in runners],
-                                   pools.pop() if pools else torch.cuda.graph_pool_handle())
+        pool = pools.pop() if pools else torch.cuda.graph_pool_handle()
+        records = schedule.capture([schedule.Capture(r.spec, r._checker, r.sizes) for r in runners], pool) \
+            if max_bytes is None else capture_within(runners, pool, max_bytes, plan)
     for runner, record in zip(runners, records):
         runner._arm_on(record)
     return [record.capture_report for record in records]

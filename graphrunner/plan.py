@@ -1,0 +1,426 @@
+"""Memory an engine can plan on: what a capture will take, measured before the KV cache is allocated, and a
+capture kept within a budget.
+
+- `dry_run(build)` captures every size of a set of runners built against a small stand-in for the engine's big
+  buffers, measures what the capture keeps (the driver's free memory, as the real capture will read it), gives
+  everything back and returns a `CapturePlan`: the bytes, the per-size detail, and the bytes of every shorter
+  ladder (each runner keeping its sizes up to a limit), for a budget.
+- `capture_all(*runners, max_bytes=..., plan=...)` (graphrunner.runner) keeps the sizes that fit, dropping the
+  largest first, through `capture_within` here.
+
+Why a dry run and not an estimate: vLLM extrapolates graph memory from two captures and misses both ways (vllm
+#45178, #51590, #49224, #50780). The graphs' executables take device memory outside torch's allocator (1-3 MiB a
+graph on Hopper), which no pool figure shows; a dry run measures it with the driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from graphrunner import distributed
+from graphrunner._native import _C
+from graphrunner.capture import Capture, OverBudget, _stage_capture_inputs, capture, capture_order
+from graphrunner.graph import capture_stream, require_cuda
+from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport
+from graphrunner.spec import RunnerSpec, StepInfo
+
+if TYPE_CHECKING:
+    from graphrunner.runner import GraphRunner
+
+logger = logging.getLogger("graphrunner")
+
+Build = Callable[[], Union["GraphRunner", Sequence["GraphRunner"]]]
+
+
+@dataclass
+class CapturePlan:
+    """What a capture of these runners takes, measured by `dry_run`.
+
+    Attributes:
+        bytes: what the capture keeps, as the driver counts it: the fall of the driver's free memory across
+            capture_all, after a device synchronize and `torch.cuda.empty_cache()` on both sides (pool,
+            executables, workspaces, static input buffers, and anything else that stays). What the real capture of
+            the same runners reads the same way, and what close() gives back.
+        reports: the dry run's capture reports, one per runner (per size: pool growth, executable bytes).
+        ladder: limit -> the predicted `bytes` when every runner keeps only its sizes up to `limit` (one entry
+            per captured size at which every runner keeps at least one size; the largest is `bytes` itself).
+            Empty where dry_run(ladder=False) measured the whole ladder only.
+        leftover_bytes: the driver's free memory that was not back after the dry run gave everything back
+            (closed its runners, dropped them, emptied torch's cache), against before build() ran: what build()
+            made that something still holds, or what close() failed to give back.
+        seconds: wall time of the dry run, build() included.
+    """
+
+    bytes: int
+    reports: List[CaptureReport]
+    ladder: Dict[int, int] = field(default_factory=dict)
+    leftover_bytes: Optional[int] = None
+    seconds: float = 0.0
+
+    @property
+    def pool(self) -> PoolReport:
+        """The dry run's totals, every byte counted once (the split of `bytes` as the reports account it)."""
+        return PoolReport(list(self.reports))
+
+    @property
+    def sizes(self) -> Dict[str, List[int]]:
+        """Runner name -> the sizes the plan measured, ascending."""
+        return {r.name: sorted(s.size for s in r.sizes) for r in self.reports}
+
+    @property
+    def largest(self) -> int:
+        """The largest size of any runner."""
+        return max(size for sizes in self.sizes.values() for size in sizes)
+
+    @property
+    def smallest_limit(self) -> int:
+        """The smallest limit at which every runner keeps a size: the largest of the runners' smallest sizes."""
+        return max(min(sizes) for sizes in self.sizes.values())
+
+    def bytes_for(self, limit: int) -> int:
+        """The predicted bytes of a capture in which every runner keeps only its sizes up to `limit`.
+
+        Args:
+            limit: a size; every size above it is dropped.
+        """
+        if limit >= self.largest:
+            return self.bytes
+        kept = [k for k in self.ladder if k <= limit]
+        if not kept:
+            if not self.ladder:
+                raise ValueError("this plan measured the whole ladder only (dry_run(..., ladder=False)); make it "
+                                 "with ladder=True to plan captures of fewer sizes")
+            raise ValueError(f"at limit {limit} some runner keeps no size: the smallest limit is "
+                             f"{self.smallest_limit} ({self._smallest_sizes()})")
+        return self.ladder[max(kept)]
+
+    def fit(self, max_bytes: int, below: Optional[int] = None) -> int:
+        """The largest limit whose capture fits in `max_bytes` (drop the largest sizes first); raises ValueError
+        naming what the smallest sizes need when none does.
+
+        Args:
+            max_bytes: the budget, in bytes.
+            below: only limits below this one (a capture at it measured over the budget).
+        """
+        limits = sorted(set(self.ladder) | {self.largest}, reverse=True)
+        for limit in limits:
+            if (below is None or limit < below) and limit >= self.smallest_limit and \
+                    self.bytes_for(limit) <= max_bytes:
+                return limit
+        if not self.ladder and self.bytes > max_bytes:
+            raise ValueError(f"max_bytes={max_bytes} ({max_bytes / MiB:.1f} MiB) is less than every size of these "
+                             f"runners takes ({self.bytes / MiB:.1f} MiB), and this plan measured the whole ladder "
+                             "only (dry_run(..., ladder=False)): make it with ladder=True to drop sizes")
+        smallest = self.bytes_for(self.smallest_limit)
+        raise ValueError(f"max_bytes={max_bytes} ({max_bytes / MiB:.1f} MiB) is less than the smallest sizes need: "
+                         f"capturing {self._smallest_sizes()} takes {smallest / MiB:.1f} MiB by the plan"
+                         + (f" (a capture measured {(max_bytes - smallest) / MiB:.1f} MiB more than planned)"
+                            if below is not None else "")
+                         + "; raise max_bytes, or capture smaller sizes (capture_sizes=...)")
+
+    def check(self, runners: Sequence[Any]) -> None:
+        """Raises ValueError unless the plan was made for runners of these names and sizes.
+
+        Args:
+            runners: the runners a budget is planned for (GraphRunners, or anything with a `spec`).
+        """
+        given = {r.spec.name: list(r.spec.capture_sizes) for r in runners}
+        if given != self.sizes:
+            raise ValueError(f"the plan was made for runners (name: sizes) {self.sizes}, not {given}: make it with "
+                             "gr.dry_run(build) where build() makes runners like these, with a stand-in for the "
+                             "big buffers")
+
+    def summary(self) -> str:
+        """One line: the bytes, their split, and the smallest ladder's."""
+        pool = self.pool
+        text = (f"dry run: {pool.graphs} graphs would take {self.bytes / MiB:.1f} MiB (accounted: pool "
+                f"{pool.pool_bytes / MiB:.1f}, executables {pool.exec_bytes / MiB:.1f}, workspaces kept "
+                f"{pool.workspace_bytes / MiB:.1f}, static inputs {pool.static_bytes / MiB:.1f})")
+        if self.ladder:
+            text += f"; sizes up to {self.smallest_limit} alone {self.bytes_for(self.smallest_limit) / MiB:.1f} MiB"
+        if self.leftover_bytes is not None:
+            text += f"; {self.leftover_bytes / MiB:.1f} MiB not back after it"
+        return text + f" ({self.seconds:.2f} s)"
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "ladder": {str(k): v for k, v in sorted(self.ladder.items())},
+                "leftover_bytes": self.leftover_bytes, "seconds": self.seconds, "sizes": self.sizes,
+                "pool": self.pool.to_dict()}
+
+    def _smallest_sizes(self) -> str:
+        limit = self.smallest_limit
+        return "; ".join(f"sizes {', '.join(str(s) for s in sizes if s <= limit)}{f' of {name!r}' if name else ''}"
+                         for name, sizes in self.sizes.items())
+
+
+def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
+    """Captures every size of the runners `build()` makes, measures what the capture keeps, gives everything
+    back, and returns the plan: the bytes the real capture of the same runners will take. An engine calls it
+    before sizing its KV cache.
+
+    `build()` makes the runners (and whatever model they run) and returns them, a GraphRunner or a list of the
+    runners to capture together. They must be identical to the real ones (same fn and layers, inputs, capture
+    sizes, names, tokens_per_request, max_requests, out= shapes, options) except for the engine's big buffers, which
+    may be small stand-ins: a few pages of KV cache, as long as fn runs on them at every size with the static
+    inputs' pad values (and capture_inputs, if given), as the capture's warm-up runs it. The weights may be the
+    real ones: they are allocated before the measurement starts. Anything whose size depends on a big buffer's
+    size and is allocated inside fn (or by on_capture) would be mispredicted.
+
+    Measured: the fall of the driver's free memory across `capture_all` (synchronized, torch's cache emptied on
+    both sides), which `capture_all` reads the same way for the real capture. Not counted: build()'s own
+    allocations, and what fn's warm-up leaves in torch's cache (the engine's activation headroom covers that while
+    capturing). Then, with `ladder`, each shorter ladder's bytes (every runner keeping its sizes up to a limit, for
+    a budget): the full measurement less what the dropped sizes added: their executables (measured), their static
+    rows (computed) and the pool they needed beyond the kept sizes. That pool part is measured by running each
+    limit's steps eagerly, in capture order, on graphrunner's capture stream, into a scratch pool (the same
+    allocations as capturing them), one limit after another; this costs an eager step per size and limit (36 x 37
+    / 2 steps for 36 sizes) and takes at most one step's activations at the largest size at once.
+
+    One-time costs of a process (kernels loaded lazily on first use, library handles) fall on the dry run, not on
+    the real capture after it, so a dry run that is the first capture in its process predicts high by them; run a
+    step of the model first (an engine's profiling pass does).
+
+    Args:
+        build: makes the runners to capture together (a GraphRunner, or a list of them), unarmed.
+        ladder: also measure every shorter ladder's bytes, for capture_all(max_bytes=...).
+    """
+    from graphrunner.runner import GraphRunner, RunnerState, capture_all
+
+    require_cuda()
+    start = time.perf_counter()
+    device = torch.device("cuda", torch.cuda.current_device())
+    free_start = _settled_free(device)
+    built = build()
+    runners = [built] if isinstance(built, GraphRunner) else list(built) if isinstance(built, (list, tuple)) else None
+    if not runners or not all(isinstance(r, GraphRunner) for r in runners):
+        raise TypeError(f"dry_run(build): build() must return a GraphRunner or a list of them, got "
+                        f"{type(built).__name__}")
+    if any(r.state is not RunnerState.UNARMED for r in runners):
+        raise ValueError("dry_run(build): build() must return new runners, not yet captured")
+    try:
+        reports = capture_all(*runners)
+        plan = CapturePlan(reports[0].driver_bytes, reports)
+        if ladder:
+            plan.ladder = _ladder(runners, plan)
+    finally:
+        for r in runners:
+            r.close()
+        del built, runners
+        gc.collect()
+    plan.leftover_bytes = free_start - _settled_free(device)
+    plan.seconds = time.perf_counter() - start
+    if distributed.is_rank_zero():
+        logger.info("graphrunner: %s", plan.summary())
+    return plan
+
+
+def check_budget(max_bytes: Any, plan: Any, runners: Sequence[Any]) -> Optional[int]:
+    """capture_all's checks of max_bytes and plan, before anything is captured; returns the largest size the
+    plan fits in the budget (None without a plan or without a budget).
+
+    Args:
+        max_bytes: the budget in bytes: None, or a positive int.
+        plan: None, or a CapturePlan of the same runners.
+        runners: the runners to capture.
+    """
+    if max_bytes is None:
+        if plan is not None:
+            raise ValueError("capture_all(plan=...) plans a budget: pass max_bytes too (without one every size is "
+                             "captured)")
+        return None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"max_bytes must be a positive int (bytes), got {type(max_bytes).__name__} {max_bytes!r}")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive int (bytes), got {max_bytes}")
+    if plan is None:
+        return None
+    if not isinstance(plan, CapturePlan):
+        raise TypeError(f"plan must be a gr.CapturePlan (from gr.dry_run), got {type(plan).__name__}")
+    plan.check(runners)
+    return plan.fit(max_bytes)
+
+
+def capture_within(runners: Sequence["GraphRunner"], pool: Any, max_bytes: int,
+                   plan: Optional[CapturePlan]) -> List[CaptureRecord]:
+    """Captures the runners keeping the sizes that fit in `max_bytes`, the largest dropped first; returns their
+    records (capture_all arms the runners on them).
+
+    Policy: every runner keeps its sizes up to one limit, the largest whose predicted bytes (`plan.bytes_for`)
+    fit; the sizes above it are dropped, from every runner. Each runner is rebuilt on its kept sizes before
+    capture (its spec, size table and checker: `runner.capture_sizes` lists the kept sizes, and its
+    max_batch_size becomes the largest kept one), while the batches up to the max_batch_size it was built with
+    stay the runner's: those above the largest kept size run eagerly (`size_for` gives 0), whatever fallback
+    says. The capture is then measured as dry_run measures (the report's driver_bytes); if it took more than
+    max_bytes after all (a plan made elsewhere, other processes on the GPU), its graphs are destroyed and the next
+    smaller limit is captured, with the plan corrected by what it missed, so the capture that is kept never
+    exceeds the budget. Without a plan, a dry run of the same runners makes one first, which needs as much free
+    memory as capturing every size while it runs: an engine whose KV cache already holds the rest passes the plan
+    an earlier gr.dry_run made.
+
+    Args:
+        runners: the runners to capture together.
+        pool: their pool id.
+        max_bytes: the budget, checked (check_budget).
+        plan: the dry run's plan of these runners, or None.
+    """
+    originals = [r.spec for r in runners]
+    if plan is None:
+        plan = dry_run(lambda: [type(r).from_spec(spec.without_pool()) for r, spec in zip(runners, originals)])
+        plan.check(runners)
+    ranks = distributed.agreement(originals[0].collective_timeout_s)
+    missed = 0
+    limit = _agreed_limit(ranks, plan.fit(max_bytes))
+    try:
+        while True:
+            for runner, spec in zip(runners, originals):
+                keep_sizes(runner, spec, [s for s in spec.capture_sizes if s <= limit])
+            dropped = [[s for s in spec.capture_sizes if s > limit] for spec in originals]
+            try:
+                return capture([Capture(r.spec, r._checker, r.sizes) for r in runners], pool,
+                               budget=max_bytes, dropped=dropped)
+            except OverBudget as over:
+                missed = max(missed, over.measured - plan.bytes_for(limit))
+                logger.warning("graphrunner: the capture of sizes up to %d took %.1f MiB, over the budget of %.1f "
+                               "MiB (%.1f MiB more than planned); capturing fewer sizes", limit,
+                               over.measured / MiB, max_bytes / MiB, missed / MiB)
+                limit = _agreed_limit(ranks, plan.fit(max_bytes - missed, below=limit))
+    except BaseException:
+        for runner, spec in zip(runners, originals):
+            keep_sizes(runner, spec, list(spec.capture_sizes))
+        raise
+
+
+def keep_sizes(runner: "GraphRunner", spec: RunnerSpec, kept: List[int]) -> None:
+    """Rebuilds an unarmed runner on `kept`, some of `spec`'s capture sizes (all of them: the runner as `spec`
+    made it). Batches up to spec.max_batch_size stay the runner's: its size table keeps that bound, so those above
+    the largest kept size run eagerly.
+
+    Args:
+        runner: the runner (unarmed).
+        spec: the spec it was built with.
+        kept: the sizes to keep, ascending, at least one.
+    """
+    if kept == list(spec.capture_sizes):
+        runner._setup(spec)
+        return
+    requests = {s: spec.max_requests[s] for s in kept} if spec.ragged else None
+    smaller = dataclasses.replace(spec, capture_sizes=kept, max_batch_size=None, max_requests=requests)
+    runner._setup(smaller)
+    runner.sizes = (_C.SizeTable(kept, spec.max_batch_size, [requests[s] for s in kept]) if spec.ragged
+                    else _C.SizeTable(kept, spec.max_batch_size))
+    runner._checker = _C.InputChecker(smaller.checker_specs(), runner.sizes, smaller.fallback == "eager",
+                                      smaller.device)
+
+
+def _agreed_limit(ranks: distributed.Agreement, limit: int) -> int:
+    """Every rank captures the same sizes (their graphs may hold collectives): the smallest rank's limit."""
+    return min(ranks.exchange("the capture budget's largest size", value=limit))
+
+
+def _settled_free(device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def _ladder(runners: Sequence["GraphRunner"], plan: CapturePlan) -> Dict[int, int]:
+    """limit -> the predicted bytes of capturing every runner's sizes up to limit: the measured bytes less the
+    executables and static rows of the dropped sizes, and less the pool they needed beyond the kept ones."""
+    specs = [r.spec for r in runners]
+    limits = sorted({s for spec in specs for s in spec.capture_sizes if s >= plan.smallest_limit})
+    if len(limits) < 2:
+        return {limits[0]: plan.bytes} if limits else {}
+    pools = _pool_ladder(runners, limits)
+    exec_bytes = [{s.size: s.exec_bytes for s in report.sizes} for report in plan.reports]
+    full = limits[-1]
+
+    def other_bytes(limit: int) -> int:
+        """Executables and static input rows of every runner's sizes up to limit."""
+        out = 0
+        for spec, execs in zip(specs, exec_bytes):
+            kept = [s for s in spec.capture_sizes if s <= limit]
+            out += sum(execs[s] for s in kept) + static_bytes(spec, max(kept))
+        return out
+
+    every = other_bytes(full)
+    return {limit: plan.bytes - (pools[full] - pools[limit]) - (every - other_bytes(limit)) for limit in limits}
+
+
+def static_bytes(spec: RunnerSpec, largest: int) -> int:
+    """The bytes of a runner's static input buffers when its largest captured size is `largest`.
+
+    Args:
+        spec: the runner's spec.
+        largest: its largest kept size.
+    """
+    return sum(spec.rows(n, largest) * _row_bytes(s) for n, s in spec.inputs.items())
+
+
+def _row_bytes(s: Any) -> int:
+    n = 1
+    for d in s.shape:
+        n *= d
+    return n * torch.empty((), dtype=s.dtype).element_size()
+
+
+def _pool_ladder(runners: Sequence["GraphRunner"], limits: List[int]) -> Dict[int, int]:
+    """limit -> the bytes a fresh pool grows to when every (size up to limit, runner) pair's step runs eagerly
+    in capture order on the capture stream: what the pool of a capture of those sizes needs."""
+    specs = [r.spec for r in runners]
+    records = [r.record for r in runners]
+    device = records[0].device
+    stream = capture_stream(device)
+    order = capture_order(specs)
+    # The capture handed the stream's cuBLAS workspaces to its graphs. The next cuBLAS call on the stream makes
+    # new ones, and one made inside a scratch pool would stay cached for the stream and hold that pool: make them
+    # first, outside any pool, and free them at the end.
+    for spec, record in zip(specs, records):
+        _eager_step(spec, record, min(spec.capture_sizes), stream, None)
+    out: Dict[int, int] = {}
+    try:
+        for limit in limits:
+            pool = torch.cuda.MemPool()
+            for size, i in order:
+                if size <= limit:
+                    _eager_step(specs[i], records[i], size, stream, pool)
+            stream.synchronize()
+            out[limit] = _pool_bytes(pool, device)
+            del pool
+            torch.cuda.empty_cache()
+    finally:
+        held = _C.WorkspaceHold()
+        held.take(stream.cuda_stream)
+        del held
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    return out
+
+
+def _eager_step(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torch.cuda.Stream,
+                pool: Optional[Any]) -> None:
+    """fn at `size` on the static inputs, as its capture runs it (capture_inputs staged, on_capture called), with
+    its allocations in `pool` (None: torch's general pool)."""
+    _stage_capture_inputs(spec, record, size)
+    requests, tokens = spec.requests_of(size), spec.tokens_of(size)
+    if spec.on_capture is not None:
+        spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
+    stream.wait_stream(torch.cuda.current_stream(record.device))
+    into = torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext()
+    with torch.cuda.stream(stream), torch.set_grad_enabled(not spec.no_grad), into:
+        out = spec.fn(**record.static_views(size))
+        del out
+
+
+def _pool_bytes(pool: Any, device: torch.device) -> int:
+    """The bytes of a pool's segments."""
+    pool_id = tuple(pool.id)
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot()
+               if tuple(s["segment_pool_id"]) == pool_id and s.get("device", device.index) == device.index)
+
