@@ -14,8 +14,8 @@ namespace graphrunner {
 namespace {
 
 // A step's rows are a few KB, so most threads of a block have nothing to copy: 64-thread blocks, and 32-bit
-// byte offsets (InputChecker caps each input at kMaxInputBytes), made the decoder's staging kernel 0.05-0.16 us
-// shorter than 256 threads and 64-bit offsets did (an H100, benchmarks/staging_cost.py, run AC4).
+// byte offsets (InputChecker caps each input at kMaxInputBytes), make the staging kernel shorter than 256
+// threads and 64-bit offsets (benchmarks/staging_cost.py measures it).
 constexpr int kThreads = 64;
 
 // Input blockIdx.y: units [0, batch) come from the step's source, units [batch, size) get the pad value (or,

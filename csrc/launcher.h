@@ -44,9 +44,8 @@ struct StageParams {
   unsigned per_token;      // bit i: input i counts tokens (a ragged runner's per-token input)
 };
 
-// The host's lead. A loop that never waits fills CUDA's launch queue, and with a deep queue every graph took
-// longer on the GPU (an H100, the 2-layer decoder's trace: 4,794 steps/s with the host at most 2 steps ahead,
-// 4,746 at 16, 4,681 at 64, 4,560 unbounded; benchmarks/lead_probe.py). Each step's staging kernel stamps the
+// The host's lead. A loop that never waits fills CUDA's launch queue, and with a deep queue every graph takes
+// longer on the GPU (benchmarks/lead_probe.py measures steps/s against the bound). Each step's staging kernel stamps the
 // step's number into host-mapped memory as it begins, so the host learns how far the GPU has got from one
 // memory read, with no CUDA call; a step waits only when `max_lead` steps are already queued behind the one
 // the GPU is running.

@@ -15,19 +15,19 @@ from graphrunner.errors import (CaptureGuardWarning, CudaError, DistributedCaptu
                                 GraphStateError, WorkspaceError)
 from graphrunner.graph import Graph, capture_stream
 from graphrunner.inputs import StaticInput
-from graphrunner.record import CaptureRecord, CaptureReport, SizeEntry, SizeReport
+from graphrunner.piecewise import Break, BreakOp, breaking_op
+from graphrunner.plan import CapturePlan, dry_run
+from graphrunner.record import CaptureRecord, CaptureReport, PoolReport, SizeEntry, SizeReport
 from graphrunner.runner import GraphRunner, RunnerState, capture_all, validate_all
 from graphrunner.schedule import default_capture_sizes
 from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import ValidationReport
 from graphrunner.workspace import workspace
-from graphrunner.plan import CapturePlan, dry_run
-from graphrunner.record import PoolReport
 
 __all__ = [
-    "AuditReport", "CaptureGuardWarning", "CaptureRecord", "CaptureReport", "CudaError", "DistributedCaptureError",
-    "Dispatch", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError", "Reference", "RunnerSpec", "RunnerState",
-    "SizeEntry", "SizeReport", "StaticInput", "StepInfo", "ValidationReport", "WorkspaceError", "audit_graphs",
-    "capture_all", "capture_stream", "default_capture_sizes", "validate_all", "workspace",
-    "CapturePlan", "PoolReport", "dry_run",
+    "AuditReport", "Break", "BreakOp", "CaptureGuardWarning", "CapturePlan", "CaptureRecord", "CaptureReport",
+    "CudaError", "DistributedCaptureError", "Dispatch", "Graph", "GraphHazardError", "GraphRunner", "GraphStateError",
+    "PoolReport", "Reference", "RunnerSpec", "RunnerState", "SizeEntry", "SizeReport", "StaticInput", "StepInfo",
+    "ValidationReport", "WorkspaceError", "audit_graphs", "breaking_op", "capture_all", "capture_stream",
+    "default_capture_sizes", "dry_run", "validate_all", "workspace",
 ]
