@@ -36,7 +36,7 @@ one token per request, so its inputs are the ragged ones without query_lens.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +340,7 @@ class PlainRaggedRunner:
         self.static = {name: torch.full((most[spec.per_token], *spec.shape), spec.pad, dtype=spec.dtype, device=device)
                        for name, spec in self.inputs.items()}
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: Dict[int, Any] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
         stream = torch.cuda.Stream()
         with torch.no_grad():
@@ -351,10 +351,15 @@ class PlainRaggedRunner:
                     for _ in range(2):
                         fn(**views)
                 torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[size] = fn(**views)
-                self.graphs[size] = graph
+                self.graphs[size], self.outputs[size] = self._capture(views, stream)
+
+    def _capture(self, views: Dict[str, torch.Tensor], stream: torch.cuda.Stream) -> Tuple[Any, torch.Tensor]:
+        """One size's graph (anything with replay() and reset(): a subclass may capture the step as several
+        graphs) and its output, the step captured on `stream` into the pool."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            out = self.fn(**views)
+        return graph, out
 
     def _views(self, size: int) -> Dict[str, torch.Tensor]:
         return {name: buf[: size if self.inputs[name].per_token else self.requests[size]]

@@ -1,0 +1,178 @@
+"""The ragged decoder with piecewise attention (graphrunner_workloads.piecewise): attention as a break op that takes
+the step's lengths on the host. On the CPU, the eager piecewise step equals the graph-safe masked one; on the GPU, a
+ragged runner of it equals eager per step with its outputs poisoned, the decode and ragged runners validate with
+scrub and guard, the engine's graph modes give every request its tokens alone (float32, the "loop" op), and in
+bfloat16 the "varlen" op agrees with the full-graph "flash" runner, the hand-written breakable pattern with
+graphrunner's, and the no-op break leaves the step as the full graph computes it."""
+import copy
+import functools
+import random
+
+import pytest
+import torch
+
+import graphrunner as gr
+from conftest import gpu
+from graphrunner.testing import poison
+from graphrunner_workloads.decoder import Decoder, DecoderConfig
+from graphrunner_workloads.engine import Engine, Workload, reference_tokens
+from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner
+from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, decode_runner, flash_available, ragged_runner,
+                                          random_decode_step, random_ragged_step)
+
+TINY = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=128, cache_len=64,
+                     page_size=16, max_batch_size=4, dtype=torch.float32)
+GPU_CFG = DecoderConfig(layers=3, hidden=128, heads=4, head_dim=32, intermediate=256, vocab=512, cache_len=256,
+                        page_size=16, max_batch_size=8, dtype=torch.float32)
+BF16_CFG = DecoderConfig(layers=3, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=512, cache_len=512,
+                         page_size=256, max_batch_size=8, dtype=torch.bfloat16)
+SIZES = [16, 64, 256]
+needs_flash = pytest.mark.skipif(not flash_available(), reason="this torch's flash kernel takes no block table")
+
+
+def on_device(step):
+    return dict(step, **{SPLIT: step[SPLIT].to(step["input_ids"].device)})
+
+
+def eager(model, step):
+    with torch.no_grad():
+        return model(**on_device(step))
+
+
+@pytest.mark.parametrize("tokens, requests", [(1, 1), (23, 3), (50, 4)])
+@pytest.mark.parametrize("attention", ["loop", "noop"])
+def test_the_eager_piecewise_step_equals_the_masked_one(attention, tokens, requests):
+    decoder = Decoder(TINY, device="cpu")
+    step = random_ragged_step(TINY, tokens, requests, torch.Generator().manual_seed(tokens))
+    want = eager(RaggedDecoder(copy.deepcopy(decoder)), step)
+    got = eager(PiecewiseRaggedDecoder(decoder, attention, inner="sdpa"), step)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_piecewise_decoder_refuses_what_its_kernel_cannot_run():
+    decoder = Decoder(TINY, device="cpu")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PiecewiseRaggedDecoder(decoder, "flash")
+    with pytest.raises(ValueError, match="attention 'varlen' runs the kernel of 'flash'"):
+        PiecewiseRaggedDecoder(decoder, "varlen")
+    with pytest.raises(ValueError, match="PiecewiseRaggedDecoder with attention 'varlen'"):
+        PlainPiecewiseRunner(PiecewiseRaggedDecoder(decoder, "loop"), [16], 4)
+
+
+# -- GPU -------------------------------------------------------------------------------------------------------------
+def fresh_steps(runner, cfg, count, seed, largest):
+    """(size, step) pairs of random token and request counts up to `largest` tokens."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rng = random.Random(seed)
+    for _ in range(count):
+        tokens = rng.randint(2, largest)
+        requests = rng.randint(1, min(cfg.max_batch_size, tokens))
+        yield runner.size_for(requests, tokens), random_ragged_step(cfg, tokens, requests, gen)
+
+
+@gpu
+def test_piecewise_ragged_runner_replays_equal_eager_on_fresh_steps():
+    decoder = Decoder(GPU_CFG)
+    runner = ragged_runner(PiecewiseRaggedDecoder(decoder, "loop"), SIZES, 8)
+    reference = RaggedDecoder(decoder)  # graph-safe masked attention, eagerly, on the same cache
+    try:
+        runner.capture()
+        entry = runner.record.entries[256]
+        assert len(entry.graphs) == GPU_CFG.layers + 1
+        assert [b.name for b in entry.breaks] == ["loop_attention"] * GPU_CFG.layers
+        for size, step in fresh_steps(runner, GPU_CFG, 12, 5, 256):
+            poison(runner.record.entries[size].outputs)
+            got = runner(**step).clone()
+            want = eager(reference, step)  # writes the same keys again: the cache is as the graphs left it
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        runner.close()
+
+
+@gpu
+def test_piecewise_decode_and_ragged_runners_validate_with_scrub_and_guard():
+    model = PiecewiseRaggedDecoder(Decoder(GPU_CFG), "loop")
+    runners = {"decode": decode_runner(model, 8), "mixed": ragged_runner(model, SIZES, 8)}
+    steps = {"decode": random_decode_step, "mixed": random_ragged_step}
+    try:
+        gr.capture_all(*runners.values())
+        assert all(not runner.audit().borrowed for runner in runners.values())
+        report = gr.validate_all(*runners.values(), scrub=True, guard=True,
+                                 make_inputs={name: functools.partial(make, GPU_CFG) for name, make in steps.items()})
+        checked = {(name, size) for name, size in report.max_error}
+        assert {size for name, size in checked if name == "mixed"} == set(SIZES)
+        assert {size for name, size in checked if name == "decode"} == set(runners["decode"].record.entries)
+    finally:
+        for runner in runners.values():
+            runner.close()
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["ragged", "decode_only"])
+def test_engine_with_piecewise_attention_gives_each_request_its_tokens_alone(mode):
+    decoder = Decoder(GPU_CFG)
+    engine = Engine(PiecewiseRaggedDecoder(decoder, "loop", sample=True), mode, budget=64, max_running=8)
+    workload = Workload(requests=24, prompt_lens=(1, 200), output_lens=(1, 40), arrival_gap=3, seed=7)
+    try:
+        result = engine.run(workload)
+    finally:
+        engine.close()
+    assert result.mixed_steps > 0 and result.graph_steps >= result.steps - result.mixed_steps
+    for (prompt, n), got in zip(workload.draw(GPU_CFG.vocab), result.tokens):
+        assert got == reference_tokens(decoder, prompt, n)
+
+
+@gpu
+@needs_flash
+def test_varlen_runner_agrees_with_the_full_graph_and_validates():
+    decoder = Decoder(BF16_CFG)
+    piecewise = ragged_runner(PiecewiseRaggedDecoder(decoder, "varlen"), [64, 512], 8)
+    full = ragged_runner(RaggedDecoder(decoder, "flash"), [64, 512], 8)
+    try:
+        piecewise.capture()
+        full.capture()
+        assert [b.name for b in piecewise.record.entries[512].breaks] == ["varlen_attention"] * BF16_CFG.layers
+        for size, step in fresh_steps(piecewise, BF16_CFG, 8, 6, 512):
+            poison(piecewise.record.entries[size].outputs)
+            got = piecewise(**step).clone()
+            want = full(**step).clone()  # the same keys written again
+            torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+        piecewise.validate(scrub=True, guard=True, make_inputs=functools.partial(random_ragged_step, BF16_CFG))
+    finally:
+        piecewise.close()
+        full.close()
+
+
+@gpu
+@needs_flash
+def test_the_hand_written_pattern_equals_graphrunners_piecewise_runner():
+    model = PiecewiseRaggedDecoder(Decoder(BF16_CFG), "varlen")
+    runner = ragged_runner(model, [64, 512], 8)
+    plain = PlainPiecewiseRunner(model, [64, 512], 8)
+    try:
+        runner.capture()
+        assert len(plain.graphs[512].graphs) == len(runner.record.entries[512].graphs)
+        for _, step in fresh_steps(runner, BF16_CFG, 6, 8, 512):
+            got = plain(**step).clone()
+            want = runner(**step).clone()
+            torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    finally:
+        runner.close()
+        plain.close()
+
+
+@gpu
+@needs_flash
+def test_noop_breaks_leave_the_full_graphs_step():
+    decoder = Decoder(BF16_CFG)
+    noop = ragged_runner(PiecewiseRaggedDecoder(decoder, "noop"), [64], 8)
+    full = ragged_runner(RaggedDecoder(decoder, "flash"), [64], 8)
+    try:
+        noop.capture()
+        full.capture()
+        assert len(noop.record.entries[64].graphs) == BF16_CFG.layers + 1
+        for _, step in fresh_steps(noop, BF16_CFG, 4, 9, 64):
+            torch.testing.assert_close(noop(**step).clone(), full(**step).clone(), rtol=0, atol=0)
+    finally:
+        noop.close()
+        full.close()
