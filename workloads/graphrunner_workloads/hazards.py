@@ -109,8 +109,8 @@ def checked_spec(fixed: bool) -> None:
         print(f"RESULT GraphHazardError: {exc}")
 
 
-def child(args, sanitizer=False):
-    cmd = [sys.executable, "-m", "graphrunner_workloads.hazards", *args]
+def child(args, sanitizer=False, module="graphrunner_workloads.hazards"):
+    cmd = [sys.executable, "-m", module, *args]
     if sanitizer:
         cmd = ["compute-sanitizer", "--tool", "memcheck", *cmd]
     limit = 300 if sanitizer else 600
@@ -172,6 +172,17 @@ def main() -> int:
         lines.append(f"{twin}, plain shared-pool runners: {'; '.join(child(['--spec', 'plain', *flag]))}")
         found = "; ".join(child(["--spec", "checked", *flag]))
         lines.append(f"{twin}, graphrunner validate_all(scrub, guard): {found}")
+    lines.append("")
+    print("\n".join(lines[-6:]), flush=True)
+    lines += ["## ragged steps: a token map sized for the requests, not the tokens (the seed's class, sglang 26532)",
+              "a ragged runner, sizes 16..1024 tokens, 8 requests at most"]
+    ragged = "graphrunner_workloads.reproductions.ragged"
+    for fixed in (False, True):
+        twin = "fixed twin" if fixed else "seed bug"
+        flag = ["--fixed"] if fixed else []
+        lines.append(f"{twin}, plain ragged runner: {'; '.join(child(['--plain', *flag], module=ragged))}")
+        lines.append(f"{twin}, graphrunner validate(scrub, guard): "
+                     f"{'; '.join(child(['--checked', *flag], module=ragged))}")
     lines.append("")
     print("\n".join(lines[-6:]), flush=True)
     text = "\n".join(lines)
