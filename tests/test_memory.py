@@ -299,7 +299,8 @@ def test_budget_keeps_the_sizes_that_fit_and_never_exceeds_it(models, fresh_memo
         page = torch.zeros(100, dtype=torch.long, device="cuda")
         with torch.no_grad():
             for batch in (3, kept[-1], kept[-1] + 1, 100):  # above the largest kept size: eagerly
-                torch.testing.assert_close(runner(ids=ids[:batch], page=page[:batch]), real(ids[:batch], page[:batch]))
+                torch.testing.assert_close(runner(ids=ids[:batch], page=page[:batch]), real(ids[:batch], page[:batch]),
+                                           rtol=2e-2, atol=2e-2)
         assert runner.size_for(kept[-1] + 1) == 0 and runner.size_for(2) == 2
     finally:
         runner.close()
