@@ -17,6 +17,11 @@ namespace graphrunner {
 
 using PoolId = c10::MempoolId_t;
 
+// Gives the device memory the driver keeps from destroyed graphs (their executables) back to the device
+// (cudaDeviceGraphMemTrim). Graph::reset() calls it after destroying an executable, and instantiation before
+// reading the driver's free memory, so exec_bytes counts new memory only and close() returns it all.
+void trim_graph_memory(c10::DeviceIndex device);
+
 class Graph {
  public:
   explicit Graph(bool keep_graph = false) : keep_graph_(keep_graph) {}

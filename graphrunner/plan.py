@@ -44,24 +44,28 @@ class CapturePlan:
     """What a capture of these runners takes, measured by `dry_run`.
 
     Attributes:
-        bytes: what the capture keeps, as the driver counts it: the fall of the driver's free memory across
-            capture_all, after a device synchronize and `torch.cuda.empty_cache()` on both sides (pool,
-            executables, workspaces, static input buffers, and anything else that stays). What the real capture of
-            the same runners reads the same way, and what close() gives back.
+        bytes: what the real capture of the same runners, after this dry run, will keep as the driver counts it
+            (the fall of its free memory across capture_all, after a device synchronize and
+            `torch.cuda.empty_cache()` on both sides, as the report's driver_bytes reads it): the dry run's
+            measured_bytes less its leftover_bytes, which the capture after it does not pay again.
         reports: the dry run's capture reports, one per runner (per size: pool growth, executable bytes).
         ladder: limit -> the predicted `bytes` when every runner keeps only its sizes up to `limit` (one entry
             per captured size at which every runner keeps at least one size; the largest is `bytes` itself).
             Empty where dry_run(ladder=False) measured the whole ladder only.
-        leftover_bytes: the driver's free memory that was not back after the dry run gave everything back
-            (closed its runners, dropped them, emptied torch's cache), against before build() ran: what build()
-            made that something still holds, or what close() failed to give back.
+        measured_bytes: the dry run's own capture, read that way.
+        leftover_bytes: what the dry run's capture left behind once its runners were closed and torch's cache
+            emptied (the driver's free memory against right before capture_all): one-time costs (kernels loaded
+            on first use) and device memory the driver kept from the destroyed executables to reuse for the next
+            graphs, where it keeps any (graphrunner gives it back with cudaDeviceGraphMemTrim). 0 where close()
+            gave everything back.
         seconds: wall time of the dry run, build() included.
     """
 
     bytes: int
     reports: List[CaptureReport]
     ladder: Dict[int, int] = field(default_factory=dict)
-    leftover_bytes: Optional[int] = None
+    measured_bytes: Optional[int] = None
+    leftover_bytes: int = 0
     seconds: float = 0.0
 
     @property
@@ -145,13 +149,14 @@ class CapturePlan:
                 f"{pool.workspace_bytes / MiB:.1f}, static inputs {pool.static_bytes / MiB:.1f})")
         if self.ladder:
             text += f"; sizes up to {self.smallest_limit} alone {self.bytes_for(self.smallest_limit) / MiB:.1f} MiB"
-        if self.leftover_bytes is not None:
-            text += f"; {self.leftover_bytes / MiB:.1f} MiB not back after it"
+        if self.leftover_bytes:
+            text += f"; {self.leftover_bytes / MiB:.1f} MiB of its own not back after it"
         return text + f" ({self.seconds:.2f} s)"
 
     def to_dict(self) -> dict:
         return {"bytes": self.bytes, "ladder": {str(k): v for k, v in sorted(self.ladder.items())},
-                "leftover_bytes": self.leftover_bytes, "seconds": self.seconds, "sizes": self.sizes,
+                "measured_bytes": self.measured_bytes, "leftover_bytes": self.leftover_bytes,
+                "seconds": self.seconds, "sizes": self.sizes,
                 "pool": self.pool.to_dict()}
 
     def _smallest_sizes(self) -> str:
@@ -174,7 +179,8 @@ def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
     size and is allocated inside fn (or by on_capture) would be mispredicted.
 
     Measured: the fall of the driver's free memory across `capture_all` (synchronized, torch's cache emptied on
-    both sides), which `capture_all` reads the same way for the real capture. Not counted: build()'s own
+    both sides, from right after build()), which `capture_all` reads the same way for the real capture. Not
+    counted: build()'s own
     allocations, and what fn's warm-up leaves in torch's cache (the engine's activation headroom covers that while
     capturing). Then, with `ladder`, each shorter ladder's bytes (every runner keeping its sizes up to a limit, for
     a budget): the full measurement less what the dropped sizes added: their executables (measured), their static
@@ -183,9 +189,10 @@ def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
     allocations as capturing them), one limit after another; this costs an eager step per size and limit (36 x 37
     / 2 steps for 36 sizes) and takes at most one step's activations at the largest size at once.
 
-    One-time costs of a process (kernels loaded lazily on first use, library handles) fall on the dry run, not on
-    the real capture after it, so a dry run that is the first capture in its process predicts high by them; run a
-    step of the model first (an engine's profiling pass does).
+    What the dry run leaves behind once its runners are closed (`leftover_bytes`: kernels loaded on first use,
+    device memory a driver keeps from destroyed executables) is not paid again by the capture after it: the plan's
+    bytes leave it out. Run a step of the model before (an engine's profiling pass does), so that the model's own
+    first-use costs fall outside both.
 
     Args:
         build: makes the runners to capture together (a GraphRunner, or a list of them), unarmed.
@@ -195,8 +202,6 @@ def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
 
     require_cuda()
     start = time.perf_counter()
-    device = torch.device("cuda", torch.cuda.current_device())
-    free_start = _settled_free(device)
     built = build()
     runners = [built] if isinstance(built, GraphRunner) else list(built) if isinstance(built, (list, tuple)) else None
     if not runners or not all(isinstance(r, GraphRunner) for r in runners):
@@ -204,17 +209,26 @@ def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
                         f"{type(built).__name__}")
     if any(r.state is not RunnerState.UNARMED for r in runners):
         raise ValueError("dry_run(build): build() must return new runners, not yet captured")
+    device = runners[0].device
+    specs = [r.spec for r in runners]
     try:
+        free_before = _settled_free(device)
         reports = capture_all(*runners)
-        plan = CapturePlan(reports[0].driver_bytes, reports)
-        if ladder:
-            plan.ladder = _ladder(runners, plan)
+        measured = reports[0].driver_bytes
+        pools = _pool_ladder(runners, _limits(specs)) if ladder else {}
+        for r in runners:
+            r.close()
+        # Still referenced, the runners' fn and build()'s stand-ins stay allocated: only the capture's own bytes
+        # can be missing here.
+        leftover = free_before - _settled_free(device)
     finally:
         for r in runners:
             r.close()
         del built, runners
         gc.collect()
-    plan.leftover_bytes = free_start - _settled_free(device)
+    plan = CapturePlan(measured - max(leftover, 0), reports, measured_bytes=measured, leftover_bytes=leftover)
+    if pools:
+        plan.ladder = _ladder(specs, plan, pools)
     plan.seconds = time.perf_counter() - start
     if distributed.is_rank_zero():
         logger.info("graphrunner: %s", plan.summary())
@@ -325,32 +339,39 @@ def _agreed_limit(ranks: distributed.Agreement, limit: int) -> int:
 
 
 def _settled_free(device: torch.device) -> int:
+    gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(device)[0]
 
 
-def _ladder(runners: Sequence["GraphRunner"], plan: CapturePlan) -> Dict[int, int]:
-    """limit -> the predicted bytes of capturing every runner's sizes up to limit: the measured bytes less the
-    executables and static rows of the dropped sizes, and less the pool they needed beyond the kept ones."""
-    specs = [r.spec for r in runners]
-    limits = sorted({s for spec in specs for s in spec.capture_sizes if s >= plan.smallest_limit})
-    if len(limits) < 2:
-        return {limits[0]: plan.bytes} if limits else {}
-    pools = _pool_ladder(runners, limits)
-    exec_bytes = [{s.size: s.exec_bytes for s in report.sizes} for report in plan.reports]
+def _limits(specs: Sequence[RunnerSpec]) -> List[int]:
+    """The limits a ladder has an entry for: every captured size at which every runner keeps one."""
+    smallest = max(min(spec.capture_sizes) for spec in specs)
+    return sorted({s for spec in specs for s in spec.capture_sizes if s >= smallest})
+
+
+def _ladder(specs: Sequence[RunnerSpec], plan: CapturePlan, pools: Dict[int, int]) -> Dict[int, int]:
+    """limit -> the predicted bytes of capturing every runner's sizes up to limit: the plan's bytes less what the
+    dropped sizes add: the pool they need beyond the kept ones (`pools`: each limit's pool, measured eagerly), their
+    static rows, and the new device memory of their executables (none where the memory the driver kept from the
+    dry run's executables, counted in its leftover, holds them)."""
+    limits = sorted(pools)
     full = limits[-1]
+    exec_bytes = [{s.size: s.exec_bytes for s in report.sizes} for report in plan.reports]
+    retained = min(max(plan.leftover_bytes, 0), sum(sum(e.values()) for e in exec_bytes))
 
-    def other_bytes(limit: int) -> int:
-        """Executables and static input rows of every runner's sizes up to limit."""
-        out = 0
-        for spec, execs in zip(specs, exec_bytes):
+    def kept_bytes(limit: int) -> int:
+        """Static input rows of every runner's sizes up to limit, and the new memory of their executables."""
+        static, execs = 0, 0
+        for spec, by_size in zip(specs, exec_bytes):
             kept = [s for s in spec.capture_sizes if s <= limit]
-            out += sum(execs[s] for s in kept) + static_bytes(spec, max(kept))
-        return out
+            execs += sum(by_size[s] for s in kept)
+            static += static_bytes(spec, max(kept))
+        return static + max(0, execs - retained)
 
-    every = other_bytes(full)
-    return {limit: plan.bytes - (pools[full] - pools[limit]) - (every - other_bytes(limit)) for limit in limits}
+    every = kept_bytes(full)
+    return {limit: plan.bytes - (pools[full] - pools[limit]) - (every - kept_bytes(limit)) for limit in limits}
 
 
 def static_bytes(spec: RunnerSpec, largest: int) -> int:

@@ -169,28 +169,32 @@ def echo_tokens(tokens, lens):
 
 # -- GPU ------------------------------------------------------------------------------------------------------
 
-HIDDEN, VOCAB, LAYERS, SIZES = 512, 4096, 4, [1, 2, 4, 8, 16, 32, 64, 128]
+HIDDEN, WIDE, VOCAB, LAYERS = 1024, 8192, 4096, 2
+SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
 
 class Model(torch.nn.Module):
-    """A small decoder-like step over a paged "cache" it reads page 0 of (the pad page), so a stand-in with a few
-    pages captures exactly as the real one does."""
+    """A small MLP step over a paged "cache" it reads page 0 of (the pad page), so a stand-in with a few pages
+    captures exactly as the real one does. Its activations (up to 16 MiB a tensor) make the pool grow with the
+    size, so shorter ladders take less."""
 
     def __init__(self, pages, weights=None):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         if weights is None:
-            weights = [torch.randn(VOCAB, HIDDEN, generator=g)] + \
-                      [torch.randn(HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5 for _ in range(LAYERS)] + \
-                      [torch.randn(HIDDEN, VOCAB, generator=g) / HIDDEN ** 0.5]
+            weights = [torch.randn(VOCAB, HIDDEN, generator=g)]
+            for _ in range(LAYERS):
+                weights += [torch.randn(HIDDEN, WIDE, generator=g) / HIDDEN ** 0.5,
+                            torch.randn(WIDE, HIDDEN, generator=g) / WIDE ** 0.5]
+            weights += [torch.randn(HIDDEN, VOCAB, generator=g) / HIDDEN ** 0.5]
             weights = [torch.nn.Parameter(w.cuda().half(), requires_grad=False) for w in weights]
         self.weights = torch.nn.ParameterList(weights)
         self.register_buffer("cache", torch.zeros(pages, 16, HIDDEN, device="cuda", dtype=torch.half))
 
     def forward(self, ids, page):
         x = self.weights[0][ids]
-        for w in self.weights[1:-1]:
-            x = torch.nn.functional.silu(x @ w) + self.cache[page, 0]
+        for up, down in zip(self.weights[1:-1:2], self.weights[2:-1:2]):
+            x = x + torch.nn.functional.silu(x @ up) @ down + self.cache[page, 0]
         return x @ self.weights[-1]
 
 
@@ -210,10 +214,11 @@ def settled_free():
 
 @pytest.fixture(scope="module")
 def models():
-    real = Model(pages=4096)  # 64 MiB of "cache"
+    real = Model(pages=4096)  # 128 MiB of "cache"
     stand_in = Model(pages=2, weights=list(real.weights))
     with torch.no_grad():  # the engine's profiling step: first-use costs paid before any measurement
-        real(torch.zeros(128, dtype=torch.long, device="cuda"), torch.zeros(128, dtype=torch.long, device="cuda"))
+        real(torch.zeros(SIZES[-1], dtype=torch.long, device="cuda"),
+             torch.zeros(SIZES[-1], dtype=torch.long, device="cuda"))
     first = runner_of(stand_in, sizes=[1, 2])
     first.capture()  # and graphrunner's own (its kernels load lazily)
     first.close()
@@ -234,7 +239,7 @@ def test_report_counts_executables_and_matches_the_driver(models, fresh_memory):
         assert r.exec_bytes > 0 and r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
         assert r.exec_bytes == sum(g.exec_bytes for e in runner.record.entries.values() for g in e.graphs)
         assert r.bytes == r.pool_bytes + r.exec_bytes + r.workspace_bytes + r.static_bytes
-        assert r.static_bytes == 128 * 8 * 2
+        assert r.static_bytes == SIZES[-1] * 8 * 2
         # What the driver gave out besides torch's allocator is the executables (each read in 2 MiB chunks).
         assert abs(r.outside_bytes - r.exec_bytes) <= 2 * MiB + 0.05 * r.exec_bytes, (r.outside_bytes, r.exec_bytes)
         assert abs(r.driver_bytes - r.bytes) <= 4 * MiB, (r.driver_bytes, r.bytes)
@@ -262,7 +267,8 @@ def test_close_gives_every_byte_back(models, fresh_memory):
 def test_dry_run_predicts_the_real_capture(models, fresh_memory):
     real, stand_in = models
     plan = gr.dry_run(lambda: runner_of(stand_in))
-    assert plan.leftover_bytes <= 2 * MiB and plan.bytes >= plan.pool.bytes - 4 * MiB
+    assert plan.leftover_bytes <= 2 * MiB, plan.summary()  # close() gave the dry run's capture back
+    assert plan.bytes >= plan.pool.bytes - 4 * MiB
     assert plan.bytes_for(max(SIZES)) == plan.bytes
     assert all(plan.bytes_for(a) <= plan.bytes_for(b) + 2 * MiB for a, b in zip(SIZES, SIZES[1:]))
     runner = runner_of(real)
@@ -286,22 +292,25 @@ def test_dry_run_of_two_runners_predicts_them_together(models, fresh_memory):
 def test_budget_keeps_the_sizes_that_fit_and_never_exceeds_it(models, fresh_memory):
     real, stand_in = models
     plan = gr.dry_run(lambda: runner_of(stand_in))
-    budget = plan.bytes_for(16) + MiB
+    budget = plan.bytes_for(64) + MiB
+    limit = plan.fit(budget)
+    assert 64 <= limit < SIZES[-1], plan.ladder
     runner = runner_of(real)
     r = gr.capture_all(runner, max_bytes=budget, plan=plan)[0]
     try:
         kept = runner.capture_sizes
-        assert kept == [s for s in SIZES if s <= kept[-1]] and kept[-1] <= 16 < SIZES[-1]
+        assert kept == [s for s in SIZES if s <= kept[-1]] and kept[-1] <= limit
         assert r.dropped == [s for s in SIZES if s > kept[-1]] and r.budget == budget
-        assert r.driver_bytes <= budget and abs(r.driver_bytes - plan.bytes_for(kept[-1])) <= 2 * MiB
+        assert r.driver_bytes <= budget and abs(r.driver_bytes - plan.bytes_for(kept[-1])) <= 2 * MiB, \
+            (r.driver_bytes / MiB, plan.bytes_for(kept[-1]) / MiB)
         assert "dropped sizes" in r.summary()
-        ids = torch.randint(0, VOCAB, (100,), device="cuda")
-        page = torch.zeros(100, dtype=torch.long, device="cuda")
+        ids = torch.randint(0, VOCAB, (SIZES[-1],), device="cuda")
+        page = torch.zeros(SIZES[-1], dtype=torch.long, device="cuda")
         with torch.no_grad():
-            for batch in (3, kept[-1], kept[-1] + 1, 100):  # above the largest kept size: eagerly
+            for batch in (3, kept[-1], kept[-1] + 1, SIZES[-1]):  # above the largest kept size: eagerly
                 torch.testing.assert_close(runner(ids=ids[:batch], page=page[:batch]), real(ids[:batch], page[:batch]),
                                            rtol=2e-2, atol=2e-2)
-        assert runner.size_for(kept[-1] + 1) == 0 and runner.size_for(2) == 2
+        assert runner.size_for(kept[-1] + 1) == 0 and runner.size_for(3) == 4
     finally:
         runner.close()
 
@@ -310,12 +319,12 @@ def test_budget_keeps_the_sizes_that_fit_and_never_exceeds_it(models, fresh_memo
 def test_budget_without_a_plan_dry_runs_the_runners_first(models, fresh_memory):
     real, _ = models
     three = runner_of(real, sizes=SIZES[:3])
-    budget = three.capture().driver_bytes + MiB  # about what the three smallest sizes take
+    budget = three.capture().driver_bytes + MiB  # about what the smallest sizes take
     three.close()
     runner = runner_of(real)
     r = gr.capture_all(runner, max_bytes=budget)[0]
     try:
-        assert runner.capture_sizes[-1] <= SIZES[3] and r.driver_bytes <= budget
+        assert runner.capture_sizes[-1] < SIZES[-1] and r.driver_bytes <= budget
         assert r.dropped == [s for s in SIZES if s > runner.capture_sizes[-1]]
     finally:
         runner.close()
