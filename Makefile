@@ -2,7 +2,7 @@
 #             graphrunner and graphrunner_workloads (workloads/) into it, and runs the suite against the installed
 #             packages (GPU tests skip without a GPU)
 # make bench  the built-in benchmarks on one GPU, into benchmarks/results/: the decoder step, speculative
-#             decoding, and ragged steps with the engine loop (ATTN=sdpa or ATTN=flash-attn-4 picks the decoder's
+#             decoding, ragged steps with the engine loop, piecewise steps, and capture memory (ATTN=sdpa or ATTN=flash-attn-4 picks the decoder's
 #             attention, default decode; TP=2 runs the decoder tensor-parallel on 2 GPUs through torchrun;
 #             ARGS="..." passes other flags to the decoder's)
 PYTHON ?= python3
@@ -40,6 +40,8 @@ ifeq ($(TP),1)
 	$(PY) -P -m graphrunner_workloads.bench --attn $(ATTN) --out benchmarks/results $(ARGS)
 	$(PY) -P -m graphrunner_workloads.spec_bench --out benchmarks/results
 	$(PY) -P -m graphrunner_workloads.ragged_bench --out benchmarks/results
+	$(PY) -P -m graphrunner_workloads.piecewise_bench --out benchmarks/results
+	$(PY) -P -m graphrunner_workloads.memory_bench --out benchmarks/results
 else
 	NCCL_NVLS_ENABLE=0 $(PY) -P -m torch.distributed.run --nproc-per-node $(TP) -m graphrunner_workloads.bench \
 		--tp $(TP) --attn $(ATTN) --out benchmarks/results $(ARGS)

@@ -3,7 +3,8 @@
 # compute-sanitizer, hazard reproductions, benchmark. Summaries go to benchmarks/results/ (named after
 # the GPU) and, where $OUT is set (the device tool), are copied there too.
 #   bash benchmarks/gpu_check.sh [stage ...]   stages: build tests tests-fa4 cpp sanitizer hazards cotenants bench
-#                                              bench-spec bench-ragged bench-fa4 bench-tp probe
+#                                              bench-spec bench-ragged bench-piecewise bench-memory bench-fa4
+#                                              bench-tp probe
 #   (default: all; the flash-attn 4 parts run where flash_attn.cute imports)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ gpu=${gpu:-gpu}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 results=benchmarks/results
 mkdir -p "$results"
-stages=${*:-build tests tests-fa4 cpp sanitizer hazards cotenants bench bench-spec bench-ragged bench-fa4 bench-tp probe}
+stages=${*:-build tests tests-fa4 cpp sanitizer hazards cotenants bench bench-spec bench-ragged bench-piecewise bench-memory bench-fa4 bench-tp probe}
 has_fa4=$(python3 -c "import flash_attn.cute" 2>/dev/null && echo yes)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -95,6 +96,16 @@ fi
 if has bench-ragged; then
   step "benchmark, ragged steps and the engine loop"
   python3 -m graphrunner_workloads.ragged_bench --out "$results" ${RAGGED_ARGS:-} || status=1
+fi
+
+if has bench-piecewise; then
+  step "benchmark, piecewise steps"
+  python3 -m graphrunner_workloads.piecewise_bench --out "$results" ${PIECEWISE_ARGS:-} || status=1
+fi
+
+if has bench-memory; then  # after bench: it adds its keys to bench-<gpu>.json
+  step "benchmark, capture memory"
+  python3 -m graphrunner_workloads.memory_bench --out "$results" ${MEMORY_ARGS:-} || status=1
 fi
 
 if has bench-fa4 && [ -n "$has_fa4" ]; then
