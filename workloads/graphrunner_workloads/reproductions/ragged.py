@@ -116,7 +116,8 @@ def plain(fixed: bool = False) -> str:
     wrong, worst, steps = 0, 0.0, 40
     for _ in range(steps):
         size = rng.choice(SIZES)
-        step = random_step(rng.randint(max(1, size // 4), size), rng.randint(1, min(size, MAX_REQUESTS)), gen)
+        tokens = rng.randint(max(1, size // 4), size)
+        step = random_step(tokens, rng.randint(1, min(tokens, MAX_REQUESTS)), gen)
         err = relative_error(runner(**step).clone(), eager(fn, step))
         worst, wrong = max(worst, err), wrong + (not err <= 1e-5)
     big = runner(**random_step(1024, 8, gen)).clone()
