@@ -33,18 +33,6 @@ void mark_capture(A* alloc, c10::DeviceIndex device, bool begin) {
 
 }  // namespace
 
-void trim_graph_memory(c10::DeviceIndex device) {
-  // The driver keeps the device memory of destroyed executables (and of graph allocation nodes) for later
-  // graphs, outside the free figure, until the process ends or this call. Inside another thread's stream capture
-  // the call may be refused; the memory then goes back at the next trim.
-  const cudaError_t err = cudaDeviceGraphMemTrim(device);
-  if (err == cudaErrorStreamCaptureUnsupported || err == cudaErrorStreamCaptureImplicit) {
-    (void)cudaGetLastError();
-    return;
-  }
-  GR_CUDA_CHECK(err);
-}
-
 Graph::~Graph() {
   abort_capture();
   try {
@@ -136,11 +124,13 @@ void Graph::instantiate(cudaStream_t stream) {
   // memory that graphs' own allocation nodes take). The driver maps this memory in chunks (2 MiB on Hopper): a
   // graph that fits in a chunk mapped earlier reads 0 and the one that maps the next reads the whole chunk, so
   // single readings are coarse and only sums over many graphs are exact. Memory another thread or process
-  // allocates or frees on the device meanwhile skews the reading.
+  // allocates or frees on the device meanwhile skews the reading. The driver keeps the memory of destroyed
+  // executables for the process's later graphs (seen on the H200, driver 580: not returned by cudaGraphExecDestroy
+  // nor by cudaDeviceGraphMemTrim), so this reads the memory the graph newly took: 0 for graphs that fit in what
+  // earlier, destroyed graphs left the driver.
   size_t free_before = 0;
   size_t free_after = 0;
   size_t total = 0;
-  trim_graph_memory(device_);  // what destroyed graphs left the driver, which this one would reuse unseen
   GR_CUDA_CHECK(cudaMemGetInfo(&free_before, &total));
   GR_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
   // Uploading now moves the one-time setup cost out of the first replay (and its memory into the reading).
@@ -266,7 +256,6 @@ void Graph::reset() {
   if (capturing_) {
     throw StateError("reset() during capture; call capture_end() first");
   }
-  const bool had_exec = exec_ != nullptr;
   if (exec_ != nullptr) {
     GR_CUDA_CHECK(cudaGraphExecDestroy(exec_));
     exec_ = nullptr;
@@ -274,9 +263,6 @@ void Graph::reset() {
   if (graph_ != nullptr) {
     GR_CUDA_CHECK(cudaGraphDestroy(graph_));
     graph_ = nullptr;
-  }
-  if (had_exec) {
-    trim_graph_memory(device_);  // the executable's memory back to the device, not kept by the driver
   }
   num_nodes_ = 0;
   exec_bytes_ = 0;

@@ -17,11 +17,6 @@ namespace graphrunner {
 
 using PoolId = c10::MempoolId_t;
 
-// Gives the device memory the driver keeps from destroyed graphs (their executables) back to the device
-// (cudaDeviceGraphMemTrim). Graph::reset() calls it after destroying an executable, and instantiation before
-// reading the driver's free memory, so exec_bytes counts new memory only and close() returns it all.
-void trim_graph_memory(c10::DeviceIndex device);
-
 class Graph {
  public:
   explicit Graph(bool keep_graph = false) : keep_graph_(keep_graph) {}
@@ -55,7 +50,8 @@ class Graph {
   c10::DeviceIndex device() const { return device_; }
   size_t num_nodes() const { return num_nodes_; }
   // Device memory the driver took for this graph's executable (instantiation and upload), outside torch's
-  // allocator: the drop in the driver's free memory across the two. 0 before capture and after reset().
+  // allocator: the drop in the driver's free memory across the two (0 where the graph fits in memory the driver
+  // kept from earlier, destroyed executables; see instantiate()). 0 before capture and after reset().
   size_t exec_bytes() const { return exec_bytes_; }
   cudaGraphExec_t exec() const { return exec_; }
   // What this graph's capture allocated in the pool (address, bytes), in allocation order.

@@ -9,8 +9,10 @@ capture kept within a budget.
   largest first, through `capture_within` here.
 
 Why a dry run and not an estimate: vLLM extrapolates graph memory from two captures and misses both ways (vllm
-#45178, #51590, #49224, #50780). The graphs' executables take device memory outside torch's allocator (1-3 MiB a
-graph on Hopper), which no pool figure shows; a dry run measures it with the driver.
+#45178, #51590, #49224, #50780). The graphs' executables take device memory outside torch's allocator (on the
+H200, 18 MiB for the 8-layer decoder's 36 sizes), which no pool figure shows, and the driver keeps it for the
+process's later graphs once they are destroyed; a dry run measures all of it with the driver, and the real capture
+after it reuses what the dry run's executables left (the plan leaves that out).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("graphrunner")
 
 Build = Callable[[], Union["GraphRunner", Sequence["GraphRunner"]]]
+_SEGMENT = 2 * MiB  # torch's allocator segment for small blocks; the driver maps memory in such units too
 
 
 @dataclass
@@ -55,9 +58,10 @@ class CapturePlan:
         measured_bytes: the dry run's own capture, read that way.
         leftover_bytes: what the dry run's capture left behind once its runners were closed and torch's cache
             emptied (the driver's free memory against right before capture_all): one-time costs (kernels loaded
-            on first use) and device memory the driver kept from the destroyed executables to reuse for the next
-            graphs, where it keeps any (graphrunner gives it back with cudaDeviceGraphMemTrim). 0 where close()
-            gave everything back.
+            on first use) and the device memory the driver keeps from destroyed executables for the process's
+            later graphs (on the H200 with driver 580 it keeps all of it, and neither cudaGraphExecDestroy nor
+            cudaDeviceGraphMemTrim gives it back: the first capture of a process leaves its executables' bytes
+            here, and a capture after it reuses them).
         seconds: wall time of the dry run, build() included.
     """
 
@@ -361,17 +365,24 @@ def _ladder(specs: Sequence[RunnerSpec], plan: CapturePlan, pools: Dict[int, int
     exec_bytes = [{s.size: s.exec_bytes for s in report.sizes} for report in plan.reports]
     retained = min(max(plan.leftover_bytes, 0), sum(sum(e.values()) for e in exec_bytes))
 
-    def kept_bytes(limit: int) -> int:
+    def kept_bytes(limit: int) -> Tuple[int, int]:
         """Static input rows of every runner's sizes up to limit, and the new memory of their executables."""
         static, execs = 0, 0
         for spec, by_size in zip(specs, exec_bytes):
             kept = [s for s in spec.capture_sizes if s <= limit]
             execs += sum(by_size[s] for s in kept)
             static += static_bytes(spec, max(kept))
-        return static + max(0, execs - retained)
+        return static, max(0, execs - retained)
 
-    every = kept_bytes(full)
-    return {limit: plan.bytes - (pools[full] - pools[limit]) - (every - kept_bytes(limit)) for limit in limits}
+    def less(limit: int) -> int:
+        """What dropping the sizes above limit saves. Static buffers live in the allocator's 2 MiB segments (of
+        other tensors too): only whole segments of their difference are counted, so a prediction never errs low
+        by the rounding."""
+        static, execs = kept_bytes(limit)
+        return (pools[full] - pools[limit]) + (every_static - static) // _SEGMENT * _SEGMENT + (every_execs - execs)
+
+    every_static, every_execs = kept_bytes(full)
+    return {limit: plan.bytes - less(limit) for limit in limits}
 
 
 def static_bytes(spec: RunnerSpec, largest: int) -> int:

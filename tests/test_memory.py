@@ -230,13 +230,50 @@ def close_all(*runners):
         r.close()
 
 
+FRESH_PROCESS = """
+import json, torch, graphrunner as gr
+MiB = 1 << 20
+def free():
+    torch.cuda.synchronize(); torch.cuda.empty_cache(); return torch.cuda.mem_get_info()[0]
+w = torch.randn(1024, 1024, device="cuda", dtype=torch.half)
+def step(x):
+    for _ in range(8):
+        x = torch.relu(x @ w)
+    return x
+step(torch.zeros(256, 1024, device="cuda", dtype=torch.half))  # first-use costs (kernels, cuBLAS) paid first
+before = free()
+runner = gr.GraphRunner(step, {"x": gr.StaticInput((1024,), torch.half)}, max_batch_size=256)
+r = runner.capture()
+runner.close()
+print(json.dumps({"exec": r.exec_bytes, "outside": r.outside_bytes, "graphs": r.graphs, "kept": before - free()}))
+"""
+
+
+@gpu
+def test_executables_are_counted_in_a_fresh_process():
+    # The driver keeps destroyed executables' memory for the process's later graphs (their exec_bytes then read 0):
+    # only the first graphs of a process show it all.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(gr.__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-P", "-c", FRESH_PROCESS], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["exec"] > 0, got
+    assert abs(got["outside"] - got["exec"]) <= 2 * MiB + 0.05 * got["exec"], got
+    assert got["kept"] <= got["exec"] + 2 * MiB, got  # what close() could not give back: the driver's keeping
+
+
 @gpu
 def test_report_counts_executables_and_matches_the_driver(models, fresh_memory):
     real, _ = models
     runner = runner_of(real)
     r = runner.capture()
     try:
-        assert r.exec_bytes > 0 and r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
+        assert r.exec_bytes >= 0 and r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
         assert r.exec_bytes == sum(g.exec_bytes for e in runner.record.entries.values() for g in e.graphs)
         assert r.bytes == r.pool_bytes + r.exec_bytes + r.workspace_bytes + r.static_bytes
         assert r.static_bytes == SIZES[-1] * 8 * 2
