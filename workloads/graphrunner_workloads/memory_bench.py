@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> Tuple[Dict[str, float], List[str]]:
     for name in [f"L{layers}" for layers in args.layers] + (["spec"] if args.spec else []):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "preset.json"
-            cmd = [sys.executable, "-m", "graphrunner_workloads.memory_bench", "--preset", name, "--preset-out",
+            # -P as this process was started (make bench imports the installed packages, not the checkout)
+            safe = ["-P"] if getattr(sys.flags, "safe_path", False) else []
+            cmd = [sys.executable, *safe, "-m", "graphrunner_workloads.memory_bench", "--preset", name, "--preset-out",
                    str(out), "--attn", args.attn, "--max-batch-size", str(args.max_batch_size)]
             done = subprocess.run(cmd)
             if done.returncode != 0:
