@@ -294,17 +294,21 @@ def test_close_gives_every_byte_back(models, fresh_memory):
     verify, draft = runner_of(real, "verify"), runner_of(real, "draft", SIZES[:5])
     reports = gr.capture_all(verify, draft)
     assert before - settled_free() >= gr.PoolReport(reports).bytes - 4 * MiB
+    exec_bytes = gr.PoolReport(reports).exec_bytes
     close_all(verify, draft)
     del verify, draft, reports
     leftover = before - settled_free()
-    assert leftover <= 2 * MiB, f"{leftover / MiB:.1f} MiB not given back"
+    # Besides the executables' memory, which the driver keeps for the process's later graphs (0 where these graphs
+    # reused what earlier ones left it): see test_executables_are_counted_in_a_fresh_process.
+    assert leftover <= 2 * MiB + exec_bytes, f"{leftover / MiB:.1f} MiB not given back"
 
 
 @gpu
 def test_dry_run_predicts_the_real_capture(models, fresh_memory):
     real, stand_in = models
     plan = gr.dry_run(lambda: runner_of(stand_in))
-    assert plan.leftover_bytes <= 2 * MiB, plan.summary()  # close() gave the dry run's capture back
+    # close() gave the dry run's capture back, but for the executables' memory the driver keeps
+    assert plan.leftover_bytes <= 2 * MiB + plan.pool.exec_bytes, plan.summary()
     assert plan.bytes >= plan.pool.bytes - 4 * MiB
     assert plan.bytes_for(max(SIZES)) == plan.bytes
     assert all(plan.bytes_for(a) <= plan.bytes_for(b) + 2 * MiB for a, b in zip(SIZES, SIZES[1:]))
