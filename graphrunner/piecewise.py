@@ -62,6 +62,9 @@ class BreakOp:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "step" in kwargs:
+            raise TypeError(f"break op {self.name} was called with step=...; graphrunner passes step itself (the "
+                            "StepInfo while replaying, None eagerly)")
         segments: Optional[Segments] = getattr(_active, "segments", None)
         if segments is None:
             return self.fn(*args, step=None, **kwargs)
@@ -133,9 +136,6 @@ class Segments:
 
     def break_here(self, op: BreakOp, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """Ends the current segment at a call of `op`, runs it once, records it and begins the next segment."""
-        if "step" in kwargs:
-            raise TypeError(f"break op {op.name} was called with step=...; graphrunner passes step itself (the "
-                            "StepInfo while replaying, None eagerly)")
         out = kwargs.get("out")
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"break op {op.name} was called without out=: a break op writes its result into a "

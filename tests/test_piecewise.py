@@ -66,6 +66,8 @@ def test_breaking_op_needs_a_callable_and_runs_plainly_outside_capture():
     op = gr.breaking_op(lambda x, out, step: seen.append(step) or out.copy_(x), name="copy")
     x = torch.arange(3.0)
     assert torch.equal(op(x, out=torch.empty(3)), x) and seen == [None] and op.name == "copy"
+    with pytest.raises(TypeError, match=r"break op copy was called with step=...; graphrunner passes step itself"):
+        op(x, out=torch.empty(3), step=1)
 
 
 @pytest.fixture
