@@ -31,6 +31,9 @@ python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', 
 
 if has build; then
   step "build"
+  # From scratch: a machine another call used first keeps its build/ and in-place modules, and ninja may see
+  # nothing to rebuild in a tree copied with older times.
+  rm -rf build workloads/build graphrunner/_C*.so workloads/graphrunner_workloads/_*.so
   MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   (cd workloads && MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -20
