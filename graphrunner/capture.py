@@ -19,6 +19,7 @@ from tqdm import tqdm
 from graphrunner import distributed
 from graphrunner._native import _C
 from graphrunner.capture_guard import CaptureGuard
+from graphrunner.errors import OverBudget
 from graphrunner.graph import capture_stream
 from graphrunner.memory import alias
 from graphrunner.outputs import map_tensors
@@ -42,14 +43,6 @@ class Capture:
     spec: RunnerSpec
     checker: Any
     sizes: Any
-
-
-class OverBudget(Exception):
-    """A capture kept within a budget measured over it; its graphs were destroyed (capture_within retries)."""
-
-    def __init__(self, measured: int, budget: int) -> None:
-        super().__init__(f"the capture took {measured} bytes, over its budget of {budget}")
-        self.measured, self.budget = measured, budget
 
 
 def capture(captures: Sequence[Capture], pool: Any, budget: Optional[int] = None,
@@ -124,7 +117,7 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
     ranks = distributed.agreement(spec0.collective_timeout_s)
     order = capture_order([c.spec for c in captures])
     ranks.same_everywhere("capture order", order)
-    with ranks.stage("warm-up"):
+    with ranks.phase("warm-up"):
         for c in captures:
             with torch.set_grad_enabled(not c.spec.no_grad):
                 records.append(_warm_up(c, pool, stream))
@@ -138,7 +131,7 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
     try:
         for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
             spec, record = captures[i].spec, records[i]
-            with ranks.stage(f"capture of {record.label(size)}"), torch.set_grad_enabled(not spec.no_grad):
+            with ranks.phase(f"capture of {record.label(size)}"), torch.set_grad_enabled(not spec.no_grad):
                 _capture_size(spec, record, size, stream, guard)
     finally:
         if gc_enabled:

@@ -1,8 +1,8 @@
-"""Capture across the ranks of a torch.distributed run: every rank agrees on each stage, or every rank raises.
+"""Capture across the ranks of a torch.distributed run: every rank agrees on each phase, or every rank raises.
 
 A graph with NCCL collectives is captured on every rank at the same sizes in the same order. If one rank
 fails (an exception in fn, an out-of-memory), the others must not go on to wait forever in the next
-collective. So each stage of the capture (the warm-up, each size) ends with an exchange of every rank's
+collective. So each phase of the capture (the warm-up, each size) ends with an exchange of every rank's
 outcome through the process group's store: no GPU work, so it works whatever state a rank's GPU is in,
 and a wait with a timeout, so a rank that died or hung is named within bounded time. (A timed-out gloo
 collective would stay pending in the background and abort the process when its peer goes away.)
@@ -42,7 +42,7 @@ class RankAgreement:
         self.prefix = f"graphrunner/capture{next(_captures)}/"
         self.exchanges = itertools.count()
 
-    def exchange(self, stage: str, error: Optional[BaseException] = None, value: Any = None) -> List[Any]:
+    def exchange(self, phase: str, error: Optional[BaseException] = None, value: Any = None) -> List[Any]:
         """Every rank's `value`, in rank order, once every rank has reported; raises on every rank if any
         rank reports an error or does not report within the timeout."""
         mine = (None if error is None else f"{type(error).__name__}: {error}", value)
@@ -56,20 +56,20 @@ class RankAgreement:
         except RuntimeError as exc:
             silent = [r for r, key in enumerate(keys) if not self.store.check([key])]
             raise DistributedCaptureError(
-                f"{stage}: no word from rank(s) {', '.join(map(str, silent))} within {self.timeout_s:g} s; they may "
+                f"{phase}: no word from rank(s) {', '.join(map(str, silent))} within {self.timeout_s:g} s; they may "
                 f"have died or hung (GraphRunner(collective_timeout_s=...) sets this limit)") from error or exc
         finally:
             self.store.set_timeout(default_timeout)
         everyone = [pickle.loads(self.store.get(key)) for key in keys]
         failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(everyone) if e is not None]
         if failed:
-            raise DistributedCaptureError(f"{stage} failed on {len(failed)} of {self.world} ranks, so every rank "
+            raise DistributedCaptureError(f"{phase} failed on {len(failed)} of {self.world} ranks, so every rank "
                                           f"stops: " + "; ".join(failed)) from error
         return [v for _, v in everyone]
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Runs one stage on this rank, then waits for every rank's outcome."""
+    def phase(self, name: str) -> Iterator[None]:
+        """Runs one phase on this rank, then waits for every rank's outcome."""
         try:
             yield
         except Exception as exc:
@@ -91,10 +91,10 @@ class SoloAgreement:
 
     rank, world = 0, 1
 
-    def exchange(self, stage: str, error: Optional[BaseException] = None, value: Any = None) -> List[Any]:
+    def exchange(self, phase: str, error: Optional[BaseException] = None, value: Any = None) -> List[Any]:
         return [value]
 
-    def stage(self, name: str) -> contextlib.AbstractContextManager:
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def same_everywhere(self, name: str, value: Any) -> None:

@@ -55,5 +55,13 @@ class WorkspaceError(RuntimeError):
 
 
 class DistributedCaptureError(RuntimeError):
-    """A stage of capture() or a step of validate() failed on some rank; raised on every rank, naming the
+    """A phase of capture() or a step of validate() failed on some rank; raised on every rank, naming the
     ranks and their errors (the failing rank's own error is the `__cause__` there)."""
+
+
+class OverBudget(Exception):
+    """A capture kept within a budget measured over it; its graphs were destroyed (capture_within retries)."""
+
+    def __init__(self, measured: int, budget: int) -> None:
+        super().__init__(f"the capture took {measured} bytes, over its budget of {budget}")
+        self.measured, self.budget = measured, budget

@@ -28,7 +28,8 @@ import torch
 
 from graphrunner import distributed
 from graphrunner._native import _C
-from graphrunner.capture import Capture, OverBudget, _stage_capture_inputs, capture, capture_order
+from graphrunner.capture import Capture, _stage_capture_inputs, capture, capture_order
+from graphrunner.errors import OverBudget
 from graphrunner.graph import capture_stream, require_cuda
 from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport
 from graphrunner.spec import RunnerSpec, StepInfo

@@ -145,7 +145,7 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
         for i, (target, size) in enumerate(schedule):
             smaller = max((s for s in target.record.entries if s < size), default=0)
             step, batch, inputs = target.draw(size, smaller, order, gen)
-            with ranks.stage(f"validate step {i} ({target.record.label(size)}, {step})"):
+            with ranks.phase(f"validate step {i} ({target.record.label(size)}, {step})"):
                 errors = _checked_replay(target, view, size, batch, inputs, scrub, guard, rtol, ranks.world == 1,
                                          eager_at, restore_state)
             report.replays += 1

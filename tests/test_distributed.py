@@ -1,4 +1,4 @@
-"""Ranks agreeing on each capture stage: two processes in a gloo process group on the CPU, no GPU needed."""
+"""Ranks agreeing on each capture phase: two processes in a gloo process group on the CPU, no GPU needed."""
 import re
 import time
 
@@ -18,7 +18,7 @@ def expect_error(text: str):
 
 
 def fail_on_rank_one(ranks: RankAgreement):
-    with ranks.stage("capture of size 64"):
+    with ranks.phase("capture of size 64"):
         if ranks.rank == 1:
             raise ValueError("boom")
 
@@ -29,7 +29,7 @@ def agree_across_two_ranks(rank: int, port: int) -> None:
     store_timeout = ranks.store.timeout
     assert ranks.exchange("reports", value=f"report of {rank}") == ["report of 0", "report of 1"]
     assert ranks.store.timeout == store_timeout  # the shared store keeps its own timeout
-    with ranks.stage("warm-up"):
+    with ranks.phase("warm-up"):
         pass
     ranks.same_everywhere("capture_order", [8, 4, 2, 1])
 
@@ -55,9 +55,9 @@ def test_every_rank_raises_when_one_fails():
 
 def test_a_single_process_agrees_with_itself():
     solo = SoloAgreement()
-    with solo.stage("warm-up"):
+    with solo.phase("warm-up"):
         pass
     assert solo.exchange("reports", value=3) == [3]
     with pytest.raises(ValueError, match="boom"):
-        with solo.stage("capture of size 1"):
+        with solo.phase("capture of size 1"):
             raise ValueError("boom")
