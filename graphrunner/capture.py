@@ -186,7 +186,7 @@ def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
     record = CaptureRecord(spec.name, device, pool, static, rows,
                            _C.Launcher(c.checker, list(static.values()), c.sizes, spec.max_lead or 0),
                            state_buffers=spec.state_buffers())
-    _stage_capture_inputs(spec, record, largest)
+    _fill_capture_inputs(spec, record, largest)
     # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not
     # read them before the fill (recycled memory holds anything until then: an out-of-range index, say).
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -201,7 +201,7 @@ def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
 
 def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torch.cuda.Stream,
                   guard: CaptureGuard) -> None:
-    _stage_capture_inputs(spec, record, size)
+    _fill_capture_inputs(spec, record, size)
     requests, tokens = spec.requests_of(size), spec.tokens_of(size)
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
@@ -234,7 +234,7 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
                                          segments.breaks)
 
 
-def _stage_capture_inputs(spec: RunnerSpec, record: CaptureRecord, size: int) -> None:
+def _fill_capture_inputs(spec: RunnerSpec, record: CaptureRecord, size: int) -> None:
     """Copies capture_inputs(size) into the static buffers, for the warm-up and the capture of `size`."""
     if spec.capture_inputs is None:
         return

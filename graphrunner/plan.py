@@ -28,7 +28,7 @@ import torch
 
 from graphrunner import distributed
 from graphrunner._native import _C
-from graphrunner.capture import Capture, _stage_capture_inputs, capture, capture_order
+from graphrunner.capture import Capture, _fill_capture_inputs, capture, capture_order
 from graphrunner.errors import OverBudget
 from graphrunner.graph import capture_stream, require_cuda
 from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport
@@ -440,7 +440,7 @@ def _eager_step(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torc
                 pool: Optional[Any]) -> None:
     """fn at `size` on the static inputs, as its capture runs it (capture_inputs staged, on_capture called), with
     its allocations in `pool` (None: torch's general pool)."""
-    _stage_capture_inputs(spec, record, size)
+    _fill_capture_inputs(spec, record, size)
     requests, tokens = spec.requests_of(size), spec.tokens_of(size)
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
