@@ -95,8 +95,7 @@ def test_the_mask_gives_each_token_its_own_requests_keys_up_to_its_position():
     positions = torch.tensor([5, 6, 7, 0, 2, 0, 0])  # request 0: 3 tokens, request 1: 1, request 2: 1, 2 padding
     query_lens = torch.tensor([3, 1, 1, 0], dtype=torch.int32)
     seq_lens = torch.tensor([8, 1, 3, 1], dtype=torch.int32)
-    meta = RaggedMeta(positions, query_lens, seq_lens, torch.zeros(4, 1, dtype=torch.int32), torch.arange(8),
-                      masked=True)
+    meta = RaggedMeta(positions, query_lens, seq_lens, torch.zeros(4, 1, dtype=torch.int32), torch.arange(8), "sdpa")
     assert meta.request.tolist() == [0, 0, 0, 1, 2, 3, 3]
     assert meta.cu_seqlens.tolist() == [0, 3, 4, 5, 5]
     visible = meta.mask.view(7, 4, 8)
@@ -165,8 +164,9 @@ SIZES = [16, 64, 256]
 
 
 @gpu
-def test_ragged_runner_validates_with_scrub_and_guard():
-    model = RaggedDecoder(Decoder(GPU_CFG))
+@pytest.mark.parametrize("attention", ["sdpa", "decode"])
+def test_ragged_runner_validates_with_scrub_and_guard(attention):
+    model = RaggedDecoder(Decoder(GPU_CFG), attention=attention)
     decode, mixed = decode_runner(model, 8), ragged_runner(model, SIZES, 8)
     try:
         gr.capture_all(decode, mixed)
@@ -202,6 +202,21 @@ def test_ragged_runner_replays_equal_eager_on_fresh_steps():
 
 
 @gpu
+def test_the_decode_kernel_backend_equals_sdpa():
+    """Each token as a decode row over its request's pages (float32): the masked layout's logits and cache."""
+    decoder = Decoder(GPU_CFG)
+    step = random_ragged_step(GPU_CFG, 200, 6, torch.Generator(device="cuda").manual_seed(8))
+    padded = pad_step(ragged_inputs(GPU_CFG), step, 256, 8)
+    twin = copy.deepcopy(decoder)
+    with torch.no_grad():
+        kernel = RaggedDecoder(decoder, attention="decode")(**on_device(padded))
+        sdpa = RaggedDecoder(twin)(**on_device(padded))
+    torch.testing.assert_close(kernel[:6], sdpa[:6], rtol=1e-4, atol=1e-4)
+    real = step["page_table"].flatten().long()
+    torch.testing.assert_close(decoder.k_cache[:, real], twin.k_cache[:, real], rtol=1e-4, atol=1e-4)
+
+
+@gpu
 @pytest.mark.skipif(not flash_available(), reason="this torch's flash kernel takes no block table")
 def test_flash_attention_agrees_with_sdpa_in_bfloat16():
     cfg = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=512, cache_len=512,
@@ -221,10 +236,10 @@ def test_flash_attention_agrees_with_sdpa_in_bfloat16():
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["ragged", "decode_only"])
-def test_engine_in_graph_modes_gives_each_request_its_tokens_alone(mode):
+@pytest.mark.parametrize("mode, attention", [("ragged", "sdpa"), ("decode_only", "sdpa"), ("ragged", "decode")])
+def test_engine_in_graph_modes_gives_each_request_its_tokens_alone(mode, attention):
     decoder = Decoder(GPU_CFG)
-    engine = Engine(RaggedDecoder(decoder, sample=True), mode, budget=64, max_running=8)
+    engine = Engine(RaggedDecoder(decoder, attention=attention, sample=True), mode, budget=64, max_running=8)
     workload = Workload(requests=24, prompt_lens=(1, 200), output_lens=(1, 40), arrival_gap=3, seed=7)
     try:
         result = engine.run(workload)

@@ -23,7 +23,11 @@ Attention (`RaggedDecoder(attention=...)`):
 - "sdpa": torch's scaled_dot_product_attention over a masked padded layout; any device and dtype (the CPU tests
   and the float32 checks run it). Each request's pages are gathered into [R * cache_len] keys, and every token
   attends to all of them through a mask: its own request's keys, at positions up to its own and below the
-  request's length. It computes T x R x cache_len scores, R times what the tokens need.
+  request's length. It computes T x R x cache_len scores, R times what the tokens need, and copies every
+  request's whole padded context each layer: on the H200 its steps cost milliseconds at any T.
+- "decode": graphrunner_workloads' decode kernel (attention.py), one query row per token over its request's pages
+  up to its own position (a key count of position + 1): causal attention that reads only the keys each token
+  has, from the pages in place. CUDA, any page size and float dtype; the workloads' extension must be built.
 - "flash": torch's built-in FlashAttention-2 varlen kernel (aten::_flash_attention_forward) on the paged cache
   through its block table, reading each request's length on the device (seqused_k) and aligning the causal mask
   to the end of each request's keys; it computes only the scores each token has. CUDA, 16-bit dtypes, and a
@@ -42,9 +46,10 @@ import torch
 import torch.nn.functional as F
 
 import graphrunner as gr
+from graphrunner_workloads.attention import AttentionMeta, attention_backend, decode_attention
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot, rms_norm, rotary
 
-ATTENTION = ("sdpa", "flash")
+ATTENTION = ("sdpa", "decode", "flash")
 SPLIT = "query_lens"  # the ragged runner's split input
 FLASH_PAGE_MULTIPLE = 256  # page sizes the built-in flash kernel's paged path takes
 
@@ -58,12 +63,22 @@ class RaggedMeta:
         seq_lens: [R] int32, each request's context, this step's tokens included.
         page_table: [R, pages_per_seq] int32, each request's pages.
         cu_seqlens: [R + 1] int32, where each request's tokens start, then the step's token count.
-        mask: [T, R * cache_len] bool, the keys each token sees in the padded layout (masked layout only).
-        real: [T] bool, the tokens that belong to a request, False for padding tokens (varlen layout only).
+        mask: [T, R * cache_len] bool, the keys each token sees in the padded layout ("sdpa" only).
+        per_token: each token as a decode row: its key count (position + 1) and its request's page-table row
+            ("decode" only).
+        real: [T] bool, the tokens that belong to a request, False for padding tokens ("flash" only).
+
+    Args:
+        positions: [T] each token's position.
+        query_lens: [R] int32 new tokens per request (on the device).
+        seq_lens: [R] int32 each request's context, this step's tokens included.
+        page_table: [R, pages_per_seq] int32 each request's pages.
+        key_positions: [cache_len] 0..cache_len-1 on the device (the masked layout's key positions).
+        attention: the backend the meta is for ("sdpa", "decode" or "flash").
     """
 
     def __init__(self, positions: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
-                 page_table: torch.Tensor, key_positions: torch.Tensor, masked: bool) -> None:
+                 page_table: torch.Tensor, key_positions: torch.Tensor, attention: str) -> None:
         tokens, requests = positions.shape[0], query_lens.shape[0]
         # Into a zeroed buffer rather than torch.cat: cat's kernel parameters carry uninitialised bytes, which the
         # capture audit may read as addresses.
@@ -75,9 +90,12 @@ class RaggedMeta:
         self.request = torch.searchsorted(self.cu_seqlens[1:], token_index, right=True).clamp_(max=requests - 1)
         self.positions, self.seq_lens, self.page_table = positions, seq_lens, page_table
         self.mask: Optional[torch.Tensor] = None
+        self.per_token: Optional[AttentionMeta] = None
         self.real: Optional[torch.Tensor] = None
-        if not masked:
+        if attention == "flash":
             self.real = token_index < self.cu_seqlens[-1]
+        elif attention == "decode":
+            self.per_token = AttentionMeta((positions + 1).int(), page_table[self.request])
         else:
             same = self.request[:, None] == torch.arange(requests, device=positions.device)[None, :]
             causal = key_positions[None, :] <= positions[:, None]                 # [T, cache_len]
@@ -92,6 +110,12 @@ def sdpa_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, m
     values = v_cache[meta.page_table].flatten(0, 2).transpose(0, 1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=meta.mask)
     return out.transpose(0, 1)
+
+
+def decode_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
+    """Attention of q [T, heads, dim] over one layer's paged cache through the decode kernel, each token a row over
+    its request's pages and its keys up to its own position."""
+    return decode_attention(q, k_cache, v_cache, meta.per_token)
 
 
 def flash_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
@@ -111,7 +135,7 @@ def flash_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RaggedMeta], torch.Tensor]] = {
-    "sdpa": sdpa_ragged, "flash": flash_ragged}
+    "sdpa": sdpa_ragged, "decode": decode_ragged, "flash": flash_ragged}
 
 
 def flash_available() -> bool:
@@ -132,8 +156,8 @@ class RaggedDecoder(torch.nn.Module):
 
     Args:
         decoder: a paged Decoder (page_size > 0) on one GPU or the CPU, tensor parallelism off.
-        attention: "sdpa" (any device and dtype) or "flash" (CUDA, 16-bit, page size a multiple of 256); see
-            the module's docstring.
+        attention: "sdpa" (any device and dtype), "decode" (CUDA, the workloads' decode kernel) or "flash" (CUDA,
+            16-bit, page size a multiple of 256); see the module's docstring.
         sample: return each request's greedy token instead of its logits.
     """
 
@@ -146,6 +170,11 @@ class RaggedDecoder(torch.nn.Module):
             raise ValueError("a ragged step reads a paged KV cache: build the Decoder with page_size > 0")
         if decoder.tp_size != 1:
             raise ValueError(f"the ragged step runs on one GPU; this Decoder is split over {decoder.tp_size}")
+        if attention == "decode":
+            if decoder.embed.device.type != "cuda":
+                raise ValueError(f"attention 'decode' runs on CUDA devices only, this Decoder is on "
+                                 f"{decoder.embed.device}: use attention='sdpa'")
+            attention_backend("decode")  # loads the kernels now: a build without them fails here
         if attention == "flash" and not flash_available():
             raise ValueError("attention 'flash' needs a GPU and a torch whose aten::_flash_attention_forward takes "
                              f"block_table and seqused_k (torch {torch.__version__} does not): use attention='sdpa'")
@@ -176,8 +205,7 @@ class RaggedDecoder(torch.nn.Module):
         """
         dec, cfg = self.decoder, self.decoder.cfg
         tokens = input_ids.shape[0]
-        meta = RaggedMeta(positions, query_lens, seq_lens, page_table, dec.cache_positions,
-                          masked=self.attention == "sdpa")
+        meta = RaggedMeta(positions, query_lens, seq_lens, page_table, dec.cache_positions, self.attention)
         # Rotary tables [T, 1, 1, head_dim], for q and k together (see Decoder.forward).
         angles = (positions[:, None].float() * dec.inv_freq)[:, None, None, :]
         cos, sin = angles.cos().to(cfg.dtype), (angles.sin() * dec.sin_signs).to(cfg.dtype)

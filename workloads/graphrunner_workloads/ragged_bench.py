@@ -32,8 +32,7 @@ from graphrunner_workloads.bench import (add_output_arguments, gpu_missing, gpu_
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, decode_runner,
-                                          flash_available, ragged_inputs, ragged_runner, random_decode_step,
-                                          random_ragged_step)
+                                          ragged_inputs, ragged_runner, random_decode_step, random_ragged_step)
 from graphrunner_workloads.traces import round_ratios
 
 CONTENDERS = ["eager", "plain", "graphrunner", "bare", "decode"]
@@ -51,9 +50,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--sizes", default="16,64,256,1024", help="token counts T, comma-separated")
     p.add_argument("--requests", type=int, default=8, help="requests per step (T if fewer tokens)")
     p.add_argument("--cache-len", type=int, default=512, help="the step benchmark's cache positions per request")
-    p.add_argument("--attention", choices=ATTENTION, default="flash" if flash_available() else "sdpa",
-                   help="the ragged step's attention (flash, where this torch has it: torch's built-in varlen kernel; "
-                   "sdpa: masked layout)")
+    p.add_argument("--attention", choices=ATTENTION, default="decode",
+                   help="the ragged step's attention: decode (the workloads' decode kernel, a row per token), sdpa "
+                   "(masked padded layout) or flash (torch's built-in varlen kernel, where this torch's takes a block "
+                   "table: ragged.flash_available())")
     p.add_argument("--steps", type=int, default=200, help="timed steps per contender and T")
     p.add_argument("--engine-requests", type=int, default=48)
     p.add_argument("--engine-rounds", type=int, default=3, help="runs of the workload per engine mode, turn about")
@@ -81,7 +81,8 @@ def changed_settings(args: argparse.Namespace) -> List[str]:
 
 def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None) -> DecoderConfig:
     """The benchmark decoder (bench.py's shape: hidden 1024, 8 heads of 128, bf16) with `layers` layers, pages of
-    256 (the flash kernel's paged path) and room for `--requests` requests of `cache_len` positions.
+    256 (what the flash kernel's paged path takes; every backend reads them) and room for `--requests` requests of
+    `cache_len` positions.
 
     Args:
         layers: the decoder's layers.
