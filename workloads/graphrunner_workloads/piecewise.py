@@ -8,20 +8,22 @@ layer i-1 and layer i up to its attention; the last: the rest of the last layer 
 segment 0, attention, segment 1, ... in one native call. Between the segments the op runs eagerly, with the step's
 split (`query_lens`) on the host from the gr.StepInfo it gets (`step.inputs`); a uniform decode runner's steps
 have one token per request (`step.tokens // step.requests`). Attention:
-- "varlen": torch's built-in FlashAttention-2 varlen kernel (aten::_flash_attention_forward) on the paged cache,
-  as ragged.py's "flash" calls it, but with the longest request's token count from the host split as max_seqlen_q
-  (the graph-safe "flash" passes the step's whole token count T, its grid sized for the padded step): the host
-  integer an engine's varlen call takes, and what a captured kernel would freeze. cu_seqlens is built on the
-  device (in the segment before), seqused_k and the block table are the step's device inputs, max_seqlen_k the
-  cache's length: no sync. CUDA, 16-bit, pages a multiple of 256, as "flash".
+- "varlen": torch's built-in FlashAttention-2 varlen kernel (aten::_flash_attention_forward) with the longest
+  request's token count from the host split as max_seqlen_q: the host integer an engine's varlen call takes, and
+  what a captured kernel would freeze. Each request's keys are packed request after request (gathered from its
+  pages in the segment before the break, by slots computed once per step on the device), cu_seqlens of queries
+  and keys are built on the device, max_seqlen_k is the cache's length: no sync. It needs no block-table kernel
+  (ragged.py's "flash" does), so it runs on any torch with FlashAttention-2: CUDA, float16 or bfloat16.
+- "packed": the same attention inside the graph, max_seqlen_q the step's token count T (its grid sized for the
+  padded step), no break: the full-graph twin of "varlen", graph-safe.
 - "loop": per request, SDPA of its tokens (rows sliced by the host split) over its own pages, each token masked to
   the keys up to its position: a loop over host lengths, any device and dtype (the float32 tests run it).
-- "noop": a graph-safe attention (`inner`: ragged.py's "flash" or "sdpa") followed by a break op that does
-  nothing (it returns its input as its out= buffer): graphrunner's own cost of a break, nothing else.
+- "noop": a graph-safe attention (`inner`: "packed", or one of ragged.py's) followed by a break op
+  that does nothing (it returns its input as its out= buffer): graphrunner's own cost of a break, nothing else.
 
 The op writes its result into the boundary buffer `out=` the model allocates before the call (so it lives in the
 graph pool, where the next segment reads it); padding token rows, in no request, are zeroed in the next segment
-as ragged.py's "flash" zeroes them. Eagerly (step None) "varlen" takes T as its bound, like "flash", and "loop"
+as ragged.py's "flash" zeroes them. Eagerly (step None) "varlen" takes T as its bound, like "packed", and "loop"
 reads the lengths from the device (a sync). At capture (`step.inputs is None`) the ops compute nothing: the
 segment before the break was captured, not run, so its outputs (q, cu_seqlens) hold no values yet, and a kernel
 indexing by them could fault; only the call's arguments matter then.
@@ -41,9 +43,11 @@ import torch.nn.functional as F
 
 import graphrunner as gr
 from graphrunner_workloads.decoder import Decoder
-from graphrunner_workloads.ragged import SPLIT, PlainRaggedRunner, RaggedDecoder, RaggedMeta, ragged_inputs
+from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, RaggedMeta,
+                                          ragged_inputs)
 
-PIECEWISE_ATTENTION = ("varlen", "loop", "noop")
+PIECEWISE_ATTENTION = ("varlen", "packed", "loop", "noop")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH = torch.ops.aten._flash_attention_forward.default
 
 
@@ -75,39 +79,68 @@ class _HostLengths:
 host_lengths = _HostLengths()
 
 
-def varlen_into(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
-                seq_lens: torch.Tensor, page_table: torch.Tensor, longest: int, out: torch.Tensor) -> torch.Tensor:
-    """Attention of q [T, heads, dim] over one layer's paged cache through torch's FlashAttention-2 varlen kernel,
-    its grid sized for `longest` query tokens a request, written into `out`. Padding token rows (past
-    cu_seqlens[-1]) get whatever the kernel left there.
+def key_slots(seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where each request's keys sit in a layer's flat cache ([pages * page_size] rows), packed request after
+    request: (slots [R * cache_len] int64, the first cu_seqlens_k[-1] of them keys; cu_seqlens_k [R + 1] int32).
+    Fixed shapes, computed on the device: graph-safe. Rows past the last key repeat a valid slot, never read.
+
+    Args:
+        seq_lens: [R] int32 each request's keys.
+        page_table: [R, pages_per_seq] int32 each request's pages.
+        page_size: keys a page.
+    """
+    requests, cache_len = page_table.shape[0], page_table.shape[1] * page_size
+    cu_k = torch.zeros(requests + 1, dtype=torch.int32, device=seq_lens.device)
+    torch.cumsum(seq_lens, 0, dtype=torch.int32, out=cu_k[1:])
+    index = torch.arange(requests * cache_len, device=seq_lens.device, dtype=torch.int32)
+    request = torch.searchsorted(cu_k[1:], index, right=True).clamp_(max=requests - 1).long()
+    offset = (index - cu_k[request]).clamp_(0, cache_len - 1).long()
+    return page_table[request, offset // page_size].long() * page_size + offset % page_size, cu_k
+
+
+def flash_runs(decoder: Decoder) -> bool:
+    """Whether torch's FlashAttention-2 varlen kernel ("varlen", "packed") runs for `decoder`: on CUDA, in float16
+    or bfloat16.
+
+    Args:
+        decoder: the Decoder.
+    """
+    return decoder.embed.device.type == "cuda" and decoder.cfg.dtype in FLASH_DTYPES
+
+
+def varlen_flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, longest: int) -> torch.Tensor:
+    """Attention of q [T, heads, dim] over packed keys and values [R * cache_len, heads, dim] through torch's
+    FlashAttention-2 varlen kernel, causal and aligned to each request's last key; its grid is sized for
+    `longest` query tokens a request. Padding token rows (past cu_seqlens_q[-1]) hold whatever the kernel left.
 
     Args:
         q: the step's queries.
-        k_cache: one layer's keys [pages, page_size, heads, dim].
-        v_cache: its values.
-        cu_seqlens: [R + 1] int32 where each request's tokens start, then the step's token count (on the device).
-        seq_lens: [R] int32 each request's keys (on the device).
-        page_table: [R, pages_per_seq] int32 each request's pages.
+        keys: each request's keys, packed (key_slots).
+        values: its values, packed alike.
+        cu_seqlens_q: [R + 1] int32 where each request's tokens start, then the step's token count.
+        cu_seqlens_k: [R + 1] int32 where each request's keys start.
         longest: the most new tokens of one request (a host int).
-        out: where the result goes, q's shape.
     """
-    cache_len = page_table.shape[1] * k_cache.shape[1]
-    # With a block table the kernel takes key counts from seqused_k; cum_seq_k is only checked for its shape.
-    res = _FLASH(q, k_cache, v_cache, cu_seqlens, cu_seqlens, longest, cache_len, 0.0, True, False,
-                 seqused_k=seq_lens, block_table=page_table)[0]
-    return out.copy_(res)
+    cache_len = keys.shape[0] // (cu_seqlens_k.shape[0] - 1)
+    return _FLASH(q, keys, values, cu_seqlens_q, cu_seqlens_k, longest, cache_len, 0.0, True, False)[0]
+
+
+def varlen_into(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                cu_seqlens_k: torch.Tensor, longest: int, out: torch.Tensor) -> torch.Tensor:
+    """varlen_flash written into `out` (torch's kernel takes no out=: a copy)."""
+    return out.copy_(varlen_flash(q, keys, values, cu_seqlens_q, cu_seqlens_k, longest))
 
 
 @gr.breaking_op(name="varlen_attention")
-def varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
-                     seq_lens: torch.Tensor, page_table: torch.Tensor, *, out: torch.Tensor,
-                     step: Optional[gr.StepInfo]) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, out: torch.Tensor, step: Optional[gr.StepInfo]) -> torch.Tensor:
     """The "varlen" break op: varlen_into with the longest request from the host split (T eagerly)."""
     if step is None:
-        return varlen_into(q, k_cache, v_cache, cu_seqlens, seq_lens, page_table, q.shape[0], out)
+        return varlen_into(q, keys, values, cu_seqlens_q, cu_seqlens_k, q.shape[0], out)
     if step.inputs is None:  # at capture: the segment before holds no values yet (see the module's docstring)
         return out
-    return varlen_into(q, k_cache, v_cache, cu_seqlens, seq_lens, page_table, host_lengths.of(step)[1], out)
+    return varlen_into(q, keys, values, cu_seqlens_q, cu_seqlens_k, host_lengths.of(step)[1], out)
 
 
 @gr.breaking_op(name="loop_attention")
@@ -154,42 +187,63 @@ def noop_break(x: torch.Tensor, *, out: torch.Tensor, step: Optional[gr.StepInfo
 
 
 class PiecewiseRaggedDecoder(RaggedDecoder):
-    """The ragged decoder step (RaggedDecoder) with every layer's attention called through a break op: see the
-    module's docstring. Same call, inputs and outputs as RaggedDecoder; it runs the given Decoder's weights and
-    cache, so it shares them with other RaggedDecoders built on that Decoder.
+    """The ragged decoder step (RaggedDecoder) with every layer's attention called through a break op, or its
+    graph-safe twin "packed": see the module's docstring. Same call, inputs and outputs as RaggedDecoder; it runs
+    the given Decoder's weights and cache, so it shares them with other RaggedDecoders built on that Decoder.
 
     Args:
-        decoder: a paged Decoder on one GPU (or the CPU, "loop" and "noop" with inner "sdpa").
-        attention: "varlen", "loop" or "noop" (PIECEWISE_ATTENTION).
+        decoder: a paged Decoder on one GPU, or on the CPU for "loop" (and "noop" with inner "sdpa").
+        attention: "varlen", "packed", "loop" or "noop" (PIECEWISE_ATTENTION).
         sample: return each request's greedy token instead of its logits.
-        inner: the graph-safe attention inside the segments of "noop": ragged.py's "flash" or "sdpa".
+        inner: the graph-safe attention inside the segments of "noop": "packed", or one of ragged.py's (ATTENTION).
     """
 
     def __init__(self, decoder: Decoder, attention: str = "varlen", sample: bool = False,
-                 inner: str = "flash") -> None:
+                 inner: str = "packed") -> None:
         if attention not in PIECEWISE_ATTENTION:
             raise ValueError(f"attention must be one of {PIECEWISE_ATTENTION}, got {attention!r}")
-        # RaggedDecoder checks the decoder for the kernel: "varlen" runs "flash"'s, "loop" runs where "sdpa" does.
-        checked = {"varlen": "flash", "loop": "sdpa", "noop": inner}[attention]
-        try:
-            super().__init__(decoder, attention=checked, sample=sample)
-        except ValueError as exc:
-            raise ValueError(f"attention {attention!r} runs the kernel of {checked!r}: {exc}") from None
+        if attention == "noop" and inner not in ("packed", *ATTENTION):
+            raise ValueError(f"inner must be a graph-safe attention, 'packed' or one of {ATTENTION}, got {inner!r}")
+        kernel = inner if attention == "noop" else attention
+        # RaggedDecoder checks the decoder for its own backends; "sdpa" runs where "loop" does.
+        super().__init__(decoder, attention=kernel if kernel in ATTENTION else "sdpa", sample=sample)
+        if kernel in ("varlen", "packed") and not flash_runs(decoder):
+            raise ValueError(f"attention {kernel!r} runs torch's FlashAttention-2 varlen kernel: it needs a CUDA "
+                             f"Decoder in float16 or bfloat16; this one is on {decoder.embed.device} in "
+                             f"{decoder.cfg.dtype}: use attention 'loop'")
         self.piecewise = attention
-        if attention == "noop":  # self.attention stays the inner backend's: forward builds its metadata
-            self.inner = self.attend
+        # RaggedDecoder.forward builds the step's metadata for self.attention: ours read the varlen layout that
+        # ragged.py's "flash" reads (cu_seqlens, and real for the padding tokens).
+        self.attention = kernel if kernel in ATTENTION else "flash"
+        attends = {"varlen": self._attend_varlen, "packed": self._attend_packed, "loop": self._attend_loop}
+        if attention == "noop":
+            self.inner = attends.get(kernel, self.attend)  # ragged.py's backend, set by RaggedDecoder
             self.attend = self._attend_noop
-        else:  # any name but "sdpa" gives the varlen metadata (cu_seqlens, real), no mask
-            self.attention = attention
-            self.attend = self._attend_varlen if attention == "varlen" else self._attend_loop
+        else:
+            self.attend = attends[attention]
         # The op the attention calls: PlainPiecewiseRunner swaps it while it captures by hand.
-        self.op: Callable[..., Any] = varlen_attention if attention == "varlen" else loop_attention
+        self.op: Callable[..., Any] = loop_attention if attention == "loop" else varlen_attention
+
+    def _packed(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: RaggedMeta) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values packed request after request; the slots once per step, at layer 0."""
+        if getattr(meta, "key_slots", None) is None:
+            meta.key_slots, meta.cu_seqlens_k = key_slots(meta.seq_lens, meta.page_table, self.cfg.page_size)
+        return (k_cache.flatten(0, 1).index_select(0, meta.key_slots),
+                v_cache.flatten(0, 1).index_select(0, meta.key_slots))
+
+    def _attend_packed(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: RaggedMeta) -> torch.Tensor:
+        keys, values = self._packed(k_cache, v_cache, meta)
+        out = varlen_flash(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, q.shape[0])
+        return torch.where(meta.real[:, None, None], out, 0)  # padding tokens: see ragged.flash_ragged
 
     def _attend_varlen(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        meta: RaggedMeta) -> torch.Tensor:
+        keys, values = self._packed(k_cache, v_cache, meta)
         out = torch.empty_like(q)  # the boundary buffer, allocated in the segment before the break
-        self.op(q, k_cache, v_cache, meta.cu_seqlens, meta.seq_lens, meta.page_table, out=out)
-        return torch.where(meta.real[:, None, None], out, 0)  # padding tokens: see ragged.flash_ragged
+        self.op(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, out=out)
+        return torch.where(meta.real[:, None, None], out, 0)
 
     def _attend_loop(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: RaggedMeta) -> torch.Tensor:

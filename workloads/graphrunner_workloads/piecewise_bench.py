@@ -11,8 +11,8 @@ shape), the wall time of a step, synchronised per step, and the host time until 
   in a Python loop;
 - piecewise: graphrunner's ragged runner of the same decoder: the same segments and the same attention call, a
   step in one native call;
-- full: graphrunner's ragged runner of the graph-safe decoder (ragged.py's "flash": the same kernel with T as
-  its bound, inside the graph): what the step costs where attention can be captured;
+- full: graphrunner's ragged runner of the graph-safe twin (attention "packed": the same kernel on the same packed
+  keys with T as its bound, inside the graph): what the step costs where attention can be captured;
 - noop: the full graph's step with a break after every layer's attention that does nothing
   (attention "noop"): its host time over full's, per break, is graphrunner's own cost of a break.
 The contenders take turns in blocks (bench.timed), --rounds times; each key is the median over rounds of the
@@ -37,8 +37,7 @@ from graphrunner_workloads.bench import (add_output_arguments, gpu_missing, gpu_
                                          target_header, target_lines, timed)
 from graphrunner_workloads.decoder import Decoder
 from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner
-from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, decode_runner, flash_available, ragged_runner,
-                                          random_ragged_step)
+from graphrunner_workloads.ragged import SPLIT, decode_runner, ragged_runner, random_ragged_step
 from graphrunner_workloads.ragged_bench import preset
 
 CONTENDERS = ["eager", "common", "piecewise", "full", "noop"]
@@ -112,7 +111,7 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
     decoder = Decoder(cfg)
     piecewise = PiecewiseRaggedDecoder(decoder, "varlen")
     runners = {"piecewise": ragged_runner(piecewise, sizes, args.requests),
-               "full": ragged_runner(RaggedDecoder(decoder, "flash"), sizes, args.requests),
+               "full": ragged_runner(PiecewiseRaggedDecoder(decoder, "packed"), sizes, args.requests),
                "noop": ragged_runner(PiecewiseRaggedDecoder(decoder, "noop"), sizes, args.requests)}
     for runner in runners.values():
         runner.capture()
@@ -295,18 +294,13 @@ def plot(res: Dict[str, object], path: Path) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Runs the benchmark and writes bench-<gpu>-piecewise.json, .txt and .png; 2 where no GPU is visible or this
-    torch's flash kernel takes no block table.
+    """Runs the benchmark and writes bench-<gpu>-piecewise.json, .txt and .png; 2 where no GPU is visible.
 
     Args:
         argv: the command line; None reads sys.argv.
     """
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if gpu_missing("graphrunner_workloads.piecewise_bench"):
-        return 2
-    if not flash_available():
-        print(f"graphrunner_workloads.piecewise_bench needs torch's flash kernel with a block table; torch "
-              f"{torch.__version__}'s takes none", file=sys.stderr)
         return 2
     res = run(args)
     save_results(args.out, f"bench-{args.name or gpu_tag()}-piecewise", table(res), res, plot)
