@@ -211,9 +211,7 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
         reserved = torch.cuda.memory_reserved(record.device)
         start = time.perf_counter()
         # One segment, or one more after each break op fn calls (graphrunner/piecewise.py).
-        with Segments(record.pool, stream, spec.capture_error_mode,
-                      StepInfo(requests, requests, tokens, tokens, record.static_views(size)), long_lived,
-                      record.label(size)) as segments:
+        with Segments(record.pool, stream, spec.capture_error_mode, long_lived, record.label(size)) as segments:
             record.launcher.stage(size)
             out = spec.fn(**record.static_views(size))
             map_tensors(out, lambda name, t: _check_output(spec, name, t, size))

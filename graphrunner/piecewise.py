@@ -24,7 +24,6 @@ import torch
 
 from graphrunner.graph import Graph, PoolId
 from graphrunner.memory import alias
-from graphrunner.spec import StepInfo
 
 _active = threading.local()  # .segments: the Segments capture this thread is in, if any
 
@@ -95,7 +94,6 @@ class Segments:
         pool: the pool every segment allocates from.
         stream: the capture stream (current while the block runs).
         capture_error_mode: CUDA's stream capture mode.
-        info: the StepInfo break ops get at capture.
         long_lived: storages (data_ptr -> bytes) a break's tensors may live in besides this capture's own
             allocations: static input buffers, the caller's declared tensors.
         label: how messages name the size ("size 8 of runner 'mixed'").
@@ -104,7 +102,6 @@ class Segments:
     pool: PoolId
     stream: torch.cuda.Stream
     capture_error_mode: str
-    info: StepInfo
     long_lived: Dict[int, int]
     label: str
     graphs: List[Graph] = field(default_factory=list)
@@ -150,7 +147,12 @@ class Segments:
                     f"0x{t.data_ptr():x} that neither this capture made nor the runner holds (a static input, "
                     "fn's parameters and buffers, keep=): a replay would call the op on whatever is there then. "
                     "Pass tensors the segment before the break computed, or declare long-lived ones with keep=")
-        result = op.fn(*args, step=self.info, **kwargs)
+        # Note [ops at capture]: the op runs once now, for its result's check, on what the segment before it
+        # computes: that segment is replayed first (it was only recorded), so the op reads real data (its static
+        # inputs as capture left them), never uninitialised pool memory. It gets step=None, as it does eagerly:
+        # there is no step's host metadata at capture, and outside a graph it may read what it needs from the device.
+        self.graphs[-1].replay()
+        result = op.fn(*args, step=None, **kwargs)
         if result is not None and not (isinstance(result, torch.Tensor) and result.data_ptr() == out.data_ptr()
                                        and result.shape == out.shape):
             shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
@@ -168,12 +170,36 @@ class Segments:
 
 
 def _aliased(value: Any) -> Any:
-    return alias(value) if isinstance(value, torch.Tensor) else value
+    """`value` with every tensor in it (also inside lists, tuples and dicts) replaced by a non-owning alias."""
+    if isinstance(value, torch.Tensor):
+        return alias(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_aliased(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _aliased(v) for k, v in value.items()}
+    return value
 
 
 def _tensors(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
-    found = [(f"argument {i}", a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    return found + [(f"argument {k}=", v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    """Every tensor among a call's arguments, also inside lists, tuples and dicts (not inside other objects: pass
+    a break op its tensors as arguments, so they are checked and recorded as aliases), named for messages."""
+    found: List[Tuple[str, torch.Tensor]] = []
+
+    def walk(where: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append((where, value))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{where}[{i}]", v)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{where}[{k!r}]", v)
+
+    for i, a in enumerate(args):
+        walk(f"argument {i}", a)
+    for k, v in kwargs.items():
+        walk(f"argument {k}=", v)
+    return found
 
 
 def _allocated(graphs: Sequence[Graph]) -> Dict[int, int]:

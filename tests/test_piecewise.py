@@ -149,3 +149,24 @@ def test_a_tensor_the_capture_did_not_make_is_refused():
     with pytest.raises(ValueError, match=r"break op takes_host at size 2 got argument 1, a tensor of \(2,\) at 0x[0-9a-f]+ "
                                          r"that neither this capture made nor the runner holds"):
         r.capture()
+
+
+@gpu
+def test_at_capture_the_op_runs_once_on_what_the_segment_before_it_computed():
+    """Note [ops at capture]: the segment before a break is replayed before the op runs, so the op reads real data
+    (here x + 1 over pad values 0: all ones), not uninitialised pool memory, and gets step=None."""
+    seen = []
+
+    def check(x, out, step):
+        seen.append((step, bool(torch.all(x == 1)) if step is None else None))
+        return out.copy_(x)
+
+    op = gr.breaking_op(check, name="check")
+    r = gr.GraphRunner(lambda x: op(x + 1, out=torch.empty_like(x)) * 2, {"x": gr.StaticInput((64,), torch.float32)},
+                       capture_sizes=[4, 8], warmup=0)
+    with r:
+        r.capture()
+        assert seen == [(None, True), (None, True)]
+        x = torch.randn(3, 64, device="cuda")
+        torch.testing.assert_close(r(x=x), (x + 1) * 2)
+        assert seen[-1][0] is not None and seen[-1][0].padded_requests == 4
