@@ -101,9 +101,6 @@ def test_the_varlen_op_takes_the_longest_request_from_the_host_split(cpu_flash):
                 step=gr.StepInfo(3, 4, 20, 24, {}, {SPLIT: step[SPLIT]}))
     torch.testing.assert_close(got[:20], want[:20])
     assert cpu_flash == [(24, TINY.cache_len), (max(step[SPLIT].tolist()), TINY.cache_len)]
-    untouched = torch.full_like(q, 7.0)
-    assert op.fn(q, keys, keys, cu_q, cu_k, out=untouched, step=gr.StepInfo(4, 4, 24, 24, {})) is untouched
-    assert untouched.eq(7).all() and len(cpu_flash) == 2  # at capture the op calls no kernel
 
 
 def test_piecewise_decoder_refuses_what_its_kernel_cannot_run():
@@ -132,9 +129,9 @@ def test_key_slots_pack_each_requests_keys_request_after_request():
     assert slots.max() < TINY.num_pages * TINY.page_size
 
 
-def test_the_loop_op_takes_the_host_split_while_replaying_and_computes_nothing_at_capture():
+def test_the_loop_op_takes_the_host_split_while_replaying():
     """The op as a replay calls it (a StepInfo with the step's inputs: a ragged step's split, or a uniform step's
-    counts) equals the eager call, which reads the lengths from the device; at capture it leaves out alone."""
+    counts) equals the eager call (step=None, as at capture too), which reads the lengths from the device."""
     gen = torch.Generator().manual_seed(0)
     decoder = Decoder(TINY, device="cpu")
     step = random_ragged_step(TINY, 20, 3, gen)
@@ -154,8 +151,6 @@ def test_the_loop_op_takes_the_host_split_while_replaying_and_computes_nothing_a
     one_each = torch.arange(4, dtype=torch.int32)  # cu_seqlens of 3 requests of one token
     got = op.fn(*args[:3], one_each, *args[4:], out=torch.empty_like(q), step=uniform)
     torch.testing.assert_close(got, op(*args[:3], one_each, *args[4:], out=torch.empty_like(q)))
-    untouched = torch.full_like(q, 7.0)
-    assert op.fn(*args, out=untouched, step=gr.StepInfo(3, 3, 24, 24, {})) is untouched and untouched.eq(7).all()
 
 
 # -- GPU -------------------------------------------------------------------------------------------------------------

@@ -23,10 +23,9 @@ have one token per request (`step.tokens // step.requests`). Attention:
 
 The op writes its result into the boundary buffer `out=` the model allocates before the call (so it lives in the
 graph pool, where the next segment reads it); padding token rows, in no request, are zeroed in the next segment
-as ragged.py's "flash" zeroes them. Eagerly (step None) "varlen" takes T as its bound, like "packed", and "loop"
-reads the lengths from the device (a sync). At capture (`step.inputs is None`) the ops compute nothing: the
-segment before the break was captured, not run, so its outputs (q, cu_seqlens) hold no values yet, and a kernel
-indexing by them could fault; only the call's arguments matter then.
+as ragged.py's "flash" zeroes them. Outside a replay (step None: eagerly, and the once at capture, where
+graphrunner replays the segment before the break first, so the op reads real data) "varlen" takes T as its bound,
+like "packed", and "loop" reads the lengths from the device (a sync).
 
 `PlainPiecewiseRunner` is the common breakable pattern engines' users write by hand, kept plain as the
 benchmark's baseline: per token count, a torch.cuda.CUDAGraph per segment captured between attention calls into
@@ -138,8 +137,6 @@ def varlen_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """The "varlen" break op: varlen_into with the longest request from the host split (T eagerly)."""
     if step is None:
         return varlen_into(q, keys, values, cu_seqlens_q, cu_seqlens_k, q.shape[0], out)
-    if step.inputs is None:  # at capture: the segment before holds no values yet (see the module's docstring)
-        return out
     return varlen_into(q, keys, values, cu_seqlens_q, cu_seqlens_k, host_lengths.of(step)[1], out)
 
 
@@ -160,10 +157,8 @@ def loop_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         page_table: [R, pages_per_seq] int32 each request's pages.
         key_positions: [cache_len] the positions 0..cache_len - 1 (the decoder's cache_positions).
         out: where the result goes, q's shape.
-        step: the StepInfo while replaying, None eagerly.
+        step: the StepInfo while replaying, None outside a replay.
     """
-    if step is not None and step.inputs is None:  # at capture: nothing to compute
-        return out
     lens = cu_seqlens.diff().tolist() if step is None else host_lengths.of(step)[0]
     start = 0
     for request, n in enumerate(lens):
