@@ -126,9 +126,11 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("requests"), py::arg("tokens"), "The size a step runs at (either kind); 0 when none holds it.")
       .def("requests_of", &SizeTable::requests_of, py::arg("size"), "The requests a captured size holds.")
-      .def("output_slot", &SizeTable::output_slot, py::arg("size"), py::arg("requests"),
+      .def("output_slot", &SizeTable::checked_output_slot, py::arg("size"), py::arg("requests"),
            "Where a step's outputs sit in the armed runner's list of output views.")
       .def_property_readonly("output_slots", &SizeTable::output_slots)
+      .def_property_readonly("max_size", &SizeTable::max_size,
+                             "The largest step the table covers: requests (uniform) or tokens (ragged).")
       .def_property_readonly("ragged", &SizeTable::ragged)
       .def_property_readonly("sizes", &SizeTable::sizes);
 

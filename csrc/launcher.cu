@@ -107,33 +107,42 @@ Launcher::Launcher(std::shared_ptr<InputChecker> checker, std::vector<at::Tensor
       static_buffers_(std::move(static_buffers)),
       sizes_(std::move(sizes)),
       max_lead_(max_lead) {
+  if (checker_->split() >= 0 && max_lead_ < 1) {
+    throw InputValueError("a ragged runner needs a bound on its lead (max_lead): its split slots are reused "
+                          "max_lead + 2 steps later");
+  }
   c10::cuda::CUDAGuard guard(checker_->device());
   void* stamp = nullptr;
   void* on_device = nullptr;
   GR_CUDA_CHECK(cudaHostAlloc(&stamp, sizeof(long long), cudaHostAllocMapped));
   started_ = static_cast<volatile long long*>(stamp);
   *started_ = 0;
-  GR_CUDA_CHECK(cudaHostGetDevicePointer(&on_device, stamp, 0));
-  started_on_device_ = static_cast<volatile long long*>(on_device);
-  captured_for_size_.resize(sizes_.max_size() + 1);
-  if (checker_->split() >= 0) {
-    if (max_lead_ < 1) {
-      throw InputValueError("a ragged runner needs a bound on its lead (max_lead): its split slots are reused "
-                            "max_lead + 2 steps later");
+  try {
+    GR_CUDA_CHECK(cudaHostGetDevicePointer(&on_device, stamp, 0));
+    started_on_device_ = static_cast<volatile long long*>(on_device);
+    captured_for_size_.resize(sizes_.max_size() + 1);
+    if (checker_->split() >= 0) {
+      // Note [split slots]: the step numbered n copies its split into slot n % count. Before launching step n
+      // the host has waited until step n - max_lead began (must_wait, re-checked after every wait), and steps of
+      // one runner run in order on one stream (wait_for_lead refuses another), so step n - max_lead - 1, and
+      // every step before it, has ended: slots of steps up to n - count, with count = max_lead + 2, are no
+      // longer read.
+      const InputSpec& split = checker_->specs()[checker_->split()];
+      split_slot_bytes_ = (static_cast<size_t>(sizes_.max_requests() * split.unit_bytes()) + 15) / 16 * 16;
+      split_slot_count_ = max_lead_ + 2;
+      void* slots = nullptr;
+      void* slots_on_device = nullptr;
+      GR_CUDA_CHECK(cudaHostAlloc(&slots, split_slot_bytes_ * split_slot_count_, cudaHostAllocMapped));
+      split_slots_ = static_cast<unsigned char*>(slots);
+      GR_CUDA_CHECK(cudaHostGetDevicePointer(&slots_on_device, slots, 0));
+      split_slots_on_device_ = static_cast<unsigned char*>(slots_on_device);
     }
-    // Note [split slots]: the step numbered n copies its split into slot n % count. Before launching step n
-    // the host has waited until step n - max_lead began (must_wait), and steps of one runner run in order, so
-    // step n - max_lead - 1, and every step before it, has ended: slots of steps up to n - count, with count
-    // = max_lead + 2, are no longer read.
-    const InputSpec& split = checker_->specs()[checker_->split()];
-    split_slot_bytes_ = (static_cast<size_t>(sizes_.max_requests() * split.unit_bytes()) + 15) / 16 * 16;
-    split_slot_count_ = max_lead_ + 2;
-    void* slots = nullptr;
-    void* slots_on_device = nullptr;
-    GR_CUDA_CHECK(cudaHostAlloc(&slots, split_slot_bytes_ * split_slot_count_, cudaHostAllocMapped));
-    split_slots_ = static_cast<unsigned char*>(slots);
-    GR_CUDA_CHECK(cudaHostGetDevicePointer(&slots_on_device, slots, 0));
-    split_slots_on_device_ = static_cast<unsigned char*>(slots_on_device);
+  } catch (...) {  // the destructor does not run for a constructor that throws
+    if (split_slots_ != nullptr) {
+      cudaFreeHost(split_slots_);
+    }
+    cudaFreeHost(stamp);
+    throw;
   }
   // Staged inputs are a few KB to a few MB: two blocks per SM (264 on an H100) already keep every SM's copy
   // busy, and a larger grid only takes longer to launch and retire.
@@ -170,6 +179,11 @@ void Launcher::wait_for_lead() const {
     if (spins % 4096 == 0) {
       const cudaError_t state = cudaStreamQuery(stream);
       if (state == cudaSuccess) {
+        if (split_slots_ != nullptr) {  // Note [split slots] holds only for steps of one stream
+          throw StateError("a ragged runner's steps must all run on one stream: the current stream is idle while "
+                           "earlier steps have not begun, so they were queued on another; run every step of this "
+                           "runner on one stream");
+        }
         return;
       }
       if (state != cudaErrorNotReady) {

@@ -64,7 +64,9 @@ StepCallObject* as_step_call(PyObject* self) { return reinterpret_cast<StepCallO
 bool run_breaks(StepCallObject* self, PyObject* breaks, StepShape shape, int64_t size, PyObject* kwargs,
                 Launcher& launcher) {
   static PyObject* step_key = PyUnicode_InternFromString("step");
-  py::object held = py::reinterpret_borrow<py::object>(self->launcher);  // the ops are Python: they could close us
+  // The ops are Python: one could close the runner, which drops the launcher and the list of breaks.
+  py::object held = py::reinterpret_borrow<py::object>(self->launcher);
+  py::object held_breaks = py::reinterpret_borrow<py::object>(breaks);
   py::object info = py::reinterpret_steal<py::object>(
       PyObject_CallFunction(self->step_info, "LLLO", static_cast<long long>(shape.requests),
                             static_cast<long long>(shape.tokens), static_cast<long long>(size), kwargs));
@@ -79,6 +81,11 @@ bool run_breaks(StepCallObject* self, PyObject* breaks, StepShape shape, int64_t
       return false;
     }
     PyObject* done = PyObject_Call(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1), op_kwargs);
+    // The StepInfo holds the step's inputs: the recorded kwargs must not keep them past the call.
+    if (PyDict_DelItem(op_kwargs, step_key) < 0) {
+      Py_XDECREF(done);
+      return false;
+    }
     if (done == nullptr) {
       return false;
     }
@@ -133,7 +140,9 @@ PyObject* step_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
     if (size == 0) {
       return PyObject_Call(self->eager, args, kwargs);
     }
-    if (launcher.must_wait()) {  // the host is max_lead steps ahead: wait without holding other threads up
+    // The host is max_lead steps ahead: wait without holding other threads up, and look again once the GIL is
+    // back, since another thread may have launched meanwhile.
+    while (launcher.must_wait()) {
       py::object held = py::reinterpret_borrow<py::object>(self->launcher);
       {
         py::gil_scoped_release released;

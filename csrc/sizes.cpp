@@ -51,6 +51,14 @@ int64_t SizeTable::requests_of(int64_t size) const {
   return requests_[index_of_[size]];
 }
 
+int64_t SizeTable::checked_output_slot(int64_t size, int64_t requests) const {
+  if (requests < 1 || requests > requests_of(size) || (!ragged() && size_for(size) != size)) {
+    throw InputValueError("no output slot for " + std::to_string(requests) + " requests at size " +
+                          std::to_string(size) + ": the size must be captured and hold that many requests");
+  }
+  return output_slot(size, requests);
+}
+
 int64_t SizeTable::output_slots() const {
   return ragged() ? first_slot_.back() + requests_.back() : max_size() + 1;
 }

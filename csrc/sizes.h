@@ -43,6 +43,8 @@ class SizeTable {
   int64_t output_slot(int64_t size, int64_t requests) const {
     return ragged() ? first_slot_[index_of_[size]] + requests - 1 : requests;
   }
+  // output_slot() with its arguments checked (for callers outside the step path).
+  int64_t checked_output_slot(int64_t size, int64_t requests) const;
   // How many slots that list has (slot 0 unused).
   int64_t output_slots() const;
   const std::vector<int64_t>& sizes() const { return sizes_; }

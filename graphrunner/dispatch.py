@@ -67,7 +67,7 @@ class Dispatch:
         # split that says otherwise goes to the ragged runner, whose checks name what is wrong with it).
         if uniform is not None and uniform.state is RunnerState.ARMED:
             split, counted = inputs.get(self._split), inputs.get(self._counted)
-            if isinstance(split, torch.Tensor) and isinstance(counted, torch.Tensor) and \
-                    split.shape[0] == counted.shape[0] and uniform.size_for(split.shape[0]) and _C.all_ones(split):
+            if isinstance(split, torch.Tensor) and isinstance(counted, torch.Tensor) and split.dim() and \
+                    counted.dim() and split.shape[0] == counted.shape[0] and uniform.size_for(split.shape[0]) and _C.all_ones(split):
                 return uniform(**{name: inputs[name] for name in self._uniform_names})
         return self.ragged(**inputs)

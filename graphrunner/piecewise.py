@@ -16,6 +16,7 @@ refused at capture: the next segment would read the boundary buffer, which nothi
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -111,7 +112,11 @@ class Segments:
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         self._stream_ctx = torch.cuda.stream(self.stream)
         self._stream_ctx.__enter__()
-        self._begin()
+        try:
+            self._begin()
+        except BaseException:  # __exit__ does not run for an __enter__ that raises: leave the stream as it was
+            self._stream_ctx.__exit__(*sys.exc_info())
+            raise
         _active.segments = self
         return self
 
@@ -173,8 +178,11 @@ def _aliased(value: Any) -> Any:
     """`value` with every tensor in it (also inside lists, tuples and dicts) replaced by a non-owning alias."""
     if isinstance(value, torch.Tensor):
         return alias(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_aliased(v) for v in value)
+    if isinstance(value, list):
+        return [_aliased(v) for v in value]
+    if isinstance(value, tuple):  # a namedtuple's constructor takes its fields one by one
+        items = [_aliased(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, dict):
         return {k: _aliased(v) for k, v in value.items()}
     return value

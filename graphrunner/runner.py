@@ -231,7 +231,7 @@ class GraphRunner(_C.StepCall):
             before_replay = functools.partial(_before_replay, spec.before_replay, step_info)
         pieces = None  # a piecewise size's breaks, as the native step calls them (csrc/py_step.cpp, Note [breaks])
         if any(entry.breaks for entry in record.entries.values()):
-            pieces = [None] * (spec.max_batch_size + 1)
+            pieces = [None] * (self.sizes.max_size + 1)  # the table's bound: a budget may have kept fewer sizes
             for size, entry in record.entries.items():
                 if entry.breaks:
                     pieces[size] = [(b.op, b.args, dict(b.kwargs)) for b in entry.breaks]
@@ -367,8 +367,15 @@ def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
         pool = pools.pop() if pools else torch.cuda.graph_pool_handle()
         records = schedule.capture([schedule.Capture(r.spec, r._checker, r.sizes) for r in runners], pool) \
             if max_bytes is None else capture_within(runners, pool, max_bytes, plan)
-    for runner, record in zip(runners, records):
-        runner._arm_on(record)
+    try:
+        for runner, record in zip(runners, records):
+            runner._arm_on(record)
+    except BaseException:  # arming failed after a capture that succeeded: give every graph back
+        for runner, record in zip(runners, records):
+            runner._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
+            runner.record, runner.state = None, RunnerState.UNARMED
+            record.release()
+        raise
     return [record.capture_report for record in records]
 
 

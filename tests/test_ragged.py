@@ -200,3 +200,15 @@ def test_all_ones_reads_the_split_on_the_host(split, ones):
     assert _C.all_ones(torch.tensor(split, dtype=torch.int32)) is ones
     assert _C.all_ones(torch.tensor(split, dtype=torch.int64)) is ones
     assert _C.all_ones(torch.tensor(split, dtype=torch.float32)) is False
+
+
+def test_output_slots_outside_the_table_are_refused():
+    ragged_table = _C.SizeTable([4, 8], 8, [2, 3])
+    with pytest.raises(ValueError, match=r"6 tokens is not a captured size"):
+        ragged_table.output_slot(6, 1)
+    with pytest.raises(ValueError, match=r"no output slot for 3 requests at size 4"):
+        ragged_table.output_slot(4, 3)
+    uniform_table = _C.SizeTable([4, 8], 8)
+    assert uniform_table.output_slot(8, 5) == 5 and uniform_table.max_size == 8 and ragged_table.max_size == 8
+    with pytest.raises(ValueError, match=r"no output slot for 1 requests at size 6"):
+        uniform_table.output_slot(6, 1)
