@@ -16,9 +16,9 @@ from graphrunner.errors import (CaptureGuardWarning, CudaError, DistributedCaptu
 from graphrunner.graph import Graph, capture_stream
 from graphrunner.inputs import StaticInput
 from graphrunner.piecewise import Break, BreakOp, breaking_op
-from graphrunner.plan import CapturePlan, dry_run
+from graphrunner.plan import CapturePlan
 from graphrunner.record import CaptureRecord, CaptureReport, PoolReport, SizeEntry, SizeReport
-from graphrunner.runner import GraphRunner, RunnerState, capture_all, validate_all
+from graphrunner.runner import GraphRunner, RunnerState, capture_all, dry_run, validate_all
 from graphrunner.schedule import default_capture_sizes
 from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import ValidationReport

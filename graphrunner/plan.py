@@ -22,7 +22,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,16 +30,12 @@ from graphrunner import distributed
 from graphrunner._native import _C
 from graphrunner.capture import Capture, _fill_capture_inputs, capture, capture_order
 from graphrunner.errors import OverBudget
-from graphrunner.graph import capture_stream, require_cuda
+from graphrunner.graph import capture_stream
 from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport
 from graphrunner.spec import RunnerSpec, StepInfo
 
-if TYPE_CHECKING:
-    from graphrunner.runner import GraphRunner
-
 logger = logging.getLogger("graphrunner")
 
-Build = Callable[[], Union["GraphRunner", Sequence["GraphRunner"]]]
 _SEGMENT = 2 * MiB  # torch's allocator segment for small blocks; the driver maps memory in such units too
 
 
@@ -170,50 +166,17 @@ class CapturePlan:
                          for name, sizes in self.sizes.items())
 
 
-def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
-    """Captures every size of the runners `build()` makes, measures what the capture keeps, gives everything
-    back, and returns the plan: the bytes the real capture of the same runners will take. An engine calls it
-    before sizing its KV cache.
-
-    `build()` makes the runners (and whatever model they run) and returns them, a GraphRunner or a list of the
-    runners to capture together. They must be identical to the real ones (same fn and layers, inputs, capture
-    sizes, names, tokens_per_request, max_requests, out= shapes, options) except for the engine's big buffers, which
-    may be small stand-ins: a few pages of KV cache, as long as fn runs on them at every size with the static
-    inputs' pad values (and capture_inputs, if given), as the capture's warm-up runs it. The weights may be the
-    real ones: they are allocated before the measurement starts. Anything whose size depends on a big buffer's
-    size and is allocated inside fn (or by on_capture) would be mispredicted.
-
-    Measured: the fall of the driver's free memory across `capture_all` (synchronized, torch's cache emptied on
-    both sides, from right after build()), which `capture_all` reads the same way for the real capture. Not
-    counted: build()'s own
-    allocations, and what fn's warm-up leaves in torch's cache (the engine's activation headroom covers that while
-    capturing). Then, with `ladder`, each shorter ladder's bytes (every runner keeping its sizes up to a limit, for
-    a budget): the full measurement less what the dropped sizes added: their executables (measured), their static
-    rows (computed) and the pool they needed beyond the kept sizes. That pool part is measured by running each
-    limit's steps eagerly, in capture order, on graphrunner's capture stream, into a scratch pool (the same
-    allocations as capturing them), one limit after another; this costs an eager step per size and limit (36 x 37
-    / 2 steps for 36 sizes) and takes at most one step's activations at the largest size at once.
-
-    What the dry run leaves behind once its runners are closed (`leftover_bytes`: kernels loaded on first use,
-    device memory a driver keeps from destroyed executables) is not paid again by the capture after it: the plan's
-    bytes leave it out. Run a step of the model before (an engine's profiling pass does), so that the model's own
-    first-use costs fall outside both.
+def measure(runners: Sequence[Any], capture_all: Callable[..., List[CaptureReport]], ladder: bool) -> CapturePlan:
+    """The dry run's measurement (graphrunner.runner.dry_run builds and checks the runners, then calls it): the
+    fall of the driver's free memory across capture_all(*runners), each shorter ladder's bytes with `ladder`, and
+    what is left behind once the runners are closed. Closes them.
 
     Args:
-        build: makes the runners to capture together (a GraphRunner, or a list of them), unarmed.
-        ladder: also measure every shorter ladder's bytes, for capture_all(max_bytes=...).
+        runners: unarmed runners to capture together.
+        capture_all: graphrunner.runner.capture_all (passed in: this module never imports the runner).
+        ladder: also measure every shorter ladder's bytes.
     """
-    from graphrunner.runner import GraphRunner, RunnerState, capture_all
-
-    require_cuda()
     start = time.perf_counter()
-    built = build()
-    runners = [built] if isinstance(built, GraphRunner) else list(built) if isinstance(built, (list, tuple)) else None
-    if not runners or not all(isinstance(r, GraphRunner) for r in runners):
-        raise TypeError(f"dry_run(build): build() must return a GraphRunner or a list of them, got "
-                        f"{type(built).__name__}")
-    if any(r.state is not RunnerState.UNARMED for r in runners):
-        raise ValueError("dry_run(build): build() must return new runners, not yet captured")
     device = runners[0].device
     specs = [r.spec for r in runners]
     try:
@@ -229,8 +192,6 @@ def dry_run(build: Build, ladder: bool = True) -> CapturePlan:
     finally:
         for r in runners:
             r.close()
-        del built, runners
-        gc.collect()
     plan = CapturePlan(measured - max(leftover, 0), reports, measured_bytes=measured, leftover_bytes=leftover)
     if pools:
         plan.ladder = _ladder(specs, plan, pools)
@@ -266,8 +227,8 @@ def check_budget(max_bytes: Any, plan: Any, runners: Sequence[Any]) -> Optional[
     return plan.fit(max_bytes)
 
 
-def capture_within(runners: Sequence["GraphRunner"], pool: Any, max_bytes: int,
-                   plan: Optional[CapturePlan]) -> List[CaptureRecord]:
+def capture_within(runners: Sequence[Any], pool: Any, max_bytes: int,
+                   plan: CapturePlan) -> List[CaptureRecord]:
     """Captures the runners keeping the sizes that fit in `max_bytes`, the largest dropped first; returns their
     records (capture_all arms the runners on them).
 
@@ -279,20 +240,15 @@ def capture_within(runners: Sequence["GraphRunner"], pool: Any, max_bytes: int,
     says. The capture is then measured as dry_run measures (the report's driver_bytes); if it took more than
     max_bytes after all (a plan made elsewhere, other processes on the GPU), its graphs are destroyed and the next
     smaller limit is captured, with the plan corrected by what it missed, so the capture that is kept never
-    exceeds the budget. Without a plan, a dry run of the same runners makes one first, which needs as much free
-    memory as capturing every size while it runs: an engine whose KV cache already holds the rest passes the plan
-    an earlier gr.dry_run made.
+    exceeds the budget.
 
     Args:
         runners: the runners to capture together.
         pool: their pool id.
         max_bytes: the budget, checked (check_budget).
-        plan: the dry run's plan of these runners, or None.
+        plan: the dry run's plan of these runners (capture_all makes one where the caller passed none).
     """
     originals = [r.spec for r in runners]
-    if plan is None:
-        plan = dry_run(lambda: [type(r).from_spec(spec.without_pool()) for r, spec in zip(runners, originals)])
-        plan.check(runners)
     ranks = distributed.agreement(originals[0].collective_timeout_s)
     missed = 0
     limit = _agreed_limit(ranks, plan.fit(max_bytes))
@@ -316,7 +272,7 @@ def capture_within(runners: Sequence["GraphRunner"], pool: Any, max_bytes: int,
         raise
 
 
-def keep_sizes(runner: "GraphRunner", spec: RunnerSpec, kept: List[int]) -> None:
+def keep_sizes(runner: Any, spec: RunnerSpec, kept: List[int]) -> None:
     """Rebuilds an unarmed runner on `kept`, some of `spec`'s capture sizes (all of them: the runner as `spec`
     made it). Batches up to spec.max_batch_size stay the runner's: its size table keeps that bound, so those above
     the largest kept size run eagerly.
@@ -403,7 +359,7 @@ def _row_bytes(s: Any) -> int:
     return n * torch.empty((), dtype=s.dtype).element_size()
 
 
-def _pool_ladder(runners: Sequence["GraphRunner"], limits: List[int]) -> Dict[int, int]:
+def _pool_ladder(runners: Sequence[Any], limits: List[int]) -> Dict[int, int]:
     """limit -> the bytes a fresh pool grows to when every (size up to limit, runner) pair's step runs eagerly
     in capture order on the capture stream: what the pool of a capture of those sizes needs."""
     specs = [r.spec for r in runners]

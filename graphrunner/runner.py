@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import gc
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -16,7 +17,7 @@ from graphrunner.graph import PoolLike, pool_id, require_cuda
 from graphrunner.inputs import StaticInput
 from graphrunner.isolate import validate_in_child
 from graphrunner.outputs import clone_tensors, map_tensors
-from graphrunner.plan import CapturePlan, capture_within, check_budget
+from graphrunner.plan import CapturePlan, capture_within, check_budget, measure
 from graphrunner.record import CaptureRecord, CaptureReport
 from graphrunner.spec import RunnerSpec, StepInfo
 from graphrunner.validate import MakeInputs, Target, ValidationReport, validate
@@ -363,6 +364,10 @@ def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
         raise ValueError(f"runners captured together need distinct names (GraphRunner(name=...)), got {names}")
     check_budget(max_bytes, plan, runners)
     require_cuda()
+    if max_bytes is not None and plan is None:  # needs the memory of capturing every size while it runs
+        specs = [r.spec for r in runners]
+        plan = dry_run(lambda: [type(r).from_spec(spec.without_pool()) for r, spec in zip(runners, specs)])
+        plan.check(runners)
     with torch.cuda.device(torch.device("cuda", runners[0].spec.device)):
         pool = pools.pop() if pools else torch.cuda.graph_pool_handle()
         records = schedule.capture([schedule.Capture(r.spec, r._checker, r.sizes) for r in runners], pool) \
@@ -377,6 +382,54 @@ def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
             record.release()
         raise
     return [record.capture_report for record in records]
+
+
+def dry_run(build: Callable[[], Union[GraphRunner, Sequence[GraphRunner]]], ladder: bool = True) -> CapturePlan:
+    """Captures every size of the runners `build()` makes, measures what the capture keeps, gives everything
+    back, and returns the plan: the bytes the real capture of the same runners will take. An engine calls it
+    before sizing its KV cache.
+
+    `build()` makes the runners (and whatever model they run) and returns them, a GraphRunner or a list of the
+    runners to capture together. They must be identical to the real ones (same fn and layers, inputs, capture
+    sizes, names, tokens_per_request, max_requests, out= shapes, options) except for the engine's big buffers, which
+    may be small stand-ins: a few pages of KV cache, as long as fn runs on them at every size with the static
+    inputs' pad values (and capture_inputs, if given), as the capture's warm-up runs it. The weights may be the
+    real ones: they are allocated before the measurement starts. Anything whose size depends on a big buffer's
+    size and is allocated inside fn (or by on_capture) would be mispredicted.
+
+    Measured: the fall of the driver's free memory across `capture_all` (synchronized, torch's cache emptied on
+    both sides, from right after build()), which `capture_all` reads the same way for the real capture. Not
+    counted: build()'s own
+    allocations, and what fn's warm-up leaves in torch's cache (the engine's activation headroom covers that while
+    capturing). Then, with `ladder`, each shorter ladder's bytes (every runner keeping its sizes up to a limit, for
+    a budget): the full measurement less what the dropped sizes added: their executables (measured), their static
+    rows (computed) and the pool they needed beyond the kept sizes. That pool part is measured by running each
+    limit's steps eagerly, in capture order, on graphrunner's capture stream, into a scratch pool (the same
+    allocations as capturing them), one limit after another; this costs an eager step per size and limit (36 x 37
+    / 2 steps for 36 sizes) and takes at most one step's activations at the largest size at once.
+
+    What the dry run leaves behind once its runners are closed (`leftover_bytes`: kernels loaded on first use,
+    device memory a driver keeps from destroyed executables) is not paid again by the capture after it: the plan's
+    bytes leave it out. Run a step of the model before (an engine's profiling pass does), so that the model's own
+    first-use costs fall outside both.
+
+    Args:
+        build: makes the runners to capture together (a GraphRunner, or a list of them), unarmed.
+        ladder: also measure every shorter ladder's bytes, for capture_all(max_bytes=...).
+    """
+    require_cuda()
+    built = build()
+    runners = [built] if isinstance(built, GraphRunner) else list(built) if isinstance(built, (list, tuple)) else None
+    if not runners or not all(isinstance(r, GraphRunner) for r in runners):
+        raise TypeError(f"dry_run(build): build() must return a GraphRunner or a list of them, got "
+                        f"{type(built).__name__}")
+    if any(r.state is not RunnerState.UNARMED for r in runners):
+        raise ValueError("dry_run(build): build() must return new runners, not yet captured")
+    try:
+        return measure(runners, capture_all, ladder)
+    finally:
+        del built, runners
+        gc.collect()
 
 
 def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = False, guard: bool = False,
