@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -123,6 +123,10 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
                 records.append(_warm_up(c, pool, stream))
     guard = CaptureGuard(pool, device, strict=any(c.spec.strict for c in captures),
                          debug=any(c.spec.debug for c in captures))
+    # What a break op's tensors may live in besides a capture's own allocations, once per runner (declared()
+    # walks everything fn holds).
+    long_lived = [{t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in [*record.static_inputs.values(), *c.spec.declared()]} for c, record in zip(captures, records)]
     show = distributed.is_rank_zero() and (sys.stderr.isatty() or any(c.spec.verbose for c in captures))
     # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which both
     # reorders the pool and hides what a capture kept alive from the guard.
@@ -132,7 +136,7 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
         for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
             spec, record = captures[i].spec, records[i]
             with ranks.phase(f"capture of {record.label(size)}"), torch.set_grad_enabled(not spec.no_grad):
-                _capture_size(spec, record, size, stream, guard)
+                _capture_size(spec, record, size, stream, guard, long_lived[i])
     finally:
         if gc_enabled:
             gc.enable()
@@ -200,13 +204,11 @@ def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
 
 
 def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torch.cuda.Stream,
-                  guard: CaptureGuard) -> None:
+                  guard: CaptureGuard, long_lived: Dict[int, int]) -> None:
     _fill_capture_inputs(spec, record, size)
     requests, tokens = spec.requests_of(size), spec.tokens_of(size)
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
-    long_lived = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                  for t in [*record.static_inputs.values(), *spec.declared()]}
     with guard.watch((spec.name, size), record.label(size)) as kept:
         reserved = torch.cuda.memory_reserved(record.device)
         start = time.perf_counter()
