@@ -23,6 +23,7 @@ _captures = itertools.count()  # every rank captures in the same order, so this 
 
 
 def in_distributed_run() -> bool:
+    """Whether torch.distributed is available and initialized (a world of one counts)."""
     return dist.is_available() and dist.is_initialized()
 
 

@@ -155,6 +155,7 @@ class CapturePlan:
         return text + f" ({self.seconds:.2f} s)"
 
     def to_dict(self) -> dict:
+        """The plan as plain data (for JSON)."""
         return {"bytes": self.bytes, "ladder": {str(k): v for k, v in sorted(self.ladder.items())},
                 "measured_bytes": self.measured_bytes, "leftover_bytes": self.leftover_bytes,
                 "seconds": self.seconds, "sizes": self.sizes,

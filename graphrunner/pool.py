@@ -39,9 +39,11 @@ class Block:
     label: str = BlockKind.FREE.value
 
     def describe(self) -> str:
+        """How messages name this block."""
         return f"{self.label} (block 0x{self.address:x}, {self.size} bytes)"
 
     def holds(self, address: int) -> bool:
+        """Whether `address` lies inside this block."""
         return self.address <= address < self.address + self.size
 
 

@@ -219,10 +219,12 @@ class CaptureReport:
 
     @property
     def capture_s(self) -> float:
+        """Wall seconds of every size's capture."""
         return sum(r.capture_ms for r in self.sizes) / 1000
 
     @property
     def pool_bytes(self) -> int:
+        """Pool growth over every size's capture."""
         return sum(r.pool_bytes_added for r in self.sizes)
 
     @property
@@ -232,6 +234,7 @@ class CaptureReport:
 
     @property
     def graphs(self) -> int:
+        """Graphs captured (a piecewise size counts each segment)."""
         return sum(r.graphs for r in self.sizes)
 
     @property
@@ -254,6 +257,7 @@ class CaptureReport:
         return text
 
     def to_dict(self) -> dict:
+        """The report as plain data (for JSON)."""
         return {"name": self.name, "rank": self.rank, "warmup_ms": self.warmup_ms, "capture_s": self.capture_s,
                 "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
                 "static_bytes": self.static_bytes, "bytes": self.bytes, "driver_bytes": self.driver_bytes,
@@ -262,6 +266,7 @@ class CaptureReport:
                 "sizes": [vars(r) for r in self.sizes], "ranks": [r.to_dict() for r in self.ranks]}
 
     def to_json(self) -> str:
+        """The report as a JSON string."""
         return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
@@ -283,10 +288,12 @@ class PoolReport:
 
     @property
     def graphs(self) -> int:
+        """Graphs captured (a piecewise size counts each segment)."""
         return sum(r.graphs for r in self.runners)
 
     @property
     def capture_s(self) -> float:
+        """Wall seconds of every size's capture."""
         return sum(r.capture_s for r in self.runners)
 
     @property
@@ -296,6 +303,7 @@ class PoolReport:
 
     @property
     def exec_bytes(self) -> int:
+        """The executable graphs' device memory, every runner's together."""
         return sum(r.exec_bytes for r in self.runners)
 
     @property
@@ -305,6 +313,7 @@ class PoolReport:
 
     @property
     def static_bytes(self) -> int:
+        """The static input buffers' bytes, every runner's together."""
         return sum(r.static_bytes for r in self.runners)
 
     @property
@@ -319,10 +328,14 @@ class PoolReport:
 
     @property
     def outside_bytes(self) -> Optional[int]:
+        """The driver's bytes outside torch's allocator (executables, handles), as the first runner's report
+        measured them.
+        """
         return self.runners[0].outside_bytes if self.runners else None
 
     @property
     def budget(self) -> Optional[int]:
+        """The budget the capture kept within, or None."""
         return self.runners[0].budget if self.runners else None
 
     @property
@@ -345,6 +358,7 @@ class PoolReport:
         return text + _budget(self.budget, self.dropped)
 
     def to_dict(self) -> dict:
+        """The report as plain data (for JSON)."""
         return {"graphs": self.graphs, "capture_s": self.capture_s, "bytes": self.bytes,
                 "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
                 "static_bytes": self.static_bytes, "driver_bytes": self.driver_bytes,

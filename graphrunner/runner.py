@@ -181,6 +181,7 @@ class GraphRunner(_C.StepCall):
 
     @property
     def device(self) -> torch.device:
+        """The runner's GPU."""
         return torch.device("cuda", self.spec.device)
 
     @property

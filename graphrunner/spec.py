@@ -139,6 +139,7 @@ class RunnerSpec:
 
     @property
     def capture_order(self) -> List[int]:
+        """The captured sizes in the order they are captured: largest first."""
         return capture_order(self.capture_sizes)
 
     def requests_of(self, size: int) -> int:
