@@ -179,7 +179,13 @@ void Launcher::wait_for_lead() const {
     if (spins % 4096 == 0) {
       const cudaError_t state = cudaStreamQuery(stream);
       if (state == cudaSuccess) {
-        if (split_slots_ != nullptr) {  // Note [split slots] holds only for steps of one stream
+        // Read the stamp again, a while: the GPU may have finished between the loop's read and the query, and
+        // its last write to host-mapped memory may arrive just after.
+        bool behind = must_wait();
+        for (int reread = 0; behind && reread < (1 << 16); ++reread) {
+          behind = must_wait();
+        }
+        if (split_slots_ != nullptr && behind) {  // Note [split slots] holds only for steps of one stream
           throw StateError("a ragged runner's steps must all run on one stream: the current stream is idle while "
                            "earlier steps have not begun, so they were queued on another; run every step of this "
                            "runner on one stream");
