@@ -28,7 +28,7 @@ import torch
 from graphrunner import distributed
 from graphrunner.errors import STATE_FIX, WRITE_FIX, GraphHazardError
 from graphrunner.testing import default_rtol, poison, random_inputs, random_ragged_inputs, relative_error
-from graphrunner.hazards import PoolView
+from graphrunner.pool_view import PoolView
 from graphrunner.inputs import StaticInput
 from graphrunner.outputs import clone_tensors, named_tensors
 from graphrunner.pool import Block
