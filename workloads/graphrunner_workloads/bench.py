@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -66,20 +66,49 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def changed_settings(args: argparse.Namespace) -> List[str]:
-    """The flags `args` sets away from their defaults, output flags aside, as "--flag value (default)". The
-    targets are set for the defaults, so a run with any of these prints its verdicts as indicative only.
+def changed_settings(args: argparse.Namespace,
+                     parse: Optional[Callable[[List[str]], argparse.Namespace]] = None) -> List[str]:
+    """The flags `args` sets away from their defaults, output flags aside, as "--flag value (default)" ("--flag" or
+    "--no-flag" for a switch). The targets are set for the defaults, so a run with any of these prints its verdicts
+    as indicative only.
 
     Args:
         args: the parsed command line.
+        parse: the benchmark's own parse_args (this module's by default), which gives the defaults.
     """
-    defaults = vars(parse_args([]))
+    defaults = vars((parse or parse_args)([]))
     out = []
     for key, value in vars(args).items():
         if key in ("out", "name") or value == defaults[key]:
             continue
-        out.append("--no-compile" if key == "compile" else f"--{key.replace('_', '-')} {value} ({defaults[key]})")
+        flag = key.replace("_", "-")
+        out.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else
+                   f"--{flag} {value} ({defaults[key]})")
     return out
+
+
+def bench_main(argv: Optional[List[str]], module: str, parse: Callable[[List[str]], argparse.Namespace],
+               run: Callable[[argparse.Namespace], Dict[str, object]], table: Callable[[Dict[str, object]], str],
+               plot: Callable[[Dict[str, object], Path], None], suffix: str) -> int:
+    """A one-GPU benchmark's main: parse, run, note the settings away from the defaults, and write
+    bench-<gpu>-<suffix>.json, .txt and .png; 2 where no GPU is visible.
+
+    Args:
+        argv: the command line without the program name; None reads sys.argv.
+        module: the benchmark's module, for the no-GPU message.
+        parse: its parse_args.
+        run: runs it on the parsed command line, returning the results.
+        table: the report from the results.
+        plot: plot(results, path) draws the PNG.
+        suffix: the results files' suffix ("ragged").
+    """
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if gpu_missing(module):
+        return 2
+    res = run(args)
+    res["_changed"] = changed_settings(args, parse)
+    save_results(args.out, f"bench-{args.name or gpu_tag()}-{suffix}", table(res), res, plot)
+    return 0
 
 
 def attention_suffix(attention: str) -> str:

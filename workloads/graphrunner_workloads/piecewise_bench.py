@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import graphrunner as gr
-from graphrunner_workloads.bench import (add_output_arguments, gpu_missing, gpu_tag, round_spread, save_results,
-                                         target_header, target_lines, timed)
+from graphrunner_workloads.bench import (add_output_arguments, bench_main, round_spread, target_header, target_lines,
+                                         timed)
 from graphrunner_workloads.decoder import Decoder
 from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner
 from graphrunner_workloads.ragged import SPLIT, decode_runner, ragged_runner, random_ragged_step
@@ -67,18 +67,6 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.quick:
         args.layers, args.sizes, args.steps, args.rounds = "8", "16,256", 60, 2
     return args
-
-
-def changed_settings(args: argparse.Namespace) -> List[str]:
-    """The flags `args` sets away from their defaults, output flags aside: the targets are set for the defaults.
-
-    Args:
-        args: the parsed command line.
-    """
-    defaults = vars(parse_args([]))
-    changed = {key: value for key, value in vars(args).items() if key not in ("out", "name", "quick")}
-    return [f"--{key.replace('_', '-')} {value} ({defaults[key]})" for key, value in changed.items()
-            if value != defaults[key]]
 
 
 def over_rounds(rounds: List[Times], ratio: Callable[[Times], float]) -> Tuple[float, Tuple[float, float]]:
@@ -191,7 +179,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     presets = [int(n) for n in args.layers.split(",")]
     res: Dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "cuda": torch.version.cuda, "requests": args.requests, "rounds": args.rounds,
-                              "_rows": {}, "_changed": changed_settings(args) + (["--quick"] if args.quick else [])}
+                              "_rows": {}}
     for layers in presets:
         rows, keys = preset_rows(args, layers, gen)
         res["_rows"][layers] = rows
@@ -299,12 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Args:
         argv: the command line; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if gpu_missing("graphrunner_workloads.piecewise_bench"):
-        return 2
-    res = run(args)
-    save_results(args.out, f"bench-{args.name or gpu_tag()}-piecewise", table(res), res, plot)
-    return 0
+    return bench_main(argv, "graphrunner_workloads.piecewise_bench", parse_args, run, table, plot, "piecewise")
 
 
 if __name__ == "__main__":

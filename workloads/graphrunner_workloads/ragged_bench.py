@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import graphrunner as gr
-from graphrunner_workloads.bench import (add_output_arguments, gpu_missing, gpu_tag, round_spread, save_results,
-                                         target_header, target_lines, timed)
+from graphrunner_workloads.bench import (add_output_arguments, bench_main, round_spread, target_header, target_lines,
+                                         timed)
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, decode_runner,
@@ -66,17 +66,6 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     if args.quick:
         args.layers, args.steps, args.engine_requests, args.engine_rounds = "8", 40, 12, 1
     return args
-
-
-def changed_settings(args: argparse.Namespace) -> List[str]:
-    """The flags `args` sets away from their defaults, output flags aside: the targets are set for the defaults.
-
-    Args:
-        args: the parsed command line.
-    """
-    defaults = vars(parse_args([]))
-    return [f"--{key.replace('_', '-')} {value} ({defaults[key]})" for key, value in vars(args).items()
-            if key not in ("out", "name", "quick") and value != defaults[key]]
 
 
 def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None) -> DecoderConfig:
@@ -314,13 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Args:
         argv: the command line; None reads sys.argv.
     """
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if gpu_missing("graphrunner_workloads.ragged_bench"):
-        return 2
-    res = run(args)
-    res["_changed"] = changed_settings(args) + (["--quick"] if args.quick else [])
-    save_results(args.out, f"bench-{args.name or gpu_tag()}-ragged", table(res), res, plot)
-    return 0
+    return bench_main(argv, "graphrunner_workloads.ragged_bench", parse_args, run, table, plot, "ragged")
 
 
 if __name__ == "__main__":
