@@ -93,6 +93,7 @@ InputChecker::InputChecker(std::vector<InputSpec> specs, const SizeTable& sizes,
       split_ = static_cast<int>(i);
     }
     counts_tokens |= spec.per_token;
+    tokens_per_request_ = std::max(tokens_per_request_, spec.rows_per_request);
   }
   if (ragged_ && (split_ < 0 || !counts_tokens)) {
     throw InputValueError("a ragged runner needs a split input and at least one per-token input");
@@ -130,10 +131,8 @@ StepShape InputChecker::check(BorrowedInputs inputs) const {
 
 StepShape InputChecker::check_uniform(BorrowedInputs inputs) const {
   int64_t batch = -1;
-  int64_t rows_per_request = 1;
   for (size_t i = 0; i < specs_.size(); ++i) {
     int64_t rows = check_one(i, *inputs[i]);
-    rows_per_request = std::max(rows_per_request, specs_[i].rows_per_request);
     if (batch < 0) {
       batch = rows;
     } else if (rows != batch) {
@@ -156,7 +155,7 @@ StepShape InputChecker::check_uniform(BorrowedInputs inputs) const {
                           std::to_string(max_size_) +
                           "; raise max_batch_size (and capture again) or use fallback='eager'");
   }
-  return {batch, batch * rows_per_request};
+  return {batch, batch * tokens_per_request_};
 }
 
 namespace {

@@ -72,6 +72,9 @@ class InputChecker {
   int64_t max_requests_;  // the most requests a step may have
   bool ragged_;
   int split_ = -1;
+  // A uniform runner's rows per request of its per-token inputs (1 without any): a step's tokens are its
+  // requests times this.
+  int64_t tokens_per_request_ = 1;
   bool fallback_eager_;
   c10::DeviceIndex device_;
 };

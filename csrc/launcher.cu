@@ -261,9 +261,10 @@ void Launcher::launch(int64_t size, StepShape shape, BorrowedInputs inputs) {
   // is freed on return, the allocator reuses its memory only for work queued behind this graph. The usual
   // step has none, and then this vector never allocates.
   std::vector<at::Tensor> copies;
+  const int split = checker_->split();
   for (size_t i = 0; i < inputs.size(); ++i) {
     const at::Tensor& t = *inputs[i];
-    if (static_cast<int>(i) == checker_->split()) {  // checked contiguous, on the host
+    if (static_cast<int>(i) == split) {  // checked contiguous, on the host
       const size_t slot = static_cast<size_t>((launched_ + 1) % split_slot_count_) * split_slot_bytes_;
       std::memcpy(split_slots_ + slot, t.const_data_ptr(), t.nbytes());
       step->src[i] = split_slots_on_device_ + slot;
