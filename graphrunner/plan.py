@@ -288,11 +288,7 @@ def keep_sizes(runner: Any, spec: RunnerSpec, kept: List[int]) -> None:
         return
     requests = {s: spec.max_requests[s] for s in kept} if spec.ragged else None
     smaller = dataclasses.replace(spec, capture_sizes=kept, max_batch_size=None, max_requests=requests)
-    runner._setup(smaller)
-    runner.sizes = (_C.SizeTable(kept, spec.max_batch_size, [requests[s] for s in kept]) if spec.ragged
-                    else _C.SizeTable(kept, spec.max_batch_size))
-    runner._checker = _C.InputChecker(smaller.checker_specs(), runner.sizes, smaller.fallback == "eager",
-                                      smaller.device)
+    runner._setup(smaller, max_size=spec.max_batch_size)
 
 
 def _agreed_limit(ranks: distributed.Agreement, limit: int) -> int:

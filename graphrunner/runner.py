@@ -169,13 +169,20 @@ class GraphRunner(_C.StepCall):
         runner._setup(spec)
         return runner
 
-    def _setup(self, spec: RunnerSpec) -> None:
+    def _setup(self, spec: RunnerSpec, max_size: Optional[int] = None) -> None:
+        """Builds the runner, unarmed, from a checked spec.
+
+        Args:
+            spec: the spec.
+            max_size: the largest step the size table covers, when above the largest captured size (a budget
+                kept fewer sizes: steps above them run eagerly); default spec.max_batch_size.
+        """
         self.spec = spec
         self.state = RunnerState.UNARMED
         self.record: Optional[CaptureRecord] = None
-        sizes = list(spec.capture_sizes)
-        self.sizes = (_C.SizeTable(sizes, spec.max_batch_size, [spec.requests_of(t) for t in sizes]) if spec.ragged
-                      else _C.SizeTable(sizes, spec.max_batch_size))
+        sizes, bound = list(spec.capture_sizes), max_size or spec.max_batch_size
+        self.sizes = (_C.SizeTable(sizes, bound, [spec.requests_of(t) for t in sizes]) if spec.ragged
+                      else _C.SizeTable(sizes, bound))
         self._checker = _C.InputChecker(spec.checker_specs(), self.sizes, spec.fallback == "eager", spec.device)
         self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
 
