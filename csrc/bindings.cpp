@@ -34,7 +34,7 @@ using SpecTuple =
     std::tuple<std::string, std::vector<int64_t>, at::ScalarType, py::bytes, int64_t, bool, bool, bool>;
 
 PyInputChecker make_checker(const std::vector<SpecTuple>& specs, const SizeTable& sizes, bool fallback_eager,
-                            int device) {
+                            int device, int64_t tokens_per_request) {
   PyInputChecker out;
   std::vector<InputSpec> parsed;
   for (const auto& [name, row_shape, dtype, pad, rows_per_request, pad_each_step, per_token, split] : specs) {
@@ -53,7 +53,7 @@ PyInputChecker make_checker(const std::vector<SpecTuple>& specs, const SizeTable
     out.names.push_back(py::str(name));
   }
   out.checker = std::make_shared<InputChecker>(std::move(parsed), sizes, fallback_eager,
-                                               static_cast<c10::DeviceIndex>(device));
+                                               static_cast<c10::DeviceIndex>(device), tokens_per_request);
   return out;
 }
 
@@ -135,7 +135,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("sizes", &SizeTable::sizes);
 
   py::class_<PyInputChecker>(m, "InputChecker", "Checks one step's inputs against the runner's specs.")
-      .def(py::init(&make_checker), py::arg("specs"), py::arg("sizes"), py::arg("fallback_eager"), py::arg("device"))
+      .def(py::init(&make_checker), py::arg("specs"), py::arg("sizes"), py::arg("fallback_eager"), py::arg("device"),
+           py::arg("tokens_per_request") = 1)
       .def(
           "check",
           [](const PyInputChecker& s, const py::dict& given) {

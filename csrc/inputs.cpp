@@ -59,13 +59,14 @@ int64_t InputSpec::unit_bytes() const {
 }
 
 InputChecker::InputChecker(std::vector<InputSpec> specs, const SizeTable& sizes, bool fallback_eager,
-                           c10::DeviceIndex device)
+                           c10::DeviceIndex device, int64_t tokens_per_request)
     : specs_(std::move(specs)),
       max_size_(sizes.max_size()),
       max_requests_(sizes.max_requests()),
       ragged_(sizes.ragged()),
       fallback_eager_(fallback_eager),
-      device_(device) {
+      device_(device),
+      tokens_per_request_(tokens_per_request) {
   if (specs_.empty() || specs_.size() > kMaxInputs) {
     throw InputValueError("a runner takes 1 to " + std::to_string(kMaxInputs) + " inputs, got " +
                           std::to_string(specs_.size()));
@@ -93,7 +94,6 @@ InputChecker::InputChecker(std::vector<InputSpec> specs, const SizeTable& sizes,
       split_ = static_cast<int>(i);
     }
     counts_tokens |= spec.per_token;
-    tokens_per_request_ = std::max(tokens_per_request_, spec.rows_per_request);
   }
   if (ragged_ && (split_ < 0 || !counts_tokens)) {
     throw InputValueError("a ragged runner needs a split input and at least one per-token input");

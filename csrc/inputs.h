@@ -46,8 +46,9 @@ struct InputSpec {
 class InputChecker {
  public:
   // `sizes`: the runner's size table; a ragged one makes this a ragged checker, whose specs say which inputs
-  // count tokens and which one is the split.
-  InputChecker(std::vector<InputSpec> specs, const SizeTable& sizes, bool fallback_eager, c10::DeviceIndex device);
+  // count tokens and which one is the split. `tokens_per_request`: a uniform runner's (1 for a ragged one).
+  InputChecker(std::vector<InputSpec> specs, const SizeTable& sizes, bool fallback_eager, c10::DeviceIndex device,
+               int64_t tokens_per_request = 1);
 
   // Checks one step's inputs and returns its counts. A step larger than every size is returned when the
   // fallback is eager (the step then runs eagerly) and raises otherwise.
@@ -72,11 +73,9 @@ class InputChecker {
   int64_t max_requests_;  // the most requests a step may have
   bool ragged_;
   int split_ = -1;
-  // A uniform runner's rows per request of its per-token inputs (1 without any): a step's tokens are its
-  // requests times this.
-  int64_t tokens_per_request_ = 1;
   bool fallback_eager_;
   c10::DeviceIndex device_;
+  int64_t tokens_per_request_;  // a uniform step's tokens are its requests times this
 };
 
 }  // namespace graphrunner

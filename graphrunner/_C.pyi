@@ -67,7 +67,8 @@ InputSpecTuple = Tuple[str, Sequence[int], torch.dtype, bytes, int, bool, bool, 
 class InputChecker:
     """Checks one step's inputs against the runner's specs."""
 
-    def __init__(self, specs: Sequence[InputSpecTuple], sizes: SizeTable, fallback_eager: bool, device: int) -> None: ...
+    def __init__(self, specs: Sequence[InputSpecTuple], sizes: SizeTable, fallback_eager: bool, device: int,
+                 tokens_per_request: int = 1) -> None: ...
     def check(self, inputs: dict) -> Tuple[int, int]: ...
 
 class Launcher:

@@ -183,7 +183,8 @@ class GraphRunner(_C.StepCall):
         sizes, bound = list(spec.capture_sizes), max_size or spec.max_batch_size
         self.sizes = (_C.SizeTable(sizes, bound, [spec.requests_of(t) for t in sizes]) if spec.ragged
                       else _C.SizeTable(sizes, bound))
-        self._checker = _C.InputChecker(spec.checker_specs(), self.sizes, spec.fallback == "eager", spec.device)
+        self._checker = _C.InputChecker(spec.checker_specs(), self.sizes, spec.fallback == "eager", spec.device,
+                                        1 if spec.ragged else spec.tokens_per_request)
         self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
 
     @property
@@ -234,7 +235,7 @@ class GraphRunner(_C.StepCall):
                     outputs[batch] = _sliced(record, size, batch, batch * spec.tokens_per_request)
         sizes = {size: (spec.requests_of(size), spec.tokens_of(size), record.static_views(size))
                  for size in spec.capture_sizes}
-        step_info = functools.partial(_step_info, sizes, 0 if spec.ragged else spec.tokens_per_request)
+        step_info = functools.partial(_step_info, sizes)
         before_replay = None
         if spec.before_replay is not None:
             before_replay = functools.partial(_before_replay, spec.before_replay, step_info)
@@ -492,13 +493,11 @@ def _sliced(record: CaptureRecord, size: int, requests: int, tokens: int) -> Any
     return map_tensors(record.entries[size].outputs, rows)
 
 
-def _step_info(sizes: Dict[int, Tuple[int, int, Dict[str, torch.Tensor]]], tokens_per_request: int, requests: int,
-               tokens: int, size: int, inputs: Dict[str, torch.Tensor]) -> StepInfo:
-    """The StepInfo of a step; `sizes` holds each captured size's (requests, tokens, static views), and a
-    uniform runner's tokens are its requests times tokens_per_request (0 for a ragged runner, whose tokens the
-    native checks counted). Like the other callables the runner arms, it does not refer back to the runner."""
+def _step_info(sizes: Dict[int, Tuple[int, int, Dict[str, torch.Tensor]]], requests: int, tokens: int, size: int,
+               inputs: Dict[str, torch.Tensor]) -> StepInfo:
+    """The StepInfo of a step; `sizes` holds each captured size's (requests, tokens, static views). Like the
+    other callables the runner arms, it does not refer back to the runner."""
     padded_requests, padded_tokens, views = sizes.get(size, (0, 0, {}))
-    tokens = requests * tokens_per_request if tokens_per_request else tokens
     return StepInfo(requests, padded_requests, tokens, padded_tokens, views, inputs)
 
 
