@@ -60,6 +60,9 @@ class CapturePlan:
             cudaDeviceGraphMemTrim gives it back: the first capture of a process leaves its executables' bytes
             here, and a capture after it reuses them).
         seconds: wall time of the dry run, build() included.
+        counts: runner name -> {size: (requests, tokens)}: what each measured size holds (a ragged size's R(T)
+            requests, a uniform size's tokens_per_request rows per request), which `check` compares besides the
+            sizes: a size's graphs depend on both. Empty in a plan made by hand (then only sizes are checked).
     """
 
     bytes: int
@@ -68,6 +71,7 @@ class CapturePlan:
     measured_bytes: Optional[int] = None
     leftover_bytes: int = 0
     seconds: float = 0.0
+    counts: Dict[str, Dict[int, Tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def pool(self) -> PoolReport:
@@ -131,7 +135,8 @@ class CapturePlan:
                          + "; raise max_bytes, or capture smaller sizes (capture_sizes=...)")
 
     def check(self, runners: Sequence[Any]) -> None:
-        """Raises ValueError unless the plan was made for runners of these names and sizes.
+        """Raises ValueError unless the plan was made for runners of these names and sizes, each size holding
+        the same requests and tokens (`counts`, where the plan has them).
 
         Args:
             runners: the runners a budget is planned for (GraphRunners, or anything with a `spec`).
@@ -141,6 +146,17 @@ class CapturePlan:
             raise ValueError(f"the plan was made for runners (name: sizes) {self.sizes}, not {given}: make it with "
                              "gr.dry_run(build) where build() makes runners like these, with a stand-in for the "
                              "big buffers")
+        if not self.counts:
+            return
+        counts = size_counts([r.spec for r in runners])
+        differ = [f"size {size}{f' of {name!r}' if name else ''}: {planned} planned, {counts[name][size]} here"
+                  for name, sizes in self.counts.items() for size, planned in sorted(sizes.items())
+                  if counts.get(name, {}).get(size) != planned]
+        if differ:
+            raise ValueError("the plan was made for sizes holding other (requests, tokens) than these runners' ("
+                             + "; ".join(differ) + "; a ragged runner's max_requests, a uniform one's "
+                             "tokens_per_request): make it with gr.dry_run(build) where build() makes runners like "
+                             "these, with a stand-in for the big buffers")
 
     def summary(self) -> str:
         """One line: the bytes, their split, and the smallest ladder's."""
@@ -159,6 +175,7 @@ class CapturePlan:
         return {"bytes": self.bytes, "ladder": {str(k): v for k, v in sorted(self.ladder.items())},
                 "measured_bytes": self.measured_bytes, "leftover_bytes": self.leftover_bytes,
                 "seconds": self.seconds, "sizes": self.sizes,
+                "counts": {name: {str(k): list(v) for k, v in sorted(c.items())} for name, c in self.counts.items()},
                 "pool": self.pool.to_dict()}
 
     def _smallest_sizes(self) -> str:
@@ -193,7 +210,8 @@ def measure(runners: Sequence[Any], capture_all: Callable[..., List[CaptureRepor
     finally:
         for r in runners:
             r.close()
-    plan = CapturePlan(measured - max(leftover, 0), reports, measured_bytes=measured, leftover_bytes=leftover)
+    plan = CapturePlan(measured - max(leftover, 0), reports, measured_bytes=measured, leftover_bytes=leftover,
+                       counts=size_counts(specs))
     if pools:
         plan.ladder = _ladder(specs, plan, pools)
     plan.seconds = time.perf_counter() - start
@@ -289,6 +307,16 @@ def keep_sizes(runner: Any, spec: RunnerSpec, kept: List[int]) -> None:
     requests = {s: spec.max_requests[s] for s in kept} if spec.ragged else None
     smaller = dataclasses.replace(spec, capture_sizes=kept, max_batch_size=None, max_requests=requests)
     runner._setup(smaller, max_size=spec.max_batch_size)
+
+
+def size_counts(specs: Sequence[RunnerSpec]) -> Dict[str, Dict[int, Tuple[int, int]]]:
+    """Runner name -> {size: (requests, tokens)}: what each captured size of these runners holds.
+
+    Args:
+        specs: the runners' specs.
+    """
+    return {spec.name: {size: (spec.requests_of(size), spec.tokens_of(size)) for size in spec.capture_sizes}
+            for spec in specs}
 
 
 def _agreed_limit(ranks: distributed.Agreement, limit: int) -> int:
