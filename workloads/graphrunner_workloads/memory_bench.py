@@ -250,7 +250,6 @@ def family_keys(args: argparse.Namespace, family: str) -> Tuple[Dict[str, float]
              f"{family}: the real capture's pool report:", *indented(str(real)),
              f"{family}: the dry run's pool report (the process's first capture of the family, where the "
              "executables show):", *indented(str(plan.pool))]
-    del model, small, decoder
     return res, lines
 
 
