@@ -1,14 +1,24 @@
 """Every byte the graphs take (#35): the capture report's split, the dry run's plan, capture within a budget, and
-close() giving it all back. The argument checks and the reports' arithmetic run on the CPU; the rest needs a GPU."""
+close() giving it all back, for uniform runners and for the ragged (a ragged runner with the uniform decode runner in
+one pool) and piecewise families. The argument checks, the reports' and ladders' arithmetic, memory_bench's command
+line and the families' steps on a stand-in run on the CPU; the rest needs a GPU."""
 import gc
 import json
+import os
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
 
 import graphrunner as gr
+import graphrunner_workloads
 from conftest import HAS_GPU, gpu
-from graphrunner.plan import keep_sizes, static_bytes
+from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_bytes
+from graphrunner_workloads import memory_bench, piecewise
+from graphrunner_workloads.decoder import Decoder, DecoderConfig
+from graphrunner_workloads.memory_bench import family_model, family_runners, profile_steps, stand_in
 
 MiB = 1 << 20
 IDS = {"ids": gr.StaticInput((), torch.long)}
@@ -165,6 +175,214 @@ def test_kept_sizes_of_a_ragged_runner_keep_their_requests():
 
 def echo_tokens(tokens, lens):
     return lens * 2
+
+
+# -- CPU: what a plan checks and predicts of ragged and piecewise runners -------------------------------------
+
+MIXED = {"tokens": gr.StaticInput((16384,), torch.float32, per_token=True),  # 64 KiB a token
+         "lens": gr.StaticInput((), torch.int32),
+         "table": gr.StaticInput((65536,), torch.int32)}  # 256 KiB a request
+
+
+def echo_ids(ids):
+    return ids * 2
+
+
+def echo_lens(tokens, lens, table):
+    return lens * 2
+
+
+def decode_and_mixed(requests=None):
+    """A uniform runner keyed by requests and a ragged one keyed by tokens, as one pool holds them."""
+    decode = gr.GraphRunner(echo_ids, IDS, capture_sizes=[1, 2, 4, 8], name="decode")
+    mixed = gr.GraphRunner(echo_lens, MIXED, capture_sizes=[16, 64, 256], split="lens", name="mixed",
+                           max_requests=requests or {16: 4, 64: 8, 256: 16})
+    return decode, mixed
+
+
+def test_a_plan_checks_what_each_ragged_and_uniform_size_holds():
+    decode, mixed = decode_and_mixed()
+    counts = size_counts([decode.spec, mixed.spec])
+    assert counts == {"decode": {1: (1, 1), 2: (2, 2), 4: (4, 4), 8: (8, 8)},
+                      "mixed": {16: (4, 16), 64: (8, 64), 256: (16, 256)}}
+    p = gr.CapturePlan(90 * MiB, [report("decode", (8, 4, 2, 1)), report("mixed", (256, 64, 16))], counts=counts)
+    p.check([decode, mixed])
+    assert json.loads(json.dumps(p.to_dict()))["counts"]["mixed"] == {"16": [4, 16], "64": [8, 64], "256": [16, 256]}
+    _, other = decode_and_mixed(requests=8)  # R(T) = min(T, 8): sizes 16 and 256 hold other requests
+    with pytest.raises(ValueError, match=r"holding other \(requests, tokens\) than these runners' \(size 16 of "
+                                         r"'mixed': \(4, 16\) planned, \(8, 16\) here; size 256 of 'mixed': \(16, "
+                                         r"256\) planned, \(8, 256\) here; a ragged runner's max_requests"):
+        p.check([decode, other])
+    with pytest.raises(ValueError, match="holding other"):
+        gr.capture_all(decode, other, max_bytes=MiB, plan=p)
+    assert other.state is gr.RunnerState.UNARMED
+    verify = gr.GraphRunner(echo_ids, {"ids": gr.StaticInput((), torch.long, per_token=True)},
+                            capture_sizes=[1, 2], tokens_per_request=4, name="decode")
+    with pytest.raises(ValueError, match=r"size 1 of 'decode': \(1, 1\) planned, \(1, 4\) here"):
+        gr.CapturePlan(MiB, [report("decode", (2, 1))], counts={"decode": {1: (1, 1), 2: (2, 2)}}).check([verify])
+    gr.CapturePlan(MiB, [report("decode", (2, 1))]).check([verify])  # a plan made by hand checks sizes only
+
+
+@pytest.mark.parametrize("leftover", [0, 8 * MiB])
+def test_ladder_of_a_ragged_and_a_uniform_runner_with_piecewise_sizes(leftover):
+    # Sizes of several graphs (a piecewise size: one a segment) count the executables of all of them; the limits
+    # mix the uniform runner's requests and the ragged runner's tokens; static rows are tokens for per-token inputs
+    # and R(T) for per-request ones.
+    decode, mixed = decode_and_mixed()
+    specs = [decode.spec, mixed.spec]
+    assert _limits(specs) == [16, 64, 256]
+    assert static_bytes(mixed.spec, 256) == 256 * 64 * 1024 + 16 * 4 + 16 * 256 * 1024
+    assert static_bytes(mixed.spec, 16) == 16 * 64 * 1024 + 4 * 4 + 4 * 256 * 1024
+    reports = [gr.CaptureReport(sizes=[gr.SizeReport(s, 1.0, 0, 30, e, graphs=3) for s, e in
+                                       ((8, 2 * MiB), (4, 0), (2, 0), (1, 0))], name="decode"),
+               gr.CaptureReport(sizes=[gr.SizeReport(256, 1.0, 6 * MiB, 30, 3 * MiB, graphs=3),
+                                       gr.SizeReport(64, 1.0, 0, 30, MiB, graphs=3),
+                                       gr.SizeReport(16, 1.0, 0, 30, 2 * MiB, graphs=3)], name="mixed")]
+    assert [r.exec_bytes for r in reports] == [2 * MiB, 6 * MiB] and sum(r.graphs for r in reports) == 21
+    measured = 100 * MiB
+    plan = gr.CapturePlan(measured - leftover, reports, measured_bytes=measured, leftover_bytes=leftover)
+    ladder = _ladder(specs, plan, {16: 10 * MiB, 64: 20 * MiB, 256: 40 * MiB})
+    # Dropping 256: its pool beyond 64's (20 MiB), its static rows beyond 64's (192 tokens of 64 KiB and 8 requests
+    # of 256 KiB: 14 MiB, 7 whole segments) and its executables (3 MiB) unless the dry run's are kept (leftover).
+    # Dropping 64 too: 30 MiB of pool, 18 MiB of static rows (240 tokens, 12 requests), 4 MiB of executables.
+    execs = 0 if leftover else 1
+    assert ladder == {256: plan.bytes, 64: plan.bytes - (20 + 14 + 3 * execs) * MiB,
+                      16: plan.bytes - (30 + 18 + 4 * execs) * MiB}
+
+
+# -- CPU: memory_bench's command line and its families' steps -------------------------------------------------
+
+
+def test_memory_bench_help_names_the_families():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(gr.__file__)),
+                                                       os.path.dirname(os.path.dirname(graphrunner_workloads.__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "graphrunner_workloads.memory_bench", "--help"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for flag in ("--no-ragged", "--no-piecewise", "--requests", "--ragged-sizes", "--ragged-attention",
+                 "--piecewise-attention", "dry_run_error_L8/L32/spec/ragged/piecewise"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--ragged-sizes", "16,x"], "argument --ragged-sizes: token counts must be comma-separated ints"),
+    (["--ragged-sizes", "0,16"], "argument --ragged-sizes: token counts must be at least 1"),
+    (["--ragged-sizes", "16,4097"], "argument --ragged-sizes: the largest, 4097 tokens, does not fit --requests 8 "
+                                    "requests of 512 positions"),
+    (["--requests", "0"], "argument --requests: must be a positive int, got '0'"),
+    (["--piecewise-attention", "packed"], "argument --piecewise-attention: invalid choice: 'packed'"),
+    (["--ragged-attention", "varlen"], "argument --ragged-attention: invalid choice: 'varlen'"),
+    (["--preset", "ragged"], "--preset 'ragged': a preset is L<layers>, spec, ragged, piecewise, and needs "
+                             "--preset-out"),
+    (["--preset", "mixed", "--preset-out", "x.json"], "--preset 'mixed': a preset is"),
+])
+def test_memory_bench_refuses_bad_arguments(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        memory_bench.parse_args(argv)
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_memory_bench_runs_each_preset_in_a_process_of_its_own_with_its_settings(tmp_path, monkeypatch):
+    children = []
+
+    def child(cmd):  # the preset's process, run here: its command line parsed by the bench's own main()
+        assert cmd[0] == sys.executable and cmd[cmd.index("-m") + 1] == "graphrunner_workloads.memory_bench"
+        argv = cmd[cmd.index("-m") + 2:]
+        children.append(argv)
+        return types.SimpleNamespace(returncode=memory_bench.main(argv))
+
+    def preset(args, name):
+        if name == "piecewise":
+            raise RuntimeError("a failing preset")
+        return ({f"dry_run_error_{name}": 0.01, f"close_leftover_mib_{name}": 1.5 if name == "ragged" else 0.5,
+                 f"settings_{name}": [args.requests, args.ragged_sizes, args.ragged_attention,
+                                      args.piecewise_attention, args.attn, args.max_batch_size]}, [f"{name}: its line"])
+
+    monkeypatch.setattr(memory_bench, "subprocess", types.SimpleNamespace(run=child))
+    monkeypatch.setattr(memory_bench, "preset", preset)
+    monkeypatch.setattr(memory_bench, "gpu_missing", lambda program: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    (tmp_path / "bench-test.json").write_text(json.dumps({"earlier": 1}))
+    with pytest.raises(RuntimeError, match="a failing preset"):  # here in-process; a real child exits 1 instead
+        memory_bench.main(["--layers", "8", "--no-spec", "--requests", "4", "--ragged-sizes", "64,16", "--attn",
+                           "sdpa", "--max-batch-size", "32", "--piecewise-attention", "noop", "--out", str(tmp_path),
+                           "--name", "test"])
+    assert [argv[argv.index("--preset") + 1] for argv in children] == ["L8", "ragged", "piecewise"]
+    monkeypatch.setattr(memory_bench, "preset", lambda args, name: preset(args, "ragged" if name == "piecewise"
+                                                                          else name))
+    children.clear()
+    assert memory_bench.main(["--no-spec", "--layers", "8", "--requests", "4", "--ragged-sizes", "64,16",
+                              "--ragged-attention", "sdpa", "--out", str(tmp_path), "--name", "test"]) == 0
+    assert [argv[argv.index("--preset") + 1] for argv in children] == ["L8", "ragged", "piecewise"]
+    got = json.loads((tmp_path / "bench-test.json").read_text())
+    assert got["earlier"] == 1 and got["memory_gpu"] == "a GPU"
+    assert got["settings_ragged"] == [4, [16, 64], "sdpa", "varlen", "decode", 256]
+    assert got["close_leftover_mib"] == 1.5 and got["dry_run_error_ragged"] == 0.01
+    text = (tmp_path / "memory-test.txt").read_text()
+    assert "ragged: its line" in text and "dry_run_error_ragged" in text and "dry_run_error_piecewise" in text
+    children.clear()
+    assert memory_bench.main(["--no-spec", "--layers", "32", "--no-ragged", "--no-piecewise", "--out", str(tmp_path),
+                              "--name", "test"]) == 0
+    assert [argv[argv.index("--preset") + 1] for argv in children] == ["L32"]
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the preset's process would run the preset: the GPU tests below cover that")
+@pytest.mark.parametrize("name", ["ragged", "piecewise"])
+def test_a_family_presets_process_takes_every_setting_it_is_given(name, tmp_path):
+    # A real child process: its command line parses (argparse would exit 2 with "error:"), and it stops only at the
+    # missing GPU.
+    args = memory_bench.parse_args(["--requests", "4", "--ragged-sizes", "16,64", "--piecewise-attention", "loop"])
+    cmd = memory_bench.preset_command(args, name, tmp_path / "preset.json")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(gr.__file__)),
+                                                       os.path.dirname(os.path.dirname(graphrunner_workloads.__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "error:" not in out.stderr, out.stderr
+
+
+# A family decoder small enough for the CPU, with the bench's cache layout (pages of 256, 512 positions).
+CPU_FAMILY = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=128,
+                           cache_len=memory_bench.FAMILY_CACHE_LEN, page_size=memory_bench.FAMILY_PAGE,
+                           max_batch_size=8, dtype=torch.float32)
+
+
+def varlen_on_the_cpu(q, keys, values, cu_q, cu_k, max_q, max_k, dropout, causal, debug):
+    """Stands in for aten::_flash_attention_forward on the CPU: the shapes and bounds only."""
+    assert keys.shape == values.shape and cu_q.shape == cu_k.shape and max_q <= q.shape[0] and causal
+    return (torch.zeros_like(q),)
+
+
+@pytest.mark.parametrize("family, attention", [("ragged", "sdpa"), ("piecewise", "loop"), ("piecewise", "varlen"),
+                                               ("piecewise", "noop")])
+def test_family_runners_on_a_stand_in_match_the_real_ones_and_run_at_every_size(family, attention, monkeypatch):
+    # What the bench's dry run needs: runners on the stand-in (4 pages) named and sized as the real ones, and the
+    # step at every size on the pad values capture stages (page 0), as the warm-up and each capture run it.
+    if attention in ("varlen", "noop"):  # torch's flash kernel is CUDA-only
+        monkeypatch.setattr(piecewise, "_FLASH", varlen_on_the_cpu)
+        monkeypatch.setattr(piecewise, "flash_runs", lambda decoder: True)
+    sizes, requests = [16, 64, 256, 1024], 8
+    decoder = Decoder(CPU_FAMILY, device="cpu")
+    model = family_model(family, decoder, attention)
+    profile_steps(model, sizes, requests, torch.Generator().manual_seed(0))
+    small = stand_in(decoder)
+    assert small.k_cache.shape[1] == memory_bench.STAND_IN_PAGES and small.embed is decoder.embed
+    real, stand = family_runners(model, sizes, requests), family_runners(family_model(family, small, attention),
+                                                                         sizes, requests)
+    assert [r.spec.name for r in real] == ["decode", "mixed"]
+    plan = gr.CapturePlan(MiB, [gr.CaptureReport(sizes=[gr.SizeReport(s, 0, 0, 1) for s in r.capture_sizes],
+                                                 name=r.spec.name) for r in stand],
+                          counts=size_counts([r.spec for r in stand]))
+    plan.check(real)
+    assert plan.sizes == {"decode": [1, 2, 4, 8], "mixed": sizes}
+    with torch.no_grad():
+        for runner in stand:
+            spec = runner.spec
+            for size in spec.capture_sizes:
+                views = {n: torch.full((spec.rows(n, size), *s.shape), s.pad, dtype=s.dtype)
+                         for n, s in spec.inputs.items()}
+                out = spec.fn(**views)
+                assert out.shape == (spec.requests_of(size), CPU_FAMILY.vocab) and out.isfinite().all()
 
 
 # -- GPU ------------------------------------------------------------------------------------------------------
