@@ -19,6 +19,7 @@ from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_b
 from graphrunner_workloads import memory_bench, piecewise
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.memory_bench import family_model, family_runners, profile_steps, stand_in
+from graphrunner_workloads.ragged import SPLIT, ragged_runner, random_decode_step, random_ragged_step
 
 MiB = 1 << 20
 IDS = {"ids": gr.StaticInput((), torch.long)}
@@ -596,6 +597,105 @@ def test_a_budget_the_smallest_size_exceeds_is_a_clear_error(models, fresh_memor
     with pytest.raises(ValueError, match="is less than the smallest sizes need: capturing sizes 1 takes"):
         gr.capture_all(runner, max_bytes=MiB)
     assert runner.state is gr.RunnerState.UNARMED and runner.capture_sizes == SIZES
+
+
+# -- GPU: the ragged and piecewise families -------------------------------------------------------------------
+
+FAMILY = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=512, cache_len=512,
+                       page_size=64, max_batch_size=8, dtype=torch.bfloat16)
+FAMILY_SIZES, FAMILY_REQUESTS, DECODE_SIZES = [16, 64, 256], 8, [1, 2, 4, 8]
+FAMILY_ATTENTION = {"ragged": "sdpa", "piecewise": "varlen"}  # varlen: a break op at every layer's attention
+SEGMENTS = FAMILY.layers + 1  # the graphs of a piecewise size
+
+
+@pytest.fixture(scope="module")
+def family_decoders():
+    """A bf16 decoder with its full cache and its stand-in (4 pages, the weights shared), every first-use cost
+    paid first: each family's eager steps at every size (the engine's profiling pass: kernels, flash, cuBLAS) and
+    graphrunner's own (a capture)."""
+    real = Decoder(FAMILY)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for family, attention in FAMILY_ATTENTION.items():
+            model = family_model(family, real, attention)
+            for tokens in FAMILY_SIZES:
+                step = random_ragged_step(FAMILY, tokens, FAMILY_REQUESTS, gen)
+                model(**dict(step, **{SPLIT: step[SPLIT].cuda()}))
+            for batch in DECODE_SIZES:
+                model.decode(**random_decode_step(FAMILY, batch, gen))
+    first = gr.GraphRunner(echo, IDS, capture_sizes=[1])
+    first.capture()
+    first.close()
+    return real, stand_in(real)
+
+
+def family_of(family, decoder):
+    """The family's decode and ragged runners over `decoder`, as an engine captures them in one pool."""
+    return family_runners(family_model(family, decoder, FAMILY_ATTENTION[family]), FAMILY_SIZES, FAMILY_REQUESTS)
+
+
+def ladder_rises(plan, limits):
+    return all(plan.bytes_for(a) <= plan.bytes_for(b) + 2 * MiB for a, b in zip(limits, limits[1:]))
+
+
+@gpu
+def test_dry_run_predicts_a_ragged_runner_and_the_decode_runner_in_one_pool(family_decoders, fresh_memory):
+    real, small = family_decoders
+    plan = gr.dry_run(lambda: family_of("ragged", small))
+    assert plan.sizes == {"decode": DECODE_SIZES, "mixed": FAMILY_SIZES}
+    assert plan.counts["mixed"] == {t: (FAMILY_REQUESTS, t) for t in FAMILY_SIZES}
+    assert sorted(plan.ladder) == FAMILY_SIZES and plan.bytes_for(FAMILY_SIZES[-1]) == plan.bytes
+    assert ladder_rises(plan, FAMILY_SIZES), plan.ladder
+    runners = family_of("ragged", real)
+    try:
+        got = gr.capture_all(*runners)[0].driver_bytes
+    finally:
+        close_all(*runners)
+    assert abs(plan.bytes - got) <= max(0.02 * got, 2 * MiB), (plan.bytes / MiB, got / MiB)
+
+
+@gpu
+def test_dry_run_predicts_a_piecewise_runner_and_counts_every_segments_executable(family_decoders, fresh_memory):
+    real, small = family_decoders
+    plan = gr.dry_run(lambda: ragged_runner(family_model("piecewise", small, "varlen"), FAMILY_SIZES,
+                                            FAMILY_REQUESTS))
+    (dry,) = plan.reports
+    assert [s.graphs for s in dry.sizes] == [SEGMENTS] * len(FAMILY_SIZES), str(dry)
+    assert plan.pool.graphs == SEGMENTS * len(FAMILY_SIZES) and ladder_rises(plan, FAMILY_SIZES), plan.ladder
+    runner = ragged_runner(family_model("piecewise", real, "varlen"), FAMILY_SIZES, FAMILY_REQUESTS)
+    r = runner.capture()
+    try:
+        entries = runner.record.entries
+        assert all(len(entries[s.size].graphs) == s.graphs == SEGMENTS for s in r.sizes), str(r)
+        assert all(s.exec_bytes == sum(g.exec_bytes for g in entries[s.size].graphs) for s in r.sizes)
+        assert r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
+        assert r.bytes == r.pool_bytes + r.exec_bytes + r.workspace_bytes + r.static_bytes
+    finally:
+        runner.close()
+    assert abs(plan.bytes - r.driver_bytes) <= max(0.02 * r.driver_bytes, 2 * MiB), \
+        (plan.bytes / MiB, r.driver_bytes / MiB)
+
+
+@gpu
+@pytest.mark.parametrize("family", ["ragged", "piecewise"])
+def test_close_gives_back_what_the_report_counted_for_each_family(family, family_decoders, fresh_memory):
+    real, _ = family_decoders
+    before = settled_free()
+    runners = family_of(family, real)
+    pool = gr.PoolReport(gr.capture_all(*runners))
+    try:
+        graphs = (len(DECODE_SIZES) + len(FAMILY_SIZES)) * (SEGMENTS if family == "piecewise" else 1)
+        assert pool.graphs == graphs, str(pool)
+        taken = before - settled_free()
+        assert taken >= pool.bytes - 4 * MiB, (taken / MiB, str(pool))
+    finally:
+        close_all(*runners)
+    exec_bytes = pool.exec_bytes
+    del runners, pool
+    leftover = before - settled_free()
+    # Besides the executables' memory the driver keeps for the process's later graphs (see
+    # test_executables_are_counted_in_a_fresh_process).
+    assert leftover <= 2 * MiB + exec_bytes, f"{leftover / MiB:.1f} MiB not given back"
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the error raised where no CUDA device exists")
