@@ -326,6 +326,9 @@ def test_memory_bench_runs_each_preset_in_a_process_of_its_own_with_its_settings
     assert memory_bench.main(["--no-spec", "--layers", "32", "--no-ragged", "--no-piecewise", "--out", str(tmp_path),
                               "--name", "test"]) == 0
     assert [argv[argv.index("--preset") + 1] for argv in children] == ["L32"]
+    children.clear()
+    assert memory_bench.main(["--layers", "--no-spec", "--out", str(tmp_path), "--name", "test"]) == 0
+    assert [argv[argv.index("--preset") + 1] for argv in children] == ["ragged", "piecewise"]
 
 
 @pytest.mark.skipif(HAS_GPU, reason="the preset's process would run the preset: the GPU tests below cover that")

@@ -346,7 +346,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         argv: the arguments, without the program name.
     """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, nargs="+", default=[8, 32], help="decoder presets (layers)")
+    p.add_argument("--layers", type=int, nargs="*", default=[8, 32],
+                   help="decoder presets (layers); none (--layers alone) leaves them out")
     p.add_argument("--attn", default="decode", help="the decoder's attention (a paged one)")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--no-spec", dest="spec", action="store_false", help="leave verify + draft out")
