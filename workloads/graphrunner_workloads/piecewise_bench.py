@@ -119,7 +119,8 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
 
     contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]] = {
         "eager": eager, "common": lambda s: common(**s), "piecewise": lambda s: runners["piecewise"](**s),
-        "shared": lambda s: runners["shared"](**s), "full": lambda s: runners["full"](**s), "noop": lambda s: runners["noop"](**s)}
+        "shared": lambda s: runners["shared"](**s), "full": lambda s: runners["full"](**s),
+        "noop": lambda s: runners["noop"](**s)}
     per_round = max(1, args.steps // args.rounds)
     rows, res = [], {}
     for size in sizes:
