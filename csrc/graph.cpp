@@ -379,8 +379,7 @@ void Graph::reset() {
   }
   if (exec_ != nullptr) {
     // A shared executable stays with the other graphs it serves; the last one to let go destroys it.
-    std::shared_ptr<Executable> exec = std::move(exec_);
-    exec_ = nullptr;
+    std::shared_ptr<Executable> exec = std::move(exec_);  // exec_ is null from here
     if (exec.use_count() == 1) {
       cudaGraphExec_t handle = exec->exec;
       exec->exec = nullptr;
