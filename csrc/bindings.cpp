@@ -77,7 +77,19 @@ PYBIND11_MODULE(_C, m) {
           [](Graph& g, PoolId pool, const std::string& mode) { g.capture_begin(pool, capture_mode(mode)); },
           py::arg("pool") = PoolId{0, 0}, py::arg("capture_error_mode") = "global",
           "Starts capturing the current stream into `pool` ((0, 0): a new pool).")
-      .def("capture_end", &Graph::capture_end, "Ends the capture, instantiates and uploads the graph.")
+      .def("capture_end", &Graph::capture_end, py::arg("instantiate") = true,
+           "Ends the capture; with `instantiate`, instantiates and uploads the graph, else keeps the cudaGraph_t "
+           "for instantiate() or share().")
+      .def("instantiate", py::overload_cast<>(&Graph::instantiate),
+           "After capture_end(instantiate=False): instantiates and uploads the graph's own executable.")
+      .def("share", &Graph::share, py::arg("owner"),
+           "After capture_end(instantiate=False): serves this graph through `owner`'s executable where "
+           "cudaGraphExecUpdate accepts it (never with an argument node or RNG state); returns whether it shares. "
+           "On False it has no executable yet: call instantiate().")
+      .def(
+          "structure", [](const Graph& g) { return py::bytes(g.structure()); },
+          "The graph's structure as bytes: equal for graphs of the same nodes (type, kernel function, grid, block, "
+          "shared memory; memset and memcpy shapes) and edges, whatever their addresses (needs the cudaGraph_t).")
       .def("abort_capture", &Graph::abort_capture, "Drops a capture that failed part-way; safe when not capturing.")
       .def("replay", &Graph::replay, "Launches the graph on the current stream of its device.")
       .def("reset", &Graph::reset, "Destroys the graph and gives back its hold on the pool.")
@@ -98,6 +110,10 @@ PYBIND11_MODULE(_C, m) {
           "Every kernel, memset and memcpy node as (kind, name, [(offset, word, in_struct), ...]) "
           "(needs keep_graph=True).")
       .def_property_readonly("captured", &Graph::captured)
+      .def_property_readonly("executable", &Graph::executable,
+                             "Whether the graph has an executable to launch, its own or a shared one.")
+      .def_property_readonly("shares_exec", &Graph::shares_exec,
+                             "Whether its executable serves other graphs too (Graph.share).")
       .def_property_readonly("capturing", &Graph::capturing)
       .def_property_readonly("pool", &Graph::pool)
       .def_property_readonly("device", [](const Graph& g) { return static_cast<int>(g.device()); })

@@ -248,8 +248,9 @@ Launcher::Captured& Launcher::captured(int64_t size) const {
 }
 
 void Launcher::add_segment(int64_t size, std::shared_ptr<Graph> graph) {
-  if (!graph->captured()) {
-    throw StateError("add_segment(" + std::to_string(size) + ") with a graph that is not captured");
+  if (!graph->executable()) {
+    throw StateError("add_segment(" + std::to_string(size) + ") with a graph that has no executable (not captured, "
+                     "or captured without instantiating)");
   }
   captured(size).segments.push_back(std::move(graph));
 }

@@ -1,6 +1,9 @@
 #include "node_scan.h"
 
+#include <algorithm>
 #include <cstring>
+#include <tuple>
+#include <unordered_map>
 
 #include "driver.h"
 #include "errors.h"
@@ -111,7 +114,147 @@ void scan_into(cudaGraph_t graph, std::vector<NodeWords>& out) {
   }
 }
 
+// Appends a value's bytes to a structure.
+template <typename T>
+void put(std::string& out, const T& value) {
+  out.append(reinterpret_cast<const char*>(&value), sizeof(value));
+}
+
+void put_kernel(std::string& out, cudaGraphNode_t node) {
+  if (driver().kernel_node_get_params == nullptr) {
+    throw StateError("this CUDA driver does not give out cuGraphKernelNodeGetParams; a graph's structure needs it");
+  }
+  CUDA_KERNEL_NODE_PARAMS p{};
+  if (driver().kernel_node_get_params(reinterpret_cast<CUgraphNode>(node), &p) != CUDA_SUCCESS) {
+    throw CudaError("cuGraphKernelNodeGetParams failed on a captured kernel node");
+  }
+  // The kernel by its `kern` handle where the node has one (its `func` may then be a per-call sentinel), else
+  // by `func`: one function, not one name (two kernels may share a name; sglang #37657).
+  put(out, reinterpret_cast<uintptr_t>(p.kern != nullptr ? static_cast<void*>(p.kern) : static_cast<void*>(p.func)));
+  put(out, reinterpret_cast<uintptr_t>(p.ctx));
+  for (unsigned v : {p.gridDimX, p.gridDimY, p.gridDimZ, p.blockDimX, p.blockDimY, p.blockDimZ, p.sharedMemBytes}) {
+    put(out, v);
+  }
+  put(out, static_cast<char>(p.kernelParams != nullptr ? 'p' : p.extra != nullptr ? 'e' : '-'));
+  cudaLaunchAttributeValue value{};
+  GR_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeCooperative, &value));
+  put(out, value.cooperative);
+  value = cudaLaunchAttributeValue{};
+  GR_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeClusterDimension, &value));
+  put(out, value.clusterDim.x);
+  put(out, value.clusterDim.y);
+  put(out, value.clusterDim.z);
+}
+
+void put_memcpy(std::string& out, cudaGraphNode_t node) {
+  cudaMemcpy3DParms p{};
+  GR_CUDA_CHECK(cudaGraphMemcpyNodeGetParams(node, &p));
+  put(out, p.extent.width);
+  put(out, p.extent.height);
+  put(out, p.extent.depth);
+  put(out, static_cast<int>(p.kind));
+  for (const cudaPitchedPtr* ptr : {&p.srcPtr, &p.dstPtr}) {
+    put(out, ptr->pitch);
+    put(out, ptr->xsize);
+    put(out, ptr->ysize);
+    // An update cannot change an operand's memory type (device, host, ...).
+    const std::string kind = address_kind(reinterpret_cast<uint64_t>(ptr->ptr));
+    out += kind;
+    out += '\0';
+  }
+  for (const cudaPos* pos : {&p.srcPos, &p.dstPos}) {
+    put(out, pos->x);
+    put(out, pos->y);
+    put(out, pos->z);
+  }
+  put(out, static_cast<char>(p.srcArray != nullptr));
+  put(out, static_cast<char>(p.dstArray != nullptr));
+}
+
+void structure_into(cudaGraph_t graph, std::string& out) {
+  size_t count = 0;
+  GR_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  GR_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+  nodes.resize(count);
+  put(out, static_cast<uint64_t>(count));
+  std::unordered_map<cudaGraphNode_t, uint32_t> index;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    cudaGraphNode_t node = nodes[i];
+    index[node] = static_cast<uint32_t>(i);
+    cudaGraphNodeType type;
+    GR_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    put(out, static_cast<int>(type));
+    if (type == cudaGraphNodeTypeKernel) {
+      put_kernel(out, node);
+    } else if (type == cudaGraphNodeTypeMemset) {
+      cudaMemsetParams p{};
+      GR_CUDA_CHECK(cudaGraphMemsetNodeGetParams(node, &p));
+      put(out, p.elementSize);
+      put(out, p.width);
+      put(out, p.height);
+      put(out, p.pitch);
+    } else if (type == cudaGraphNodeTypeMemcpy) {
+      put_memcpy(out, node);
+    } else if (type == cudaGraphNodeTypeGraph) {
+      cudaGraph_t child = nullptr;
+      GR_CUDA_CHECK(cudaGraphChildGraphNodeGetGraph(node, &child));
+      out += '{';
+      structure_into(child, out);
+      out += '}';
+    }
+  }
+  size_t edges = 0;
+#if CUDART_VERSION >= 13000
+  GR_CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edges));
+#elif CUDART_VERSION >= 12030
+  GR_CUDA_CHECK(cudaGraphGetEdges_v2(graph, nullptr, nullptr, nullptr, &edges));
+#else
+  GR_CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, &edges));
+#endif
+  std::vector<cudaGraphNode_t> from(edges), to(edges);
+#if CUDART_VERSION >= 12030
+  std::vector<cudaGraphEdgeData> data(edges);
+#if CUDART_VERSION >= 13000
+  GR_CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edges));
+#else
+  GR_CUDA_CHECK(cudaGraphGetEdges_v2(graph, from.data(), to.data(), data.data(), &edges));
+#endif
+#else
+  GR_CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), &edges));
+#endif
+  // (from, to, from port, to port, type)
+  std::vector<std::tuple<uint32_t, uint32_t, int, int, int>> pairs;
+  for (size_t e = 0; e < edges; ++e) {
+    const auto f = index.find(from[e]);
+    const auto t = index.find(to[e]);
+    if (f == index.end() || t == index.end()) {
+      throw StateError("cudaGraphGetEdges named a node cudaGraphGetNodes did not list");
+    }
+#if CUDART_VERSION >= 12030
+    pairs.emplace_back(f->second, t->second, data[e].from_port, data[e].to_port, data[e].type);
+#else
+    pairs.emplace_back(f->second, t->second, 0, 0, 0);
+#endif
+  }
+  std::sort(pairs.begin(), pairs.end());
+  put(out, static_cast<uint64_t>(pairs.size()));
+  for (const auto& [f, t, from_port, to_port, type] : pairs) {
+    put(out, f);
+    put(out, t);
+    put(out, from_port);
+    put(out, to_port);
+    put(out, type);
+  }
+}
+
 }  // namespace
+
+std::string graph_structure(cudaGraph_t graph) {
+  std::string out;
+  structure_into(graph, out);
+  return out;
+}
 
 std::vector<NodeWords> scan_nodes(cudaGraph_t graph) {
   std::vector<NodeWords> out;

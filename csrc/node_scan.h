@@ -32,6 +32,13 @@ struct NodeWords {
 // Every kernel, memset and memcpy node of `graph` (child graphs included), in node order.
 std::vector<NodeWords> scan_nodes(cudaGraph_t graph);
 
+// The structure of `graph` (Graph::structure()): per node in cudaGraphGetNodes order its type and shape (a
+// kernel's function, grid, block, dynamic shared memory, cooperative flag and cluster; a memset's element size,
+// width, height and pitch; a memcpy's extent, kind, pitches and the memory types of its operands; a child graph's
+// own structure), then the edges as sorted (from, to) node index pairs with their ports and types. Addresses and
+// values are left out: they are what cudaGraphExecUpdate carries from one graph of a structure to another.
+std::string graph_structure(cudaGraph_t graph);
+
 // What CUDA says an address is: "device", "host", "managed", or "" (not memory CUDA knows).
 std::string address_kind(uint64_t address);
 

@@ -127,6 +127,9 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
     # walks everything fn holds).
     long_lived = [{t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                    for t in [*record.static_inputs.values(), *c.spec.declared()]} for c, record in zip(captures, records)]
+    # With share_segments: per runner, the graph that instantiated each segment structure's executable, by
+    # structure (piecewise.Segments); None: every segment instantiates its own.
+    shared: List[Optional[Dict[bytes, Any]]] = [{} if c.spec.share_segments else None for c in captures]
     show = distributed.is_rank_zero() and (sys.stderr.isatty() or any(c.spec.verbose for c in captures))
     # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which both
     # reorders the pool and hides what a capture kept alive from the guard.
@@ -136,7 +139,7 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
         for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
             spec, record = captures[i].spec, records[i]
             with ranks.phase(f"capture of {record.label(size)}"), torch.set_grad_enabled(not spec.no_grad):
-                _capture_size(spec, record, size, stream, guard, long_lived[i])
+                _capture_size(spec, record, size, stream, guard, long_lived[i], shared[i])
     finally:
         if gc_enabled:
             gc.enable()
@@ -204,7 +207,7 @@ def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
 
 
 def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torch.cuda.Stream,
-                  guard: CaptureGuard, long_lived: Dict[int, int]) -> None:
+                  guard: CaptureGuard, long_lived: Dict[int, int], shared: Optional[Dict[bytes, Any]]) -> None:
     _fill_capture_inputs(spec, record, size)
     requests, tokens = spec.requests_of(size), spec.tokens_of(size)
     if spec.on_capture is not None:
@@ -213,7 +216,8 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
         reserved = torch.cuda.memory_reserved(record.device)
         start = time.perf_counter()
         # One segment, or one more after each break op fn calls (graphrunner/piecewise.py).
-        with Segments(record.pool, stream, spec.capture_error_mode, long_lived, record.label(size)) as segments:
+        with Segments(record.pool, stream, spec.capture_error_mode, long_lived, record.label(size),
+                      shared) as segments:
             record.launcher.stage(size)
             out = spec.fn(**record.static_views(size))
             map_tensors(out, lambda name, t: _check_output(spec, name, t, size))

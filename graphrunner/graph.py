@@ -66,7 +66,8 @@ class Graph(_C.Graph):
 
     def __init__(self, keep_graph: bool = False) -> None:
         """Args:
-            keep_graph: keep the cudaGraph_t after instantiation, for `debug_dump()` and `scan()`.
+            keep_graph: keep the cudaGraph_t after instantiation, for `debug_dump()`, `scan()`, `structure()`, and
+                for other graphs to `share()` its executable.
         """
         super().__init__(keep_graph)
 
@@ -76,6 +77,7 @@ class Graph(_C.Graph):
         pool: PoolLike = None,
         stream: Optional[torch.cuda.Stream] = None,
         capture_error_mode: str = "global",
+        instantiate: bool = True,
     ) -> Iterator["Graph"]:
         """Captures the work issued inside the block on `stream`.
 
@@ -84,6 +86,9 @@ class Graph(_C.Graph):
                 another `Graph` (to share its pool); None makes a new pool.
             stream: the stream to capture on; None takes graphrunner's own stream for the current device.
             capture_error_mode: CUDA's stream capture mode: "global", "thread_local" or "relaxed".
+            instantiate: instantiate and upload the graph when the block ends; False keeps only the cudaGraph_t,
+                and `share(owner)` (serve it through another graph's executable) or `instantiate()` gives it
+                an executable.
 
         If the block raises, the capture is aborted, the pool hold is given back and the stream is usable again.
         """
@@ -98,5 +103,5 @@ class Graph(_C.Graph):
             except BaseException:
                 self.abort_capture()
                 raise
-            self.capture_end()
+            self.capture_end(instantiate)
         torch.cuda.current_stream(stream.device).wait_stream(stream)

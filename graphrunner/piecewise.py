@@ -98,6 +98,10 @@ class Segments:
         long_lived: storages (data_ptr -> bytes) a break's tensors may live in besides this capture's own
             allocations: static input buffers, the caller's declared tensors.
         label: how messages name the size ("size 8 of runner 'mixed'").
+        shared: with share_segments, the graph that instantiated each segment structure's executable, by
+            `Graph.structure()`, over the runner's sizes captured so far (filled in here): a segment after the first
+            of its size shares the executable of its structure where the driver accepts it, and instantiates its
+            own otherwise (Note [shared executables] in csrc/graph.cpp). None: every segment instantiates its own.
     """
 
     pool: PoolId
@@ -105,6 +109,7 @@ class Segments:
     capture_error_mode: str
     long_lived: Dict[int, int]
     label: str
+    shared: Optional[Dict[bytes, Graph]] = None
     graphs: List[Graph] = field(default_factory=list)
     breaks: List[Break] = field(default_factory=list)
 
@@ -124,7 +129,7 @@ class Segments:
         _active.segments = None
         try:
             if kind is None:
-                self.graphs[-1].capture_end()
+                self._end()
             elif self.graphs and self.graphs[-1].capturing:
                 self.graphs[-1].abort_capture()
         finally:
@@ -132,9 +137,24 @@ class Segments:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
     def _begin(self) -> None:
-        graph = Graph(keep_graph=True)  # the audit reads its nodes
+        graph = Graph(keep_graph=True)  # the audit reads its nodes (and a shared executable loads it)
         graph.capture_begin(self.pool, self.capture_error_mode)
         self.graphs.append(graph)
+
+    def _end(self) -> None:
+        """Ends the current segment's capture and gives it an executable: its own, or, sharing, the one of its
+        structure's first segment. Segment 0 never shares: the launcher sets its staging node's argument on its
+        executable every step."""
+        graph = self.graphs[-1]
+        if self.shared is None or len(self.graphs) == 1:
+            graph.capture_end()
+            return
+        graph.capture_end(instantiate=False)  # a shared segment is never instantiated at all
+        structure = graph.structure()
+        owner = self.shared.get(structure)
+        if owner is None or not graph.share(owner):
+            graph.instantiate()
+            self.shared.setdefault(structure, graph)
 
     def break_here(self, op: BreakOp, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """Ends the current segment at a call of `op`, runs it once, records it and begins the next segment."""
@@ -143,7 +163,7 @@ class Segments:
             raise TypeError(f"break op {op.name} was called without out=: a break op writes its result into a "
                             "boundary buffer the next segment reads; allocate it before the call (out=torch.empty"
                             "(...)) and pass it as out=")
-        self.graphs[-1].capture_end()
+        self._end()
         produced = _allocated(self.graphs)
         for where, t in _tensors(args, kwargs):
             if not (_inside(t, produced) or _inside(t, self.long_lived)):
@@ -157,7 +177,7 @@ class Segments:
         # inputs as capture left them), never uninitialised pool memory. It gets step=None, as it does eagerly:
         # there is no step's host metadata at capture, and outside a graph it may read what it needs from the device.
         self.graphs[-1].replay()
-        result = op.fn(*args, step=None, **kwargs)
+        result = run_at_capture(op, self.label, args, kwargs)
         if result is not None and not (isinstance(result, torch.Tensor) and result.data_ptr() == out.data_ptr()
                                        and result.shape == out.shape):
             shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
@@ -172,6 +192,37 @@ class Segments:
                                  {k: _aliased(v) for k, v in kwargs.items()}))
         self._begin()
         return out
+
+
+def run_at_capture(op: BreakOp, label: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """Runs a break op once as capture does (Note [ops at capture]), with step=None; returns its result. An op
+    that raises is re-raised with what capture knows: the op, the size, the out= buffer's and the arguments'
+    shapes, and the usual fix; the same exception type where it can be made from a message (else RuntimeError),
+    the op's own exception chained as its cause.
+
+    Args:
+        op: the break op.
+        label: how messages name the size ("size 8 of runner 'mixed'").
+        args: its positional arguments.
+        kwargs: its keyword arguments, out= among them.
+    """
+    try:
+        return op.fn(*args, step=None, **kwargs)
+    except Exception as exc:
+        out = kwargs.get("out")
+        tensors = ", ".join(f"{where} {tuple(t.shape)} {t.dtype}" for where, t in _tensors(args, kwargs)
+                            if t is not out) or "no tensors"
+        shown = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        message = (f"break op {op.name} at {label} raised when capture ran it once (on what the segment before it "
+                   f"computed, step=None), with out= {shown} and {tensors}: {type(exc).__name__}: {exc}. Where the "
+                   "op writes another shape than out='s (a boundary buffer of the wrong shape), allocate out= with "
+                   "the shape the op writes; otherwise the op fails on these arguments outside capture too: call fn "
+                   "once eagerly at this size to see it")
+        try:
+            wrapped: Exception = type(exc)(message)
+        except Exception:  # a type that is not made from one message
+            wrapped = RuntimeError(message)
+        raise wrapped from exc
 
 
 def _aliased(value: Any) -> Any:

@@ -54,7 +54,8 @@ class SizeEntry:
 
     @property
     def exec_bytes(self) -> int:
-        """Device memory the driver took for this size's executable graphs (`Graph.exec_bytes`, summed)."""
+        """Device memory the driver took for this size's executable graphs (`Graph.exec_bytes`, summed; a graph
+        that shares another's executable took none of its own)."""
         return sum(g.exec_bytes for g in self.graphs)
 
 
@@ -133,13 +134,20 @@ class CaptureRecord:
         Args:
             rank: this process's rank in a distributed run (0 otherwise).
         """
+        # Each executable is counted at the first graph that runs on it (capture order): the graph that instantiated
+        # it. Later graphs of one structure share it (share_segments) and add no executable.
+        seen = set()
+        sizes = []
+        for e in self.entries.values():
+            own = [g for g in e.graphs if g.exec_handle not in seen]
+            seen.update(g.exec_handle for g in own)
+            sizes.append(SizeReport(e.size, e.capture_ms, e.pool_bytes_added, sum(g.num_nodes for g in e.graphs),
+                                    e.exec_bytes, len(e.graphs), executables=len({g.exec_handle for g in e.graphs}),
+                                    instantiated=len(own), exec_nodes=sum(g.num_nodes for g in own)))
         return CaptureReport(
             name=self.name, rank=rank, warmup_ms=self.warmup_ms,
             workspace_bytes=sum(nbytes for _, _, nbytes in self.workspace_blocks()),
-            static_bytes=self.static_bytes(),
-            sizes=[SizeReport(e.size, e.capture_ms, e.pool_bytes_added, sum(g.num_nodes for g in e.graphs),
-                              e.exec_bytes, len(e.graphs))
-                   for e in self.entries.values()])
+            static_bytes=self.static_bytes(), sizes=sizes)
 
 
 @dataclass
@@ -150,10 +158,17 @@ class SizeReport:
         size: the captured size.
         capture_ms: wall time of its capture.
         pool_bytes_added: what the pool grew by during its capture (0 for most sizes after the largest).
-        num_nodes: nodes of its graphs.
-        exec_bytes: device memory the driver took for its executable graphs, outside torch's allocator (read in
-            2 MiB chunks: one size may read 0 and the next 2 MiB; sums over many sizes are exact).
-        graphs: its graphs (more than one for a piecewise size).
+        num_nodes: nodes of its graphs (what its executables would hold without sharing).
+        exec_bytes: device memory the driver took for the executables its graphs instantiated, outside torch's
+            allocator (read in 2 MiB chunks: one size may read 0 and the next 2 MiB; sums over many sizes are
+            exact). A graph that shares another's executable instantiated none: it adds what the driver's free
+            memory fell across its cudaGraphExecUpdate, 0 unless the update took memory.
+        graphs: its graphs (more than one for a piecewise size): its executables without sharing.
+        executables: the distinct executables its graphs run on (share_segments: segments of one structure share
+            one, possibly instantiated by another size's graph); default graphs.
+        instantiated: the executables its graphs instantiated themselves (the rest share one instantiated before);
+            default graphs.
+        exec_nodes: nodes of the executables it instantiated; default num_nodes.
     """
 
     size: int
@@ -162,6 +177,17 @@ class SizeReport:
     num_nodes: int
     exec_bytes: int = 0
     graphs: int = 1
+    executables: Optional[int] = None
+    instantiated: Optional[int] = None
+    exec_nodes: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.executables is None:
+            self.executables = self.graphs
+        if self.instantiated is None:
+            self.instantiated = self.graphs
+        if self.exec_nodes is None:
+            self.exec_nodes = self.num_nodes
 
     @property
     def bytes(self) -> int:
@@ -234,8 +260,29 @@ class CaptureReport:
 
     @property
     def graphs(self) -> int:
-        """Graphs captured (a piecewise size counts each segment)."""
+        """Graphs captured (a piecewise size counts each segment): the executables without sharing."""
         return sum(r.graphs for r in self.sizes)
+
+    @property
+    def executables(self) -> int:
+        """Distinct executables the graphs run on: graphs, less those that share one (share_segments)."""
+        return sum(r.instantiated for r in self.sizes)
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of every graph: what the executables would hold without sharing."""
+        return sum(r.num_nodes for r in self.sizes)
+
+    @property
+    def exec_nodes(self) -> int:
+        """Nodes of the distinct executables."""
+        return sum(r.exec_nodes for r in self.sizes)
+
+    @property
+    def unshared_exec_bytes(self) -> int:
+        """An estimate of the executables' bytes without sharing: exec_bytes scaled by num_nodes / exec_nodes (the
+        graphs that share an executable were never instantiated alone, so their own bytes were never read)."""
+        return _unshared(self.exec_bytes, self.num_nodes, self.exec_nodes)
 
     @property
     def bytes(self) -> int:
@@ -246,7 +293,7 @@ class CaptureReport:
         """One line, as vLLM's "captured N graphs in S s, took X MiB", with the split (and the slowest rank, in a
         distributed run)."""
         text = f"{self.name + ': ' if self.name else ''}{_took(self.graphs, len(self.sizes), self.capture_s)} " \
-               f"(warm-up {self.warmup_ms:.0f} ms), took {self.bytes / MiB:.1f} MiB " + \
+               f"(warm-up {self.warmup_ms:.0f} ms){_sharing(self)}, took {self.bytes / MiB:.1f} MiB " + \
                _split(self.pool_bytes, self.exec_bytes, self.workspace_bytes, self.static_bytes,
                       " (shared)" if self.shared_workspaces else "")
         text += _budget(self.budget, {self.name: self.dropped} if self.dropped else {})
@@ -260,7 +307,9 @@ class CaptureReport:
         """The report as plain data (for JSON)."""
         return {"name": self.name, "rank": self.rank, "warmup_ms": self.warmup_ms, "capture_s": self.capture_s,
                 "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
-                "static_bytes": self.static_bytes, "bytes": self.bytes, "driver_bytes": self.driver_bytes,
+                "static_bytes": self.static_bytes, "bytes": self.bytes, "graphs": self.graphs,
+                "executables": self.executables, "num_nodes": self.num_nodes, "exec_nodes": self.exec_nodes,
+                "unshared_exec_bytes": self.unshared_exec_bytes, "driver_bytes": self.driver_bytes,
                 "outside_bytes": self.outside_bytes, "shared_workspaces": self.shared_workspaces,
                 "budget": self.budget, "dropped": list(self.dropped),
                 "sizes": [vars(r) for r in self.sizes], "ranks": [r.to_dict() for r in self.ranks]}
@@ -270,9 +319,10 @@ class CaptureReport:
         return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
-        lines = [f"{'size':>6} {'capture ms':>11} {'pool MiB added':>15} {'exec MiB':>9} {'nodes':>6}"]
+        lines = [f"{'size':>6} {'capture ms':>11} {'pool MiB added':>15} {'exec MiB':>9} {'nodes':>6} {'graphs':>6} "
+                 f"{'execs':>6}"]
         lines += [f"{r.size:>6} {r.capture_ms:>11.2f} {r.pool_bytes_added / MiB:>15.2f} {r.exec_bytes / MiB:>9.2f} "
-                  f"{r.num_nodes:>6}" for r in self.sizes]
+                  f"{r.num_nodes:>6} {r.graphs:>6} {r.executables:>6}" for r in self.sizes]
         return "\n".join(lines + [self.summary()])
 
 
@@ -288,8 +338,28 @@ class PoolReport:
 
     @property
     def graphs(self) -> int:
-        """Graphs captured (a piecewise size counts each segment)."""
+        """Graphs captured (a piecewise size counts each segment): the executables without sharing."""
         return sum(r.graphs for r in self.runners)
+
+    @property
+    def executables(self) -> int:
+        """Distinct executables, every runner's together (runners share none with each other)."""
+        return sum(r.executables for r in self.runners)
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of every graph: what the executables would hold without sharing."""
+        return sum(r.num_nodes for r in self.runners)
+
+    @property
+    def exec_nodes(self) -> int:
+        """Nodes of the distinct executables."""
+        return sum(r.exec_nodes for r in self.runners)
+
+    @property
+    def unshared_exec_bytes(self) -> int:
+        """An estimate of the executables' bytes without sharing (CaptureReport.unshared_exec_bytes, summed)."""
+        return sum(r.unshared_exec_bytes for r in self.runners)
 
     @property
     def capture_s(self) -> float:
@@ -348,7 +418,8 @@ class PoolReport:
         static inputs)", the driver's own figure, and what a budget dropped."""
         names = ", ".join(repr(r.name) for r in self.runners if r.name)
         sizes = sum(len(r.sizes) for r in self.runners)
-        text = f"{'pool of ' + names + ': ' if names else ''}{_took(self.graphs, sizes, self.capture_s)}, took " \
+        text = f"{'pool of ' + names + ': ' if names else ''}{_took(self.graphs, sizes, self.capture_s)}" \
+               f"{_sharing(self)}, took " \
                f"{self.bytes / MiB:.1f} MiB " + _split(self.pool_bytes, self.exec_bytes, self.workspace_bytes,
                                                        self.static_bytes, "")
         if self.driver_bytes is not None:
@@ -359,7 +430,9 @@ class PoolReport:
 
     def to_dict(self) -> dict:
         """The report as plain data (for JSON)."""
-        return {"graphs": self.graphs, "capture_s": self.capture_s, "bytes": self.bytes,
+        return {"graphs": self.graphs, "executables": self.executables, "num_nodes": self.num_nodes,
+                "exec_nodes": self.exec_nodes, "unshared_exec_bytes": self.unshared_exec_bytes,
+                "capture_s": self.capture_s, "bytes": self.bytes,
                 "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
                 "static_bytes": self.static_bytes, "driver_bytes": self.driver_bytes,
                 "outside_bytes": self.outside_bytes, "budget": self.budget, "dropped": self.dropped,
@@ -371,6 +444,20 @@ class PoolReport:
 
 def _took(graphs: int, sizes: int, seconds: float) -> str:
     return f"captured {graphs} graphs{f' ({sizes} sizes)' if graphs != sizes else ''} in {seconds:.2f} s"
+
+
+def _unshared(exec_bytes: int, num_nodes: int, exec_nodes: int) -> int:
+    """exec_bytes scaled from the executables' nodes to every graph's (exec_bytes where they are the same)."""
+    return exec_bytes if exec_nodes in (0, num_nodes) else exec_bytes * num_nodes // exec_nodes
+
+
+def _sharing(report: Any) -> str:
+    """What sharing executables saved (a CaptureReport or PoolReport), or "" where no graph shares one."""
+    if report.executables == report.graphs:
+        return ""
+    return (f" on {report.executables} executables of {report.exec_nodes} nodes, {_mib(report.exec_bytes)} MiB "
+            f"(segments of one structure share one; unshared: {report.graphs} executables of {report.num_nodes} "
+            f"nodes, about {_mib(report.unshared_exec_bytes)} MiB)")
 
 
 def _split(pool: int, executables: int, workspaces: int, static: int, shared: str) -> str:

@@ -117,6 +117,15 @@ class GraphRunner(_C.StepCall):
         verbose: print the capture report and show a progress bar; default from the GRAPHRUNNER_VERBOSE
             environment variable ("1" turns it on). The report is always logged to the "graphrunner"
             logger at INFO.
+        share_segments: a piecewise runner's segments of one structure (the same kernels with the same grids,
+            blocks and shared memory, the same memset and memcpy shapes and edges: the layers between attention
+            breaks, say), at any of its sizes, run on one executable (cudaGraphExec_t) instead of one each: the
+            first of a structure is instantiated, the others are never instantiated and load their parameters
+            into it with cudaGraphExecUpdate, which must accept them (else they get their own). Saves the
+            executables' device memory (the report says executables, nodes and bytes with and without sharing).
+            Off by default: every launch of a segment whose executable holds another segment's parameters costs
+            an update first, host time per break (a step of L identical layers pays about L updates). Segment 0
+            (it holds the staging node) and segments that draw random numbers never share.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class GraphRunner(_C.StepCall):
         max_lead: Optional[int] = _D.max_lead,
         split: Optional[str] = _D.split,
         max_requests: Union[None, int, Mapping[int, int]] = _D.max_requests,
+        share_segments: bool = _D.share_segments,
     ) -> None:
         if verbose is None:
             verbose = os.environ.get("GRAPHRUNNER_VERBOSE", "") not in ("", "0")
@@ -155,7 +165,8 @@ class GraphRunner(_C.StepCall):
                           no_grad=no_grad, device=device, capture_error_mode=capture_error_mode, strict=strict,
                           debug=debug, collective_timeout_s=collective_timeout_s, keep=keep, name=name,
                           verbose=verbose, tokens_per_request=tokens_per_request, out=out,
-                          capture_inputs=capture_inputs, max_lead=max_lead, split=split, max_requests=max_requests)
+                          capture_inputs=capture_inputs, max_lead=max_lead, split=split, max_requests=max_requests,
+                          share_segments=share_segments)
         self._setup(spec)
 
     @classmethod

@@ -83,6 +83,7 @@ class RunnerSpec:
     max_lead: Optional[int] = DEFAULT_MAX_LEAD
     split: Optional[str] = None
     max_requests: Union[None, int, Mapping[int, int]] = None
+    share_segments: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -111,7 +112,7 @@ class RunnerSpec:
         name = self.name or ""
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        for key in ("clone_outputs", "no_grad", "strict", "debug", "verbose"):
+        for key in ("clone_outputs", "no_grad", "strict", "debug", "verbose", "share_segments"):
             _flag(key, getattr(self, key))
         for key in ("on_capture", "before_replay", "capture_inputs"):
             _hook(key, getattr(self, key))

@@ -90,12 +90,19 @@ def test_static_input_accepts_good_values():
     (dict(max_lead=0), ValueError, r"max_lead must be None \(no bound\) or an int in 1..1024, got 0"),
     (dict(max_lead=True), ValueError, r"max_lead must be None \(no bound\) or an int in 1..1024, got True"),
     (dict(max_lead=2.0), ValueError, r"max_lead must be None"),
+    (dict(share_segments="yes"), TypeError, r"share_segments must be True or False, got str 'yes'"),
+    (dict(share_segments=1), TypeError, r"share_segments must be True or False, got int 1"),
 ])
 def test_runner_arguments(kwargs, error, message):
     args = dict(max_batch_size=8)
     args.update(kwargs)
     with pytest.raises(error, match=message):
         gr.GraphRunner(echo, IDS, **args)
+
+
+def test_share_segments_is_off_by_default_and_kept_in_the_spec():
+    assert gr.GraphRunner(echo, IDS, max_batch_size=8).spec.share_segments is False
+    assert gr.GraphRunner(echo, IDS, max_batch_size=8, share_segments=True).spec.share_segments is True
 
 
 def test_bad_fn_and_inputs():

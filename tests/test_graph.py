@@ -215,3 +215,83 @@ def test_capture_modes():
     with pytest.raises(ValueError, match="capture_error_mode must be"):
         with gr.Graph().capture(capture_error_mode="loose"):
             pass
+
+
+def _captured(pool, make, instantiate):
+    """A kept graph of make()'s work, and what it returns."""
+    g = gr.Graph(keep_graph=True)
+    with g.capture(pool=pool, instantiate=instantiate):
+        out = make()
+    return g, out
+
+
+def test_graphs_of_one_structure_share_one_executable_and_reset_in_any_order():
+    """Note [shared executables]: the first graph instantiates; the others, never instantiated, share its executable
+    through cudaGraphExecUpdate, and each replay loads its own parameters first. Replays of different graphs queue
+    without a sync; every graph gives its executable up in any order and the last one destroys it."""
+    pool = torch.cuda.graph_pool_handle()
+    xs = [rand(4096) for _ in range(3)]
+    graphs, ys = zip(*[_captured(pool, lambda x=x: torch.tanh(x) * 2 + 1, i == 0) for i, x in enumerate(xs)])
+    owner, *tenants = graphs
+    assert len({g.structure() for g in graphs}) == 1 and isinstance(owner.structure(), bytes)
+    for t in tenants:
+        assert t.captured and not t.executable
+        with pytest.raises(gr.GraphStateError, match=r"no executable yet; call instantiate\(\) or share\(\) first"):
+            t.replay()
+        assert t.share(owner)
+    assert all(g.shares_exec and g.executable for g in graphs) and len({g.exec_handle for g in graphs}) == 1
+
+    def replay_in(order):
+        want = {}
+        for k in order:  # queued back to back: each update leaves the launches before it as they were
+            xs[k].normal_()
+            ys[k].fill_(float("nan"))
+            graphs[k].replay()
+            want[k] = torch.tanh(xs[k]) * 2 + 1
+        torch.cuda.synchronize()
+        for k, expected in want.items():
+            torch.testing.assert_close(ys[k], expected)
+
+    replay_in([0, 1, 2, 2, 1, 0, 2])
+    owner.reset()  # the tenants keep the executable
+    assert not owner.captured and all(t.shares_exec for t in tenants)
+    replay_in([1, 2, 1])
+    tenants[0].reset()
+    assert not tenants[1].shares_exec  # the last one holds it alone now
+    replay_in([2])
+    tenants[1].reset()
+
+
+def test_a_graph_the_driver_cannot_update_to_or_that_draws_random_numbers_instantiates_its_own():
+    pool = torch.cuda.graph_pool_handle()
+    x = rand(4096)
+    owner, _ = _captured(pool, lambda: torch.tanh(x) * 2, True)
+    longer, y = _captured(pool, lambda: torch.tanh(x).sin() * 2, False)  # one node more: the topology differs
+    assert longer.structure() != owner.structure()
+    assert not longer.share(owner) and not longer.executable
+    longer.instantiate()
+    x.normal_()
+    longer.replay()
+    torch.testing.assert_close(y, torch.tanh(x).sin() * 2)
+    assert not longer.shares_exec and not owner.shares_exec
+    drawn, _ = _captured(pool, lambda: torch.tanh(x) * torch.rand_like(x), False)
+    random_owner, _ = _captured(pool, lambda: torch.tanh(x) * torch.rand_like(x), True)
+    assert not drawn.share(random_owner)  # RNG state is per graph: never shared
+    drawn.instantiate()
+    with pytest.raises(gr.GraphStateError, match=r"share\(\) needs a graph captured with "
+                                                 r"capture_end\(instantiate=False\)"):
+        drawn.share(random_owner)
+
+
+def test_structure_tells_kernels_and_shapes_apart():
+    pool = torch.cuda.graph_pool_handle()
+    small, large = rand(256), rand(1 << 20)
+    tanh_small, _ = _captured(pool, lambda: torch.tanh(small), True)
+    tanh_small_again, _ = _captured(pool, lambda: torch.tanh(small.clone()), True)
+    tanh_large, _ = _captured(pool, lambda: torch.tanh(large), True)
+    sin_small, _ = _captured(pool, lambda: torch.sin(small), True)
+    assert tanh_small.structure() != tanh_large.structure()  # another grid
+    assert tanh_small.structure() != sin_small.structure()  # another kernel, same launch shape
+    assert tanh_small.structure() != tanh_small_again.structure()  # a copy node more
+    assert _captured(pool, lambda: torch.tanh(small + 0), True)[0].structure() == \
+        _captured(pool, lambda: torch.tanh(small + 1), True)[0].structure()  # only a value differs

@@ -61,6 +61,32 @@ def test_piecewise_sizes_count_their_graphs():
     assert r.summary().startswith("captured 6 graphs (2 sizes) in")
 
 
+def test_shared_segments_report_executables_nodes_and_bytes_with_and_without_sharing():
+    """Size 4's five segments run on two executables (segment 0's and one its four layers share); size 2's on two,
+    segment 0's own and size 4's shared one: three executables for ten graphs. Shared graphs add no bytes."""
+    r = gr.CaptureReport(sizes=[gr.SizeReport(4, 1.0, 0, 50, 2 * MiB, graphs=5, executables=2, instantiated=2,
+                                              exec_nodes=20),
+                                gr.SizeReport(2, 1.0, 0, 50, 0, graphs=5, executables=2, instantiated=1,
+                                              exec_nodes=10)])
+    assert (r.graphs, r.executables, r.num_nodes, r.exec_nodes) == (10, 3, 100, 30)
+    assert r.exec_bytes == 2 * MiB and r.unshared_exec_bytes == 2 * MiB * 100 // 30
+    assert r.bytes == 2 * MiB
+    line = r.summary()
+    assert line.startswith("captured 10 graphs (2 sizes) in 0.00 s (warm-up 0 ms) on 3 executables of 30 nodes, 2.0 "
+                           "MiB (segments of one structure share one; unshared: 10 executables of 100 nodes, about "
+                           "6.7 MiB), took 2.0 MiB"), line
+    assert str(r).splitlines()[0].split()[-2:] == ["graphs", "execs"] and str(r).splitlines()[1].split()[-2:] == \
+        ["5", "2"]
+    d = json.loads(r.to_json())
+    assert (d["graphs"], d["executables"], d["num_nodes"], d["exec_nodes"]) == (10, 3, 100, 30)
+    assert d["sizes"][1]["instantiated"] == 1 and d["sizes"][1]["executables"] == 2
+    pool = gr.PoolReport([r, report("draft")])
+    assert pool.executables == 3 + 4 and pool.graphs == 10 + 4 and pool.num_nodes == 140
+    assert " on 7 executables of 70 nodes" in pool.summary() and json.loads(json.dumps(pool.to_dict()))
+    # Without sharing the figures are the graphs' and nothing is added to the line.
+    assert report().executables == report().graphs == 4 and " executables of " not in report().summary()
+
+
 def test_pool_report_counts_the_shared_workspaces_once():
     verify = report("verify", shared_workspaces=True, driver_bytes=90 * MiB, outside_bytes=9 * MiB)
     draft = report("draft", pool=(2 * MiB, 0, 0, 0), shared_workspaces=True, driver_bytes=90 * MiB,

@@ -1,14 +1,16 @@
 """Piecewise capture: graphs that break around ops that cannot be captured (an op that needs the step's
 lengths on the host). Replays equal eager on fresh steps, with outputs poisoned; the break contract's errors
 name the op and the fix."""
+import gc
 import random
+import resource
 
 import pytest
 import torch
 
 import graphrunner as gr
 from graphrunner.testing import poison
-from conftest import gpu
+from conftest import gpu, segments, segments_since
 
 D = 8
 
@@ -46,6 +48,10 @@ class Model(torch.nn.Module):
 
 INPUTS = {"input_ids": gr.StaticInput((), torch.long, per_token=True, high=50),
           "query_lens": gr.StaticInput((), torch.int32)}
+
+
+def rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step(tokens, requests, rng):
@@ -170,3 +176,144 @@ def test_at_capture_the_op_runs_once_on_what_the_segment_before_it_computed():
         x = torch.randn(3, 64, device="cuda")
         torch.testing.assert_close(r(x=x), (x + 1) * 2)
         assert seen[-1][0] is not None and seen[-1][0].padded_requests == 4
+
+
+def test_an_op_that_raises_at_capture_is_named_with_its_shapes_and_the_fix():
+    """run_at_capture is how a capture runs a break op once (Note [ops at capture]); it needs no GPU."""
+    from graphrunner.piecewise import run_at_capture
+
+    narrow = gr.breaking_op(lambda x, out, step: out.copy_(x[:, :2]), name="narrow")
+    with pytest.raises(RuntimeError, match=r"break op narrow at size 4 raised when capture ran it once \(on what the "
+                                           r"segment before it computed, step=None\), with out= \(4, 3\) "
+                                           r"torch.float32 and argument 0 \(4, 8\) torch.float32: RuntimeError: .+ "
+                                           r"\(a boundary buffer of the wrong shape\), allocate out= with the shape "
+                                           r"the op writes") as info:
+        run_at_capture(narrow, "size 4", (torch.ones(4, 8),), {"out": torch.empty(4, 3)})
+    assert type(info.value.__cause__) is RuntimeError and "must match" in str(info.value.__cause__)
+
+    def picky(x, *, scale, out, step):
+        raise ValueError("scale must be positive")
+
+    with pytest.raises(ValueError, match=r"break op picky at size 2 of runner 'r' raised .* with out= \(2,\) "
+                                         r"torch.float32 and argument 0 \(2,\) torch.float32: ValueError: scale must "
+                                         r"be positive") as info:
+        run_at_capture(gr.breaking_op(picky, name="picky"), "size 2 of runner 'r'", (torch.ones(2),),
+                       {"scale": -1, "out": torch.empty(2)})
+    assert isinstance(info.value.__cause__, ValueError)
+
+    class TwoArguments(Exception):
+        def __init__(self, code, text):
+            super().__init__(f"{code}: {text}")
+
+    def odd(x, out, step):
+        raise TwoArguments(7, "odd")
+
+    with pytest.raises(RuntimeError, match=r"break op odd at size 1 raised .*: TwoArguments: 7: odd") as info:
+        run_at_capture(gr.breaking_op(odd, name="odd"), "size 1", (torch.ones(1),), {"out": torch.empty(1)})
+    assert isinstance(info.value.__cause__, TwoArguments)
+
+
+@gpu
+def test_an_op_that_raises_at_capture_fails_the_capture_naming_it():
+    """With no warm-up the op first runs at capture, where a wrong boundary buffer shows."""
+    narrow = gr.breaking_op(lambda x, out, step: out.copy_(x[:, :2]), name="narrow")
+    r = gr.GraphRunner(lambda x: narrow(x + 1, out=torch.empty(x.shape[0], 3, device=x.device)) * 2,
+                       {"x": gr.StaticInput((4,), torch.float32)}, capture_sizes=[2], warmup=0)
+    with pytest.raises(RuntimeError, match=r"break op narrow at size 2 raised when capture ran it once .* with out= "
+                                           r"\(2, 3\) torch.float32 and argument 0 \(2, 4\) torch.float32: "
+                                           r"RuntimeError: .*allocate out= with the shape the op writes") as info:
+        r.capture()
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert r.state is gr.RunnerState.UNARMED
+
+
+# -- shared segments (share_segments=True): the layers between breaks run on one executable -------------------
+
+LAYERS = 6
+
+
+def shared_runner(share=True, sizes=(8, 16, 32), **kw):
+    return gr.GraphRunner(Model(LAYERS), INPUTS, capture_sizes=list(sizes), split="query_lens", max_requests=4,
+                          share_segments=share, **kw)
+
+
+def executables(entry):
+    return len({g.exec_handle for g in entry.graphs})
+
+
+def structures(entry):
+    return len({g.structure() for g in entry.graphs})
+
+
+@gpu
+def test_shared_segments_replay_like_eager_interleaved_and_queued():
+    """Every size interleaved at random (so the shared executables switch between segments, and between sizes, on
+    almost every launch), max_lead 2 with no sync between steps: each step's clone is compared once all are done.
+    Outputs are poisoned before each step, so a segment that ran with another's parameters shows."""
+    with shared_runner(max_lead=2, clone_outputs=True) as runner:
+        runner.capture()
+        assert all(g.shares_exec for e in runner.record.entries.values() for g in e.segments[:-1])
+        rng = random.Random(3)
+        steps, got = [], []
+        for _ in range(40):
+            tokens = rng.randint(2, 32)
+            s = step(tokens, rng.randint(1, min(4, tokens)), rng)
+            poison(runner.record.entries[runner.size_for(s["query_lens"].shape[0], tokens)].outputs)
+            got.append(runner(**s))
+            steps.append(s)
+        torch.cuda.synchronize()
+        for s, out in zip(steps, got):
+            torch.testing.assert_close(out, eager(runner.spec.fn, s), rtol=1e-9, atol=1e-9)
+
+
+@gpu
+def test_shared_segments_report_fewer_executables_than_graphs():
+    with shared_runner() as shared, shared_runner(share=False) as unshared:
+        report, plain = shared.capture(), unshared.capture()
+        for size, entry in shared.record.entries.items():
+            # segment 0 (staging), the layers between breaks (one structure), the last segment (the head)
+            assert len(entry.graphs) == LAYERS + 1 and structures(entry) == 3, size
+            assert executables(entry) <= structures(entry) < len(entry.graphs)
+            line = next(r for r in report.sizes if r.size == size)
+            assert (line.graphs, line.executables) == (len(entry.graphs), executables(entry))
+            assert not entry.graph.shares_exec  # segment 0 has the staging node: never shared
+        assert report.executables < report.graphs == plain.graphs == plain.executables
+        assert report.exec_nodes < report.num_nodes == plain.num_nodes == plain.exec_nodes
+        assert report.exec_bytes == sum(e.exec_bytes for e in shared.record.entries.values())
+        assert " executables of " in report.summary() and " executables of " not in plain.summary()
+        for entry in unshared.record.entries.values():
+            assert executables(entry) == len(entry.graphs) and not any(g.shares_exec for g in entry.graphs)
+
+
+@gpu
+def test_shared_segments_validate_and_audit():
+    with shared_runner() as runner:
+        runner.capture()
+        assert not runner.audit().borrowed
+        runner.validate(steps_per_size=3, scrub=True, guard=True)
+
+
+@gpu
+def test_shared_segments_close_gives_everything_back(fresh_memory):
+    def cycle():
+        with shared_runner(sizes=(8, 16)) as r:
+            r.capture()
+            s = step(12, 3, random.Random(0))
+            torch.testing.assert_close(r(**s), eager(r.spec.fn, s), rtol=1e-9, atol=1e-9)
+            del s
+
+    cycle()  # first-run costs (kernels, handles, allocator bookkeeping) before the baseline
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    start, before, rss = torch.cuda.memory_reserved(), segments(), rss_mib()
+    free = torch.cuda.mem_get_info()[0]
+    for _ in range(20):
+        cycle()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == start, segments_since(before)
+    assert rss_mib() - rss < 50, f"host RSS grew {rss_mib() - rss:.1f} MiB over 20 cycles"
+    # Executables destroyed: the driver reuses their memory, so 20 cycles take no more than a few chunks.
+    assert free - torch.cuda.mem_get_info()[0] <= 16 << 20

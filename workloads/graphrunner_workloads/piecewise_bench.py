@@ -11,6 +11,9 @@ shape), the wall time of a step, synchronised per step, and the host time until 
   in a Python loop;
 - piecewise: graphrunner's ragged runner of the same decoder: the same segments and the same attention call, a
   step in one native call;
+- shared: the piecewise runner with share_segments=True: the layers' segments (one structure) run on one
+  executable, which each segment's launch first loads with its own parameters (cudaGraphExecUpdate): its host time
+  over piecewise's, per break, is what sharing costs;
 - full: graphrunner's ragged runner of the graph-safe twin (attention "packed": the same kernel on the same packed
   keys with T as its bound, inside the graph): what the step costs where attention can be captured;
 - noop: the full graph's step with a break after every layer's attention that does nothing
@@ -18,9 +21,8 @@ shape), the wall time of a step, synchronised per step, and the host time until 
 The contenders take turns in blocks (bench.timed), --rounds times; each key is the median over rounds of the
 round's ratio, its spread (min-max over rounds) beside it. Then the pool of the piecewise decode and ragged
 runners captured together (gr.capture_all, one pool) against the piecewise runner of the largest T alone, and the
-executables a size holds against the distinct segment structures among them (sharing one executable between
-segments of one structure is not built: every segment is an executable of its own). Writes
-bench-<gpu>-piecewise.json, .txt and .png into --out.
+executables a size holds, without sharing (one a segment) and with it, against the distinct segment structures
+among them (Graph.structure()). Writes bench-<gpu>-piecewise.json, .txt and .png into --out.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewi
 from graphrunner_workloads.ragged import SPLIT, decode_runner, ragged_runner, random_ragged_step
 from graphrunner_workloads.ragged_bench import preset
 
-CONTENDERS = ["eager", "common", "piecewise", "full", "noop"]
+CONTENDERS = ["eager", "common", "piecewise", "shared", "full", "noop"]
 MiB = 1024 * 1024
 Times = Dict[str, Tuple[float, float]]  # contender -> (wall us, host us), one round's medians
 
@@ -81,9 +83,14 @@ def over_rounds(rounds: List[Times], ratio: Callable[[Times], float]) -> Tuple[f
 
 
 def structures(graphs: List[gr.Graph]) -> int:
-    """How many distinct segment structures `graphs` hold: segments with the same nodes in the same order (kind
-    and kernel), whatever their addresses, are one (what one executable could serve, updated per segment)."""
-    return len({tuple((kind, name) for kind, name, _ in graph.scan()) for graph in graphs})
+    """How many distinct structures `graphs` hold (Graph.structure(): the same nodes, launch shapes and edges,
+    whatever their addresses): what one executable each could serve, updated per segment."""
+    return len({graph.structure() for graph in graphs})
+
+
+def executables(graphs: List[gr.Graph]) -> int:
+    """How many distinct executables `graphs` run on (one a graph without sharing)."""
+    return len({graph.exec_handle for graph in graphs})
 
 
 def token_counts(args: argparse.Namespace) -> List[int]:
@@ -99,6 +106,7 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
     decoder = Decoder(cfg)
     piecewise = PiecewiseRaggedDecoder(decoder, "varlen")
     runners = {"piecewise": ragged_runner(piecewise, sizes, args.requests),
+               "shared": ragged_runner(piecewise, sizes, args.requests, share_segments=True),
                "full": ragged_runner(PiecewiseRaggedDecoder(decoder, "packed"), sizes, args.requests),
                "noop": ragged_runner(PiecewiseRaggedDecoder(decoder, "noop"), sizes, args.requests)}
     for runner in runners.values():
@@ -111,7 +119,8 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
 
     contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]] = {
         "eager": eager, "common": lambda s: common(**s), "piecewise": lambda s: runners["piecewise"](**s),
-        "full": lambda s: runners["full"](**s), "noop": lambda s: runners["noop"](**s)}
+        "shared": lambda s: runners["shared"](**s), "full": lambda s: runners["full"](**s),
+        "noop": lambda s: runners["noop"](**s)}
     per_round = max(1, args.steps // args.rounds)
     rows, res = [], {}
     for size in sizes:
@@ -130,10 +139,16 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
         res[f"piecewise_host_us_{key}"] = row["piecewise_host_us"]
         res[f"piecewise_host_us_per_break_{key}"], res[f"piecewise_host_us_per_break_{key}_rounds"] = over_rounds(
             rounds, lambda r: (r["noop"][1] - r["full"][1]) / layers)
-    largest = {name: runners[name].record.entries[max(sizes)] for name in ("piecewise", "full")}
-    res.update({f"piecewise_executables_L{layers}": len(largest["piecewise"].graphs),
+        # With sharing: a break's own cost plus what sharing adds it (shared's host time over piecewise's).
+        res[f"shared_host_us_per_break_{key}"], res[f"shared_host_us_per_break_{key}_rounds"] = over_rounds(
+            rounds, lambda r: (r["noop"][1] - r["full"][1] + r["shared"][1] - r["piecewise"][1]) / layers)
+    largest = {name: runners[name].record.entries[max(sizes)] for name in ("piecewise", "shared", "full")}
+    res.update({f"piecewise_executables_L{layers}": executables(largest["piecewise"].graphs),
+                f"piecewise_executables_shared_L{layers}": executables(largest["shared"].graphs),
                 f"piecewise_structures_L{layers}": structures(largest["piecewise"].graphs),
                 f"piecewise_exec_mib_T{max(sizes)}_L{layers}": largest["piecewise"].exec_bytes / MiB,
+                f"shared_exec_mib_L{layers}": runners["shared"].record.capture_report.exec_bytes / MiB,
+                f"unshared_exec_mib_L{layers}": runners["piecewise"].record.capture_report.exec_bytes / MiB,
                 f"full_exec_mib_T{max(sizes)}_L{layers}": largest["full"].exec_bytes / MiB})
     common.close()
     for runner in runners.values():
@@ -184,15 +199,16 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         rows, keys = preset_rows(args, layers, gen)
         res["_rows"][layers] = rows
         res.update(keys)
-    # The headline numbers: a break's host cost where the most breaks average it (smallest T, most layers), the
-    # executables of that preset's largest T.
-    most, smallest = max(presets), min(token_counts(args))
-    for suffix in ("", "_rounds"):
-        res[f"piecewise_host_us_per_break{suffix}"] = res[f"piecewise_host_us_per_break_T{smallest}_L{most}{suffix}"]
-    # Sharing executables between segments of one structure is not built: a size holds one per segment.
-    res["piecewise_executables_unshared"] = res[f"piecewise_executables_L{most}"]
-    res["piecewise_executables_shared"] = res[f"piecewise_executables_L{most}"]
-    res["piecewise_distinct_structures"] = res[f"piecewise_structures_L{most}"]
+    # The headline numbers: a break's host cost, without and with sharing, where the most breaks average it
+    # (smallest T, most layers); the executables of the largest T of the fewest layers' preset (8 by default).
+    most, fewest, smallest = max(presets), min(presets), min(token_counts(args))
+    for name in ("piecewise", "shared"):
+        for suffix in ("", "_rounds"):
+            res[f"{name}_host_us_per_break{suffix}"] = res[f"{name}_host_us_per_break_T{smallest}_L{most}{suffix}"]
+    res["piecewise_executables_unshared"] = res[f"piecewise_executables_L{fewest}"]
+    res["piecewise_executables_shared"] = res[f"piecewise_executables_shared_L{fewest}"]
+    res["piecewise_distinct_structures"] = res[f"piecewise_structures_L{fewest}"]
+    res["executables_layers"] = fewest
     res.update(pool_keys(args, min(presets)))
     return res
 
@@ -231,23 +247,29 @@ def table(res: Dict[str, object]) -> str:
             out.append(f"{r['tokens']:>6} {cells}   {speedups}")
         big = max(r["tokens"] for r in rows)
         out.append(f"  size {big}: {res[f'piecewise_executables_L{layers}']} executables (one a segment), "
+                   f"{res[f'piecewise_executables_shared_L{layers}']} shared, "
                    f"{res[f'piecewise_structures_L{layers}']} distinct structures; executables' memory "
                    f"{res[f'piecewise_exec_mib_T{big}_L{layers}']:.1f} MiB against the full graph's "
-                   f"{res[f'full_exec_mib_T{big}_L{layers}']:.1f}")
+                   f"{res[f'full_exec_mib_T{big}_L{layers}']:.1f}; every size's: "
+                   f"{res[f'unshared_exec_mib_L{layers}']:.1f} MiB unshared, "
+                   f"{res[f'shared_exec_mib_L{layers}']:.1f} MiB shared")
         out.append("")
     out += [f"pool MiB ({res['pool_layers']} layers): piecewise decode + ragged runners together "
             f"{res['piecewise_pool_mib_together']:.1f}, the largest piecewise size alone "
             f"{res['piecewise_pool_mib_largest_alone']:.1f}; the family's {res['piecewise_family_executables']} "
             f"executables take {res['piecewise_family_exec_mib']:.1f} MiB besides",
-            f"executables a size: {res['piecewise_executables_unshared']} (one a segment); sharing one between the "
-            f"segments of a structure ({res['piecewise_distinct_structures']} distinct) is not built, so shared = "
-            "unshared = segments",
+            f"executables a size ({res['executables_layers']} layers, largest T): "
+            f"{res['piecewise_executables_unshared']} unshared (one a segment), "
+            f"{res['piecewise_executables_shared']} with share_segments ({res['piecewise_distinct_structures']} "
+            f"distinct structures); a break's host us {res['piecewise_host_us_per_break']:.2f} unshared, "
+            f"{res['shared_host_us_per_break']:.2f} shared",
             ""]
     targeted = targets(res)
     out += target_header(res.get("_changed", [])) + target_lines(res, targeted) + ["reported, no target:"]
     for layers, rows in res["_rows"].items():
-        for name in ("run_vs_common", "run_vs_eager", "run_vs_full", "host_us_per_break"):
-            for key in (f"piecewise_{name}_T{r['tokens']}_L{layers}" for r in rows):
+        for name in ("piecewise_run_vs_common", "piecewise_run_vs_eager", "piecewise_run_vs_full",
+                     "piecewise_host_us_per_break", "shared_host_us_per_break"):
+            for key in (f"{name}_T{r['tokens']}_L{layers}" for r in rows):
                 if key not in (t[0] for t in targeted):
                     out.append(f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip())
     return "\n".join(out)
