@@ -180,6 +180,7 @@ class GraphRunner(_C.StepCall):
         self.spec = spec
         self.state = RunnerState.UNARMED
         self.record: Optional[CaptureRecord] = None
+        self._pieces: Optional[List[Any]] = None  # the breaks armed (validate checks them: graphrunner.break_checks)
         sizes, bound = list(spec.capture_sizes), max_size or spec.max_batch_size
         self.sizes = (_C.SizeTable(sizes, bound, [spec.requests_of(t) for t in sizes]) if spec.ragged
                       else _C.SizeTable(sizes, bound))
@@ -247,7 +248,7 @@ class GraphRunner(_C.StepCall):
                     pieces[size] = [(b.op, b.args, dict(b.kwargs)) for b in entry.breaks]
         self._arm(record.launcher, outputs, before_replay, clone_tensors if spec.clone_outputs else None,
                   self._eager, pieces, step_info if pieces is not None else None)
-        self.record, self.state = record, RunnerState.ARMED
+        self.record, self.state, self._pieces = record, RunnerState.ARMED, pieces
 
     # -- steps -----------------------------------------------------------------------------------
     @property
@@ -314,7 +315,7 @@ class GraphRunner(_C.StepCall):
     def close(self) -> None:
         """Destroys the graphs and gives their memory back: the pool (once no returned output is alive) and the
         workspaces kept for them (once no other runner captured with them is open)."""
-        record, self.record = self.record, None
+        record, self.record, self._pieces = self.record, None, None
         self.state = RunnerState.CLOSED
         self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.CLOSED]))
         if torch.cuda.is_available():
@@ -387,7 +388,7 @@ def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
     except BaseException:  # arming failed after a capture that succeeded: give every graph back
         for runner, record in zip(runners, records):
             runner._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
-            runner.record, runner.state = None, RunnerState.UNARMED
+            runner.record, runner.state, runner._pieces = None, RunnerState.UNARMED, None
             record.release()
         raise
     return [record.capture_report for record in records]
@@ -468,7 +469,7 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
     _audit(runners).check()
     make_inputs = make_inputs or {}
     targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name),
-                      r.spec.split)
+                      r.spec.split, r._pieces)
                for r, rec in zip(runners, records)]
     return validate(targets, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
                     collective_timeout_s=runners[0].spec.collective_timeout_s, eager_at=eager_at,
