@@ -34,7 +34,6 @@ an op whose result holds a NaN is not taken for one that wrote nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -83,16 +82,23 @@ class BreakChecks:
         """
         recorded = list(self.armed)
         self.copies = copies
-        self.armed[:] = [(functools.partial(self._call, k, op), args, kwargs)
-                         for k, (op, args, kwargs) in enumerate(recorded)]
+        self.armed[:] = [(self._checked(k, op), args, kwargs) for k, (op, args, kwargs) in enumerate(recorded)]
         try:
             yield
         finally:
             self.armed[:] = recorded
             self.copies = None
 
-    def _call(self, k: int, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Break k as the native step calls it (kwargs hold out= and step=), checked."""
+    def _checked(self, k: int, op: Callable[..., Any]) -> Callable[..., Any]:
+        """Break k's op, checked: called as the native step calls an op, with the op's own arguments only (a
+        keyword of the op may have any name)."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._call(k, op, args, kwargs)
+
+        return call
+
+    def _call(self, k: int, op: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """Break k with the step's arguments (kwargs hold out= and step=), checked."""
         out, step = kwargs["out"], kwargs["step"]
         before = None
         if self.guard:

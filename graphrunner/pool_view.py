@@ -205,7 +205,8 @@ class PoolView:
             boundary = (f"its out= boundary buffer {tuple(out.shape)} {out.dtype} (block 0x{start:x}, {nbytes} "
                         "bytes)")
             past = address - (start + nbytes)
-            overran = (f"; the write starts {past} bytes past the end of {boundary}, which it most likely overran"
+            where = "right past" if past == 0 else f"{past} bytes past"
+            overran = (f"; the write starts {where} the end of out=, which it most likely overran"
                        if 0 <= past < ALLOCATION_ROUNDING else "")
             breaks = len(record.entries[size].breaks)
             raise GraphHazardError(
