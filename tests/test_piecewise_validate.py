@@ -3,7 +3,8 @@ Note [checked breaks]). A break op that leaves its out= boundary buffer unwritte
 fresh memory and returns None) is named by validate(scrub=True) with op, size and buffer, and one that writes past
 out= by validate(guard=True); their fixed twins pass; a segment writing out of bounds is named as that segment;
 clean piecewise runners validate with both flags, uniform and ragged; a failed validate leaves the runner's breaks
-as armed and its steps equal to eager. On the CPU: the checked calls swap in and out of the armed list."""
+as armed and its steps equal to eager; the workloads' piecewise reproductions are named and their twins pass. On
+the CPU: the checked calls swap in and out of the armed list."""
 import random
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from conftest import gpu
 from graphrunner.break_checks import POISON, BreakChecks
 from graphrunner.spec import StepInfo
 from graphrunner.testing import poison
+from graphrunner_workloads.reproductions import piecewise as repro
 from test_piecewise import INPUTS as RAGGED_INPUTS, Model, eager as ragged_eager, step as ragged_step
 
 D = 16
@@ -292,3 +294,24 @@ def test_after_a_failed_validate_the_runner_steps_like_eager():
             steps_like_eager(runner, fn, seed=1)
     finally:
         runner.close()
+
+
+@gpu
+@pytest.mark.parametrize("case, finding", [
+    ("fresh", r"break op scale_fresh \(break 1 of 1 of size (8|16|32|48), batch \d+\) left \d+ of the \d+ elements of "
+              r"the step's rows of its out= boundary buffer \(\1, 16\) torch.float32 unwritten"),
+    ("past", r"break op tile_scale \(break 1 of 1 of size (8|16|32|48), batch \d+\) wrote outside its out= boundary "
+             r"buffer \(\1, 16\) torch.float32 .* the write starts (right|\d bytes) past the end of out=")])
+def test_the_piecewise_reproductions_are_named_and_their_twins_pass(case, finding):
+    runner = repro.make_runner(case)
+    try:
+        with pytest.raises(gr.GraphHazardError, match=finding) as found:
+            runner.validate(scrub=True, guard=True, steps_per_size=3)
+        assert found.value.op in ("scale_fresh", "tile_scale") and found.value.size in repro.SIZES
+    finally:
+        runner.close()
+    fixed = repro.make_runner(case, fixed=True)
+    try:
+        fixed.validate(scrub=True, guard=True, steps_per_size=3)
+    finally:
+        fixed.close()
