@@ -13,7 +13,9 @@ import torch
 
 import graphrunner as gr
 from conftest import gpu
+from graphrunner import pool_view
 from graphrunner.break_checks import POISON, BreakChecks
+from graphrunner.pool import Block, BlockKind
 from graphrunner.spec import StepInfo
 from graphrunner.testing import poison
 from graphrunner_workloads.reproductions import piecewise as repro
@@ -193,6 +195,42 @@ def test_a_keyword_of_the_op_may_be_called_k_or_op():
     assert seen == [(5, "topk")]
 
 
+def test_guard_names_a_break_ops_write_past_out_and_a_segments_write_on_the_cpu(monkeypatch):
+    """PoolView.check_break and check_guarded(segment=) over a CPU stand-in for device memory: the break names
+    the op, the size, the allocation it hit and out= where the write starts past its end; the segment is named."""
+    memory = torch.zeros(1 << 14, dtype=torch.uint8)
+    base = memory.data_ptr()
+    monkeypatch.setattr(pool_view, "raw_bytes", lambda address, nbytes, device: memory[address - base:][:nbytes])
+    size, buf_at = 24, 4096
+    buf = memory[buf_at: buf_at + 2 * size * D * 4].view(torch.float32).view(2 * size, D)
+    before_break = SimpleNamespace(footprint=[(base + 1024, 1536), (base + buf_at, buf.numel() * 4)])
+    after_break = SimpleNamespace(footprint=[(base + 8192, 512)])
+    entry = SimpleNamespace(breaks=[SimpleNamespace(name="scale_pair")], graphs=[before_break, after_break],
+                            footprint=before_break.footprint + after_break.footprint)
+    record = SimpleNamespace(name="", entries={size: entry}, label=lambda s: f"size {s}", state_buffers={},
+                             static_inputs={}, of_runner="")
+    view = object.__new__(pool_view.PoolView)
+    view.owned, view.device = [], "cpu"
+    view.footprints = {("", size): [Block(a, n, BlockKind.FOOTPRINT, ("", size)) for a, n in entry.footprint]}
+    copies = [(Block(base, memory.numel(), BlockKind.SEGMENT), memory.clone())]
+    buf[size:] = 1.5  # the op's second output, past out=
+    with pytest.raises(gr.GraphHazardError, match=r"break op scale_pair \(break 1 of 1 of size 24, batch 17\) wrote "
+                                                  r"outside its out= boundary buffer \(24, 16\) torch.float32 \(block "
+                                                  r"0x[0-9a-f]+, 1536 bytes\): into the 3072-byte buffer that the "
+                                                  r"capture of size 24 allocated before break 1 \(its allocation 2 of "
+                                                  r"3\) .* the write starts 2 bytes past the end of out=") as found:
+        view.check_break(copies, record, size, 17, 0, "scale_pair", buf[:size])
+    assert (found.value.op, found.value.offset, found.value.overrun) == ("scale_pair", 1538,
+                                                                         "out= (24, 16) of break op scale_pair")
+    rows = (Block(base + 12288, 64, BlockKind.STATIC_ROWS, ("", 0), "static input 'x' rows 24..39"),
+            memory[12288:12352].clone())
+    memory[12288:12352] = 3
+    with pytest.raises(gr.GraphHazardError, match=r"^segment 1 of size 24 \(batch 5\) wrote out of bounds into static "
+                                                  r"input 'x' rows 24\.\.39") as found:
+        view.check_guarded([rows], record, size, 5, segment=1)
+    assert found.value.op is None
+
+
 # -- on the GPU --------------------------------------------------------------------------------------------------
 
 @gpu
@@ -301,7 +339,7 @@ def test_after_a_failed_validate_the_runner_steps_like_eager():
     ("fresh", r"break op scale_fresh \(break 1 of 1 of size (8|16|32|48), batch \d+\) left \d+ of the \d+ elements of "
               r"the step's rows of its out= boundary buffer \(\1, 16\) torch.float32 unwritten"),
     ("past", r"break op tile_scale \(break 1 of 1 of size (8|16|32|48), batch \d+\) wrote outside its out= boundary "
-             r"buffer \(\1, 16\) torch.float32 .* the write starts (right|\d bytes) past the end of out=")])
+             r"buffer \(\1, 16\) torch.float32 .* the write starts (right|\d+ bytes) past the end of out=")])
 def test_the_piecewise_reproductions_are_named_and_their_twins_pass(case, finding):
     runner = repro.make_runner(case)
     try:
