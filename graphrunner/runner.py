@@ -283,9 +283,11 @@ class GraphRunner(_C.StepCall):
         Args:
             steps_per_size: replays per captured size.
             scrub: fill the pool's free memory (and other sizes' kept-alive capture allocations) with a NaN /
-                INT_MAX pattern before each replay, so reads of stale state show.
+                INT_MAX pattern before each replay, so reads of stale state show; at a piecewise size, also poison
+                each break op's out= before the op, and fail when the op leaves the step's rows of it unwritten.
             guard: fail on any write into memory another size owns, or into static input rows past the padded
-                size.
+                size; at a piecewise size, checked after each segment (naming it), and around each break op, which
+                must write nothing outside its out=.
             isolate: run the whole check in a child process built from the same spec, so a graph that
                 faults cannot take this process's CUDA context down.
             seed: seeds the order, the batches and the inputs.
@@ -453,8 +455,10 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
     Args:
         runners: armed runners of one pool (captured together with capture_all, or alone into a shared pool).
         steps_per_size: replays per captured size of each runner.
-        scrub: scrub free pool memory and other graphs' kept-alive allocations before each replay.
-        guard: fail on any write outside the replaying graph's own memory.
+        scrub: scrub free pool memory and other graphs' kept-alive allocations before each replay (and poison
+            each break op's out= at a piecewise size: see GraphRunner.validate).
+        guard: fail on any write outside the replaying graph's own memory (checked after each segment and around
+            each break op at a piecewise size).
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype.
         make_inputs: runner name -> make_inputs(batch, generator) (ragged: make_inputs(tokens, requests,

@@ -127,8 +127,10 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
     Args:
         targets: the runners, all in one pool.
         steps_per_size: replays per captured size.
-        scrub: scrub free pool memory (and other graphs' kept-alive allocations) before each replay.
-        guard: fail on any write outside the replaying graph's own memory.
+        scrub: scrub free pool memory (and other graphs' kept-alive allocations) before each replay, and at a
+            piecewise size poison each break op's out= before the op (graphrunner.break_checks).
+        guard: fail on any write outside the replaying graph's own memory, and at a piecewise size check after
+            each segment and around each break op.
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype (checks.default_rtol).
         collective_timeout_s: in a distributed run, how long a step waits for the other ranks' outcome.
