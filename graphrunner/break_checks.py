@@ -4,8 +4,8 @@ Note [checked breaks]: a step at a piecewise size runs segment 0, break 1, segme
 (csrc/py_step.cpp, Note [breaks]), which reads each break, (op, args, kwargs), from the list the runner armed
 (`Target.pieces`). For its own scrubbed or guarded steps, validate() puts a checked call in place of each of the
 size's ops in that list, and puts the recorded ops back after the step, whatever it raised: every other step,
-and the native fast path itself, run exactly as armed, at no cost. The checked call of break k (between segments
-k and k + 1):
+and the native fast path itself, run exactly as armed, at no cost. The checked call of the op after segment k
+(messages call it break k + 1, between segments k and k + 1):
 
 - with guard, checks the copies validate took before the step as it checks them after a whole graph: a change
   outside the size's footprint was made by segment k (the copies were clean at the previous break), and the
@@ -16,7 +16,7 @@ k and k + 1):
   into fresh memory and returned None, or returned the fresh tensor, which a replay discards; vllm #37363,
   #53915) is named with its size and buffer, instead of as a wrong output far downstream;
 - with guard, after the op, names the first byte it changed outside out= (out's whole span, for a strided out=),
-  its owner, and out= where the write starts right past its end;
+  its owner, and out= where the write starts within the allocator's 512-byte rounding past its end;
 - returns what the op returned.
 
 After the step validate checks the copies once more, for the last segment. Free pool memory is scrubbed once a

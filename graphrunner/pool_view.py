@@ -186,7 +186,7 @@ class PoolView:
             record: the runner whose step ran the op.
             size: the size the step runs at.
             batch: the step's requests, for the message.
-            k: the op's place: break k runs between segments k and k + 1.
+            k: the op's place: it runs after segment k (messages call it break k + 1).
             op: the op's name.
             out: its out= boundary buffer (a strided one is allowed its whole span).
         """
