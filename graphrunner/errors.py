@@ -9,8 +9,8 @@ from typing import Tuple
 
 from graphrunner._native import CudaError, GraphStateError
 
-__all__ = ["BORROW_FIX", "STATE_FIX", "WRITE_FIX", "CaptureGuardWarning", "CudaError", "DistributedCaptureError",
-           "GraphHazardError", "GraphStateError", "WorkspaceError"]
+__all__ = ["BORROW_FIX", "BREAK_OUT_FIX", "BREAK_WRITE_FIX", "STATE_FIX", "WRITE_FIX", "CaptureGuardWarning",
+           "CudaError", "DistributedCaptureError", "GraphHazardError", "GraphStateError", "WorkspaceError"]
 
 # The fixes hazard messages suggest, shared by the capture guard, validation and the audit.
 WRITE_FIX = ("an op writes past a buffer it allocated, typically per-batch metadata (page table, KV indices, "
@@ -22,6 +22,11 @@ STATE_FIX = ("a kernel reads state it expects to persist between replays (a coun
 BORROW_FIX = ("declare memory that outlives the runner (GraphRunner(keep=[tensor or module, ...]), or make fn an "
               "nn.Module that owns it as a parameter or buffer, or allocate it with gr.workspace()), so that "
               "nothing else in the process frees it while the graph uses it")
+BREAK_OUT_FIX = ("write the result into out= on every path of the op, the replay's (step set) too: out.copy_(result) "
+                 "or the kernel's own out= argument, then return out or None")
+BREAK_WRITE_FIX = ("a break op writes into its out= boundary buffer and nowhere else in the pool: allocate out= for "
+                   "every row its kernel writes (rows rounded up to a tile, a second output next to the first), or "
+                   "size what the kernel writes to out's shape")
 
 
 class GraphHazardError(RuntimeError):
@@ -36,14 +41,16 @@ class GraphHazardError(RuntimeError):
             memory every size of that runner uses (its static inputs, its state buffers).
         overrun: for a write out of bounds, the writer's own buffer that ends where the write starts (the one
             its kernel most likely overran), where there is one.
+        op: the break op at fault (a piecewise size's eager op between two segments), where one is.
     """
 
     def __init__(self, message: str, size: "int | None" = None, buffer: "str | None" = None,
                  offset: "int | None" = None, runner: "str | None" = None,
-                 owner: "Tuple[str, int] | None" = None, overrun: "str | None" = None) -> None:
+                 owner: "Tuple[str, int] | None" = None, overrun: "str | None" = None,
+                 op: "str | None" = None) -> None:
         super().__init__(message)
         self.size, self.buffer, self.offset, self.runner, self.owner = size, buffer, offset, runner, owner
-        self.overrun = overrun
+        self.overrun, self.op = overrun, op
 
 
 class CaptureGuardWarning(UserWarning):

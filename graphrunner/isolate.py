@@ -24,7 +24,8 @@ def _child(build: Callable[[Any], Any], spec: Any, options: Dict[str, Any], resu
         runner.capture()
         results.put(("ok", runner.validate(**options)))
     except GraphHazardError as exc:
-        results.put(("hazard", (str(exc), exc.size, exc.buffer, exc.offset, exc.runner, exc.owner, exc.overrun)))
+        results.put(("hazard", (str(exc), exc.size, exc.buffer, exc.offset, exc.runner, exc.owner, exc.overrun,
+                                exc.op)))
     except BaseException as exc:  # report anything, then let the process end
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -60,7 +61,7 @@ def validate_in_child(build: Callable[[Any], Any], spec: Any, **options: Any) ->
     if kind == "ok":
         return payload
     if kind == "hazard":
-        message, size, buffer, offset, runner, owner, overrun = payload
+        message, size, buffer, offset, runner, owner, overrun, op = payload
         raise GraphHazardError(message, size=size, buffer=buffer, offset=offset, runner=runner, owner=owner,
-                               overrun=overrun)
+                               overrun=overrun, op=op)
     raise GraphHazardError(f"validation in the child process failed: {payload}")

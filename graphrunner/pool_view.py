@@ -9,7 +9,9 @@ from their cause, or not at all, depending on which graph ran last. The checks m
 - guard copies every pool segment, the static inputs other graphs read (the running graph's rows past its
   padded size, and every row of other runners' buffers) and the state buffers other runners declared (their
   modules' buffers, out= buffers, keep=) before a replay, and names the first byte that changed outside what
-  the running graph's capture allocated, and the writer's buffer that ends where the write starts.
+  the running graph's capture allocated, and the writer's buffer that ends where the write starts. Around a
+  piecewise size's break op it copies the same memory, the step's own static rows too, and names the first
+  byte the op changed outside its out= boundary buffer (graphrunner.break_checks).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from graphrunner.errors import WRITE_FIX, GraphHazardError
+from graphrunner.errors import BREAK_WRITE_FIX, WRITE_FIX, GraphHazardError
 from graphrunner.memory import raw_bytes
 from graphrunner.outputs import named_tensors
 from graphrunner.pool import Block, BlockKind, pool_blocks, pool_segments
@@ -90,14 +92,21 @@ class PoolView:
                     return b, address - b.address
         return Block(address, 1), 0
 
-    def guarded(self, record: CaptureRecord, size: int) -> List[Tuple[Block, torch.Tensor]]:
+    def guarded(self, record: CaptureRecord, size: int, own_rows: bool = False) -> List[Tuple[Block, torch.Tensor]]:
         """Copies, taken just before the replay of `record`'s graph of `size`, of every pool segment, of the
         static input rows that replay must not touch, and of other runners' state buffers (those it does not
-        declare itself: runners may share a module)."""
+        declare itself: runners may share a module).
+
+        Args:
+            record: the runner that replays.
+            size: the size it replays.
+            own_rows: also copy the rows of record's static inputs that `size` stages (the step's inputs, which a
+                break op reads and must not write).
+        """
         blocks = pool_segments(self.pool, self.device)
         for rec in self.records:
             for name, buf in rec.static_inputs.items():
-                first = rec.rows[size][name] if rec is record else 0
+                first = (0 if own_rows else rec.rows[size][name]) if rec is record else 0
                 rows = buf[first:]
                 if rows.numel():
                     label = f"static input {name!r}{rec.of_runner} rows {first}..{buf.shape[0] - 1}"
@@ -132,10 +141,20 @@ class PoolView:
         return max(before, key=lambda b: b.address + b.size, default=None)
 
     def check_guarded(self, copies: List[Tuple[Block, torch.Tensor]], record: CaptureRecord, size: int,
-                      batch: int) -> None:
+                      batch: int, segment: Optional[int] = None) -> None:
         """Raises GraphHazardError at the first byte changed outside what the graph's capture allocated (its
-        own footprint may hold other graphs' outputs: largest-first sharing puts them there)."""
+        own footprint may hold other graphs' outputs: largest-first sharing puts them there).
+
+        Args:
+            copies: what `guarded` copied before the replay.
+            record: the runner that replayed.
+            size: the size it replayed.
+            batch: the step's requests, for the message.
+            segment: where a piecewise size's step stands: its segments up to this one ran since the copies were
+                checked last, and a finding names it ("segment 1 of size 8"); None names the whole graph.
+        """
         writer = (record.name, size)
+        who = record.describe(size) if segment is None else f"segment {segment} of {record.label(size)}"
         for block, before in copies:
             changed = raw_bytes(block.address, block.size, self.device) != before
             if block.kind is BlockKind.SEGMENT:
@@ -153,7 +172,63 @@ class PoolView:
             overran = f"; the write starts right past the end of {over.describe()}, which it most likely overran" \
                 if over is not None else ""
             raise GraphHazardError(
-                f"{record.describe(size)} (batch {batch}) wrote out of bounds into {hit.describe()} at byte "
+                f"{who} (batch {batch}) wrote out of bounds into {hit.describe()} at byte "
                 f"offset {offset} ({first.numel()} bytes changed), memory its capture never allocated{overran}: "
                 f"{WRITE_FIX}.", size=size, buffer=hit.label, offset=offset, runner=record.name, owner=hit.owner,
                 overrun=over.label if over is not None else None)
+
+    def check_break(self, copies: List[Tuple[Block, torch.Tensor]], record: CaptureRecord, size: int, batch: int,
+                    k: int, op: str, out: torch.Tensor) -> None:
+        """Raises GraphHazardError at the first byte a break op changed outside its out= boundary buffer.
+
+        Args:
+            copies: what `guarded(record, size, own_rows=True)` copied just before the op ran.
+            record: the runner whose step ran the op.
+            size: the size the step runs at.
+            batch: the step's requests, for the message.
+            k: the op's place: it runs after segment k (messages call it break k + 1).
+            op: the op's name.
+            out: its out= boundary buffer (a strided one is allowed its whole span).
+        """
+        start, nbytes = _span(out)
+        for block, before in copies:
+            changed = raw_bytes(block.address, block.size, self.device) != before
+            lo, hi = max(start, block.address), min(start + nbytes, block.address + block.size)
+            if lo < hi:
+                changed[lo - block.address: hi - block.address] = False
+            first = changed.nonzero()
+            if not first.numel():
+                continue
+            address = block.address + int(first[0])
+            hit, offset = (self._break_hit(address, record, size, k) if block.kind is BlockKind.SEGMENT
+                           else (block, address - block.address))
+            boundary = (f"its out= boundary buffer {tuple(out.shape)} {out.dtype} (block 0x{start:x}, {nbytes} "
+                        "bytes)")
+            past = address - (start + nbytes)
+            where = "right past" if past == 0 else f"{past} bytes past"
+            overran = (f"; the write starts {where} the end of out=, which it most likely overran"
+                       if 0 <= past < ALLOCATION_ROUNDING else "")
+            breaks = len(record.entries[size].breaks)
+            raise GraphHazardError(
+                f"break op {op} (break {k + 1} of {breaks} of {record.label(size)}, batch {batch}) wrote outside "
+                f"{boundary}: into {hit.describe()} at byte offset {offset} ({first.numel()} bytes changed)"
+                f"{overran}: {BREAK_WRITE_FIX}.", size=size, buffer=hit.label, offset=offset, runner=record.name,
+                owner=hit.owner, overrun=f"out= {tuple(out.shape)} of break op {op}" if overran else None, op=op)
+
+    def _break_hit(self, address: int, record: CaptureRecord, size: int, k: int) -> Tuple[Block, int]:
+        """The block a break op of `size` wrote into at `address`, and the offset into it: the latest allocation
+        the size's capture made before the break (the one most likely alive when the op runs), else the size's
+        own output, else what owner_of names (another graph's memory, or free pool memory)."""
+        writer = (record.name, size)
+        entry = record.entries[size]
+        made = [r for g in entry.graphs[: k + 1] for r in g.footprint]  # footprint lists each segment's in turn
+        for i in reversed(range(len(made))):
+            start, nbytes = made[i]
+            if start <= address < start + nbytes:
+                label = (f"the {nbytes}-byte buffer that the capture of {record.label(size)} allocated before break "
+                         f"{k + 1} (its allocation {i + 1} of {len(entry.footprint)})")
+                return Block(start, nbytes, BlockKind.FOOTPRINT, writer, label), address - start
+        for b in self.owned:
+            if b.owner == writer and b.holds(address):
+                return b, address - b.address
+        return self.owner_of(address, writer)

@@ -191,6 +191,7 @@ class GraphRunner(_C.StepCall):
         self.spec = spec
         self.state = RunnerState.UNARMED
         self.record: Optional[CaptureRecord] = None
+        self._pieces: Optional[List[Any]] = None  # the breaks armed (validate checks them: graphrunner.break_checks)
         sizes, bound = list(spec.capture_sizes), max_size or spec.max_batch_size
         self.sizes = (_C.SizeTable(sizes, bound, [spec.requests_of(t) for t in sizes]) if spec.ragged
                       else _C.SizeTable(sizes, bound))
@@ -258,7 +259,7 @@ class GraphRunner(_C.StepCall):
                     pieces[size] = [(b.op, b.args, dict(b.kwargs)) for b in entry.breaks]
         self._arm(record.launcher, outputs, before_replay, clone_tensors if spec.clone_outputs else None,
                   self._eager, pieces, step_info if pieces is not None else None)
-        self.record, self.state = record, RunnerState.ARMED
+        self.record, self.state, self._pieces = record, RunnerState.ARMED, pieces
 
     # -- steps -----------------------------------------------------------------------------------
     @property
@@ -293,9 +294,11 @@ class GraphRunner(_C.StepCall):
         Args:
             steps_per_size: replays per captured size.
             scrub: fill the pool's free memory (and other sizes' kept-alive capture allocations) with a NaN /
-                INT_MAX pattern before each replay, so reads of stale state show.
+                INT_MAX pattern before each replay, so reads of stale state show; at a piecewise size, also poison
+                each break op's out= before the op, and fail when the op leaves the step's rows of it unwritten.
             guard: fail on any write into memory another size owns, or into static input rows past the padded
-                size.
+                size; at a piecewise size, checked after each segment (naming it), and around each break op, which
+                must write nothing outside its out=.
             isolate: run the whole check in a child process built from the same spec, so a graph that
                 faults cannot take this process's CUDA context down.
             seed: seeds the order, the batches and the inputs.
@@ -325,7 +328,7 @@ class GraphRunner(_C.StepCall):
     def close(self) -> None:
         """Destroys the graphs and gives their memory back: the pool (once no returned output is alive) and the
         workspaces kept for them (once no other runner captured with them is open)."""
-        record, self.record = self.record, None
+        record, self.record, self._pieces = self.record, None, None
         self.state = RunnerState.CLOSED
         self._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.CLOSED]))
         if torch.cuda.is_available():
@@ -398,7 +401,7 @@ def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
     except BaseException:  # arming failed after a capture that succeeded: give every graph back
         for runner, record in zip(runners, records):
             runner._disarm(functools.partial(_refuse, _REFUSALS[RunnerState.UNARMED]))
-            runner.record, runner.state = None, RunnerState.UNARMED
+            runner.record, runner.state, runner._pieces = None, RunnerState.UNARMED, None
             record.release()
         raise
     return [record.capture_report for record in records]
@@ -463,8 +466,10 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
     Args:
         runners: armed runners of one pool (captured together with capture_all, or alone into a shared pool).
         steps_per_size: replays per captured size of each runner.
-        scrub: scrub free pool memory and other graphs' kept-alive allocations before each replay.
-        guard: fail on any write outside the replaying graph's own memory.
+        scrub: scrub free pool memory and other graphs' kept-alive allocations before each replay (and poison
+            each break op's out= at a piecewise size: see GraphRunner.validate).
+        guard: fail on any write outside the replaying graph's own memory (checked after each segment and around
+            each break op at a piecewise size).
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype.
         make_inputs: runner name -> make_inputs(batch, generator) (ragged: make_inputs(tokens, requests,
@@ -479,7 +484,7 @@ def validate_all(*runners: GraphRunner, steps_per_size: int = 2, scrub: bool = F
     _audit(runners).check()
     make_inputs = make_inputs or {}
     targets = [Target(rec, r, r._eager, r.spec.inputs, r.spec.tokens_per_request, make_inputs.get(r.spec.name),
-                      r.spec.split)
+                      r.spec.split, r._pieces)
                for r, rec in zip(runners, records)]
     return validate(targets, steps_per_size=steps_per_size, scrub=scrub, guard=guard, seed=seed, rtol=rtol,
                     collective_timeout_s=runners[0].spec.collective_timeout_s, eager_at=eager_at,

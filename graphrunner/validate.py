@@ -14,9 +14,15 @@ from the state the eager step started from: needed where fn advances state of it
 the two runs would otherwise differ by a step. With `eager_at="size"` the eager step runs on the inputs
 padded to the captured size, as the graph does, for steps that only run at their captured sizes (a cache
 built for one batch), and only the step's own rows are compared.
+
+A piecewise size's scrubbed or guarded step is checked around each segment and each break op, which runs
+checked in the runner's armed list of breaks for that step only (graphrunner.break_checks, Note [checked
+breaks]): an op that leaves its out= boundary buffer unwritten, or writes outside it, is named with the op, the
+size and the buffer.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -26,6 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from graphrunner import distributed
+from graphrunner.break_checks import ArmedBreak, BreakChecks
 from graphrunner.errors import STATE_FIX, WRITE_FIX, GraphHazardError
 from graphrunner.testing import default_rtol, poison, random_inputs, random_ragged_inputs, relative_error
 from graphrunner.pool_view import PoolView
@@ -56,6 +63,9 @@ class Target:
             (ragged) draws one step's inputs instead, where inputs depend on each other (distinct pages per
             row, say); None draws each input alone from its spec.
         split: a ragged runner's split input (its sizes count tokens), or None.
+        pieces: the runner's armed breaks, the list its native step reads (item s: size s's [(op, args, kwargs)],
+            or None), or None for a runner with no piecewise size: a scrubbed or guarded step at a piecewise size
+            runs with checked ops in place of size s's for that step (graphrunner.break_checks).
     """
 
     record: CaptureRecord
@@ -65,6 +75,7 @@ class Target:
     tokens_per_request: int = 1
     make_inputs: Optional[MakeInputs] = None
     split: Optional[str] = None
+    pieces: Optional[List[Optional[List[ArmedBreak]]]] = None
 
     def draw(self, size: int, smaller: int, order: random.Random,
              gen: torch.Generator) -> Tuple[str, int, Dict[str, torch.Tensor]]:
@@ -116,8 +127,10 @@ def validate(targets: Sequence[Target], steps_per_size: int = 2, scrub: bool = F
     Args:
         targets: the runners, all in one pool.
         steps_per_size: replays per captured size.
-        scrub: scrub free pool memory (and other graphs' kept-alive allocations) before each replay.
-        guard: fail on any write outside the replaying graph's own memory.
+        scrub: scrub free pool memory (and other graphs' kept-alive allocations) before each replay, and at a
+            piecewise size poison each break op's out= before the op (graphrunner.break_checks).
+        guard: fail on any write outside the replaying graph's own memory, and at a piecewise size check after
+            each segment and around each break op.
         seed: seeds the order, the batches and the inputs.
         rtol: the relative error accepted for every output; None: by dtype (checks.default_rtol).
         collective_timeout_s: in a distributed run, how long a step waits for the other ranks' outcome.
@@ -195,15 +208,18 @@ def _restore(snapshot: Optional[Snapshot]) -> None:
 
 
 def _replay(target: Target, view: Optional[PoolView], size: int, inputs: Dict[str, torch.Tensor],
-            scrub: List[Block], guard: bool = False, state: Optional[Snapshot] = None) -> Tuple[Any, Optional[list]]:
-    """One replay: put the state back, poison this size's outputs, scrub, copy what must not change, run, wait."""
+            scrub: List[Block], guard: bool = False, state: Optional[Snapshot] = None,
+            breaks: Optional[BreakChecks] = None) -> Tuple[Any, Optional[list]]:
+    """One replay: put the state back, poison this size's outputs, scrub, copy what must not change, run (a
+    piecewise size's breaks checked, with `breaks`), wait."""
     _restore(state)
     for t in named_tensors(target.record.entries[size].outputs).values():
         poison(t)
     if view is not None:
         view.scrub(scrub)
     copies = view.guarded(target.record, size) if guard else None
-    out = target.step(**inputs)
+    with breaks.checking(copies) if breaks is not None else contextlib.nullcontext():
+        out = target.step(**inputs)
     torch.cuda.synchronize(target.record.device)
     return out, copies
 
@@ -226,15 +242,20 @@ def _checked_replay(target: Target, view: Optional[PoolView], size: int, batch: 
             f"runs it padded to {size}): {type(exc).__name__}: {exc}. A step that only runs at its captured sizes "
             "(a cache built for one batch) is compared at the padded size: validate(eager_at='size').") from exc
     targets = view.scrub_targets((target.record.name, size)) if scrub else []
+    breaks = target.record.entries[size].breaks
+    checks = BreakChecks(target.record, view, size, batch, scrub, guard, target.pieces[size]) \
+        if view is not None and breaks and target.pieces is not None else None
     try:
-        out, copies = _replay(target, view, size, inputs, targets, guard, state)
+        out, copies = _replay(target, view, size, inputs, targets, guard, state, checks)
+    except GraphHazardError:  # a break op or a segment before it, named by the checks around the breaks
+        raise
     except RuntimeError as exc:
         raise GraphHazardError(
             f"{whose} (batch {batch}) failed on replay: {exc}. Either {WRITE_FIX}; or {STATE_FIX}. This process's "
             "CUDA context may be lost: validate(isolate=True) runs the check in a child process instead.",
             size=size, runner=target.record.name) from exc
-    if guard:
-        view.check_guarded(copies, target.record, size, batch)
+    if guard:  # the whole graph, or a piecewise size's last segment (the checks looked after those before it)
+        view.check_guarded(copies, target.record, size, batch, segment=len(breaks) if checks is not None else None)
     got = named_tensors(out)
     want = step_rows(expected, out) if padded else named_tensors(expected)
     errors = {name: relative_error(got[name], w) for name, w in want.items()}

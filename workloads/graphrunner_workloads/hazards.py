@@ -1,8 +1,10 @@
 """The shared-pool hazard reproductions (graphrunner_workloads.reproductions), side by side: what a plain
 shared-pool runner gets, what compute-sanitizer memcheck says about it, and what graphrunner's
-validate(scrub=True, guard=True) finds.
+validate(scrub=True, guard=True) finds; then the speculative pair, the ragged runner and the piecewise break ops
+(reproductions/piecewise.py) against their plain runners.
 
     python -m graphrunner_workloads.hazards --out hazards-h100.txt
+    python -m graphrunner_workloads.hazards --piecewise    # only the piecewise break ops
 
 Each part runs in its own process, since a plain runner may fault.
 """
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import List
 
 
 def plain(name: str, fixed: bool = False) -> None:
@@ -129,12 +132,36 @@ def child(args, sanitizer=False, module="graphrunner_workloads.hazards"):
     return results
 
 
+def piecewise_rows() -> List[str]:
+    """The piecewise section: each break op bug (reproductions/piecewise.py) and its fixed twin on the plain
+    piecewise runner and under graphrunner's validate(scrub=True, guard=True), printed as they come."""
+    from graphrunner_workloads.reproductions import piecewise
+
+    lines = ["## piecewise sizes: break ops that break the out= contract (issue #34)",
+             f"a uniform runner, sizes {piecewise.SIZES}: segment 0, one break op, segment 1; validate checks around "
+             "each segment and break op"]
+    print("\n".join(lines), flush=True)
+    module = "graphrunner_workloads.reproductions.piecewise"
+    for case, title in piecewise.CASES.items():
+        rows = [f"### {title}"]
+        for fixed in (False, True):
+            twin = "fixed twin" if fixed else "bug"
+            args = ["--case", case, *(["--fixed"] if fixed else [])]
+            rows.append(f"{twin}, plain piecewise runner: {'; '.join(child(['--plain', *args], module=module))}")
+            rows.append(f"{twin}, graphrunner validate(scrub, guard): "
+                        f"{'; '.join(child(['--checked', *args], module=module))}")
+        print("\n".join(rows), flush=True)
+        lines += rows
+    return lines + [""]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--plain")
     p.add_argument("--checked")
     p.add_argument("--fixed", action="store_true")
     p.add_argument("--spec", choices=["plain", "checked"])
+    p.add_argument("--piecewise", action="store_true", help="only the piecewise section")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.plain:
@@ -145,6 +172,11 @@ def main() -> int:
         return 0
     if args.spec:
         (plain_spec if args.spec == "plain" else checked_spec)(args.fixed)
+        return 0
+    if args.piecewise:
+        lines = piecewise_rows()
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
         return 0
     from graphrunner_workloads.reproductions import REPRODUCTIONS, SIZES
 
@@ -185,6 +217,7 @@ def main() -> int:
                      f"{'; '.join(child(['--checked', *flag], module=ragged))}")
     lines.append("")
     print("\n".join(lines[-6:]), flush=True)
+    lines += piecewise_rows()
     text = "\n".join(lines)
     if args.out:
         args.out.write_text(text + "\n")
