@@ -228,10 +228,12 @@ def _captured(pool, make, instantiate):
 def test_graphs_of_one_structure_share_one_executable_and_reset_in_any_order():
     """Note [shared executables]: the first graph instantiates; the others, never instantiated, share its executable
     through cudaGraphExecUpdate, and each replay loads its own parameters first. Replays of different graphs queue
-    without a sync; every graph gives its executable up in any order and the last one destroys it."""
-    pool = torch.cuda.graph_pool_handle()
+    without a sync; every graph gives its executable up in any order and the last one destroys it. Each graph has
+    a pool of its own: in one pool a graph's scratch may be another's output, which a later replay of the first
+    overwrites (outputs of a shared pool hold only until the next replay)."""
     xs = [rand(4096) for _ in range(3)]
-    graphs, ys = zip(*[_captured(pool, lambda x=x: torch.tanh(x) * 2 + 1, i == 0) for i, x in enumerate(xs)])
+    graphs, ys = zip(*[_captured(torch.cuda.graph_pool_handle(), lambda x=x: torch.tanh(x) * 2 + 1, i == 0)
+                       for i, x in enumerate(xs)])
     owner, *tenants = graphs
     assert len({g.structure() for g in graphs}) == 1 and isinstance(owner.structure(), bytes)
     for t in tenants:

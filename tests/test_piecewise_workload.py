@@ -222,6 +222,7 @@ def test_varlen_runner_agrees_with_the_full_graph_and_eager_and_validates():
     piecewise = ragged_runner(PiecewiseRaggedDecoder(decoder, "varlen"), [64, 512], 8)
     full = ragged_runner(PiecewiseRaggedDecoder(decoder, "packed"), [64, 512], 8)  # its graph-safe twin
     masked = RaggedDecoder(decoder)  # ragged.py's "sdpa", eagerly
+    varlen = PiecewiseRaggedDecoder(decoder, "varlen")  # the break op's kernel, eagerly
     try:
         piecewise.capture()
         full.capture()
@@ -231,7 +232,12 @@ def test_varlen_runner_agrees_with_the_full_graph_and_eager_and_validates():
             poison(piecewise.record.entries[size].outputs)
             got = piecewise(**step).clone()
             torch.testing.assert_close(got.float(), full(**step).float(), rtol=2e-2, atol=2e-2)  # same keys again
-            torch.testing.assert_close(got.float(), eager(masked, step).float(), rtol=3e-2, atol=3e-2)
+            # The same kernel eagerly (its grid bound T, not the longest request), element by element; the masked
+            # SDPA step, another kernel in bf16, by the whole output's relative error: element-wise, near-zero
+            # logits differ relatively by far more than bf16's rounding.
+            torch.testing.assert_close(got.float(), eager(varlen, step).float(), rtol=2e-2, atol=2e-2)
+            want = eager(masked, step).float()
+            assert (got.float() - want).norm() / want.norm() < 1e-2
         piecewise.validate(scrub=True, guard=True, make_inputs=functools.partial(random_ragged_step, BF16_CFG))
     finally:
         piecewise.close()
