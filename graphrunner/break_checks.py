@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from graphrunner.errors import BREAK_OUT_FIX, GraphHazardError
+from graphrunner.piecewise import tensors_in
 from graphrunner.pool import Block
 from graphrunner.pool_view import PoolView
 from graphrunner.record import CaptureRecord
@@ -152,19 +153,7 @@ def _shares_storage(out: torch.Tensor, args: Sequence[Any], kwargs: Dict[str, An
     """Whether a tensor argument other than out= (also inside lists, tuples and dicts) lies in out='s storage."""
     storage = out.untyped_storage()
     lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-
-    def tensors(value: Any) -> Iterator[torch.Tensor]:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                yield from tensors(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from tensors(v)
-
-    others = [*args, *(v for key, v in kwargs.items() if key not in ("out", "step"))]
-    for t in tensors(others):
+    for _, t in tensors_in(args, {k: v for k, v in kwargs.items() if k not in ("out", "step")}):
         s = t.untyped_storage()
         if s.data_ptr() < hi and lo < s.data_ptr() + s.nbytes():
             return True

@@ -165,7 +165,7 @@ class Segments:
                             "(...)) and pass it as out=")
         self._end()
         produced = _allocated(self.graphs)
-        for where, t in _tensors(args, kwargs):
+        for where, t in tensors_in(args, kwargs):
             if not (_inside(t, produced) or _inside(t, self.long_lived)):
                 raise ValueError(
                     f"break op {op.name} at {self.label} got {where}, a tensor of {tuple(t.shape)} at "
@@ -210,7 +210,7 @@ def run_at_capture(op: BreakOp, label: str, args: Tuple[Any, ...], kwargs: Dict[
         return op.fn(*args, step=None, **kwargs)
     except Exception as exc:
         out = kwargs.get("out")
-        tensors = ", ".join(f"{where} {tuple(t.shape)} {t.dtype}" for where, t in _tensors(args, kwargs)
+        tensors = ", ".join(f"{where} {tuple(t.shape)} {t.dtype}" for where, t in tensors_in(args, kwargs)
                             if t is not out) or "no tensors"
         shown = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
         message = (f"break op {op.name} at {label} raised when capture ran it once (on what the segment before it "
@@ -239,25 +239,30 @@ def _aliased(value: Any) -> Any:
     return value
 
 
-def _tensors(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
+def tensors_in(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
     """Every tensor among a call's arguments, also inside lists, tuples and dicts (not inside other objects: pass
-    a break op its tensors as arguments, so they are checked and recorded as aliases), named for messages."""
-    found: List[Tuple[str, torch.Tensor]] = []
+    a break op its tensors as arguments, so they are checked and recorded as aliases), named for messages
+    ("argument 0", "argument out=", "argument 1[2]"), in argument order.
 
-    def walk(where: str, value: Any) -> None:
+    Args:
+        args: the call's positional arguments.
+        kwargs: its keyword arguments.
+    """
+    # A work list, not a recursive closure: a nested function that calls itself is a reference cycle (it holds
+    # its own cell), which would keep the list it fills, and so the op's tensors, allocated in the pool until the
+    # garbage collector runs: no later segment or size could reuse their blocks.
+    found: List[Tuple[str, torch.Tensor]] = []
+    todo: List[Tuple[str, Any]] = [(f"argument {i}", a) for i, a in enumerate(args)]
+    todo += [(f"argument {k}=", v) for k, v in kwargs.items()]
+    todo.reverse()
+    while todo:
+        where, value = todo.pop()
         if isinstance(value, torch.Tensor):
             found.append((where, value))
         elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{where}[{i}]", v)
+            todo += reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)])
         elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{where}[{k!r}]", v)
-
-    for i, a in enumerate(args):
-        walk(f"argument {i}", a)
-    for k, v in kwargs.items():
-        walk(f"argument {k}=", v)
+            todo += reversed([(f"{where}[{k!r}]", v) for k, v in value.items()])
     return found
 
 

@@ -4,11 +4,13 @@ name the op and the fix."""
 import gc
 import random
 import resource
+import weakref
 
 import pytest
 import torch
 
 import graphrunner as gr
+from graphrunner.piecewise import tensors_in
 from graphrunner.testing import poison
 from conftest import gpu, segments, segments_since
 
@@ -74,6 +76,21 @@ def test_breaking_op_needs_a_callable_and_runs_plainly_outside_capture():
     assert torch.equal(op(x, out=torch.empty(3)), x) and seen == [None] and op.name == "copy"
     with pytest.raises(TypeError, match=r"break op copy was called with step=...; graphrunner passes step itself"):
         op(x, out=torch.empty(3), step=1)
+
+
+def test_finding_a_break_ops_tensors_holds_none_of_them_past_the_call():
+    """A break op's arguments must be freed as soon as the model drops them, garbage collector or not: while a size
+    is captured, a reference cycle holding them would keep their pool blocks from every later segment and size."""
+    t, u = torch.zeros(3), torch.ones(2)
+    refs = [weakref.ref(t), weakref.ref(u)]
+    gc.disable()
+    try:
+        found = tensors_in((t, [1, {"k": u}]), {"out": t})
+        assert [where for where, _ in found] == ["argument 0", "argument 1[1]['k']", "argument out="]
+        del found, t, u
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
 
 
 @pytest.fixture
