@@ -15,7 +15,7 @@ from their cause, or not at all, depending on which graph ran last. The checks m
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -155,17 +155,8 @@ class PoolView:
         """
         writer = (record.name, size)
         who = record.describe(size) if segment is None else f"segment {segment} of {record.label(size)}"
-        for block, before in copies:
-            changed = raw_bytes(block.address, block.size, self.device) != before
-            if block.kind is BlockKind.SEGMENT:
-                for mine in self.footprints[writer]:
-                    lo, hi = max(mine.address, block.address), min(mine.address + mine.size, block.address + block.size)
-                    if lo < hi:
-                        changed[lo - block.address: hi - block.address] = False
-            first = changed.nonzero()
-            if not first.numel():
-                continue
-            address = block.address + int(first[0])
+        own = [(b.address, b.size) for b in self.footprints[writer]]
+        for block, address, count in self._changes(copies, lambda b: own if b.kind is BlockKind.SEGMENT else []):
             hit, offset = (self.owner_of(address, writer) if block.kind is BlockKind.SEGMENT
                            else (block, address - block.address))
             over = self.overrun(record, size, address)
@@ -173,7 +164,7 @@ class PoolView:
                 if over is not None else ""
             raise GraphHazardError(
                 f"{who} (batch {batch}) wrote out of bounds into {hit.describe()} at byte "
-                f"offset {offset} ({first.numel()} bytes changed), memory its capture never allocated{overran}: "
+                f"offset {offset} ({count} bytes changed), memory its capture never allocated{overran}: "
                 f"{WRITE_FIX}.", size=size, buffer=hit.label, offset=offset, runner=record.name, owner=hit.owner,
                 overrun=over.label if over is not None else None)
 
@@ -191,15 +182,7 @@ class PoolView:
             out: its out= boundary buffer (a strided one is allowed its whole span).
         """
         start, nbytes = _span(out)
-        for block, before in copies:
-            changed = raw_bytes(block.address, block.size, self.device) != before
-            lo, hi = max(start, block.address), min(start + nbytes, block.address + block.size)
-            if lo < hi:
-                changed[lo - block.address: hi - block.address] = False
-            first = changed.nonzero()
-            if not first.numel():
-                continue
-            address = block.address + int(first[0])
+        for block, address, count in self._changes(copies, lambda b: [(start, nbytes)]):
             hit, offset = (self._break_hit(address, record, size, k) if block.kind is BlockKind.SEGMENT
                            else (block, address - block.address))
             boundary = (f"its out= boundary buffer {tuple(out.shape)} {out.dtype} (block 0x{start:x}, {nbytes} "
@@ -211,9 +194,28 @@ class PoolView:
             breaks = len(record.entries[size].breaks)
             raise GraphHazardError(
                 f"break op {op} (break {k + 1} of {breaks} of {record.label(size)}, batch {batch}) wrote outside "
-                f"{boundary}: into {hit.describe()} at byte offset {offset} ({first.numel()} bytes changed)"
+                f"{boundary}: into {hit.describe()} at byte offset {offset} ({count} bytes changed)"
                 f"{overran}: {BREAK_WRITE_FIX}.", size=size, buffer=hit.label, offset=offset, runner=record.name,
                 owner=hit.owner, overrun=f"out= {tuple(out.shape)} of break op {op}" if overran else None, op=op)
+
+    def _changes(self, copies: List[Tuple[Block, torch.Tensor]],
+                 allowed: Callable[[Block], List[Tuple[int, int]]]) -> Iterator[Tuple[Block, int, int]]:
+        """For each copied block whose bytes changed outside the (address, bytes) ranges `allowed(block)` permits:
+        (the block, the first changed address, how many bytes changed there).
+
+        Args:
+            copies: (block, its bytes as copied before).
+            allowed: the ranges a block may have changed in.
+        """
+        for block, before in copies:
+            changed = raw_bytes(block.address, block.size, self.device) != before
+            for address, nbytes in allowed(block):
+                lo, hi = max(address, block.address), min(address + nbytes, block.address + block.size)
+                if lo < hi:
+                    changed[lo - block.address: hi - block.address] = False
+            first = changed.nonzero()
+            if first.numel():
+                yield block, block.address + int(first[0]), first.numel()
 
     def _break_hit(self, address: int, record: CaptureRecord, size: int, k: int) -> Tuple[Block, int]:
         """The block a break op of `size` wrote into at `address`, and the offset into it: the latest allocation
