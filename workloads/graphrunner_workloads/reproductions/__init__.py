@@ -24,6 +24,22 @@ def ops():
     return load(name="graphrunner_hazard_ops", sources=[str(HERE / "hazard_ops.cu")], verbose=False)
 
 
+def validated(runner: gr.GraphRunner, **options: object) -> str:
+    """What runner.validate(scrub=True, guard=True, steps_per_size=3, **options) names, or that it passed, as a
+    line of the hazard demo; the runner is closed after.
+
+    Args:
+        runner: a captured runner of a reproduction (buggy or its fixed twin).
+        options: further validate() arguments (make_inputs=..., say).
+    """
+    try:
+        return f"validate passed: {runner.validate(scrub=True, guard=True, steps_per_size=3, **options)}"
+    except gr.GraphHazardError as exc:
+        return f"GraphHazardError: {exc}"
+    finally:
+        runner.close()
+
+
 def capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 

@@ -31,6 +31,7 @@ import torch
 import graphrunner as gr
 from graphrunner.testing import relative_error
 from graphrunner_workloads.memory import raw_bytes
+from graphrunner_workloads.reproductions import validated
 
 WIDTH = 16
 SIZES = [8, 16, 32, 48]
@@ -252,14 +253,7 @@ def checked(case: str, fixed: bool = False) -> str:
         case: "fresh" or "past".
         fixed: the fixed twin.
     """
-    runner = make_runner(case, fixed)
-    try:
-        report = runner.validate(scrub=True, guard=True, steps_per_size=3)
-        return f"validate passed: {report}"
-    except gr.GraphHazardError as exc:
-        return f"GraphHazardError: {exc}"
-    finally:
-        runner.close()
+    return validated(make_runner(case, fixed))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -26,6 +26,7 @@ import torch
 import graphrunner as gr
 from graphrunner.testing import relative_error
 from graphrunner_workloads.memory import raw_bytes
+from graphrunner_workloads.reproductions import validated
 from graphrunner_workloads.ragged import SPLIT, PlainRaggedRunner
 
 WIDTH = 8
@@ -135,14 +136,7 @@ def checked(fixed: bool = False) -> str:
     Args:
         fixed: the fixed twin.
     """
-    runner = make_runner(fixed)
-    try:
-        report = runner.validate(scrub=True, guard=True, steps_per_size=3, make_inputs=random_step)
-        return f"validate passed: {report}"
-    except gr.GraphHazardError as exc:
-        return f"GraphHazardError: {exc}"
-    finally:
-        runner.close()
+    return validated(make_runner(fixed), make_inputs=random_step)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
