@@ -281,10 +281,11 @@ def test_ladder_of_a_ragged_and_a_uniform_runner_with_piecewise_sizes(leftover):
 
 
 def test_memory_bench_help_names_the_families():
+    # -P: the packages this process imported, not the checkout the test may run in (which holds no built core)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(gr.__file__)),
                                                        os.path.dirname(os.path.dirname(graphrunner_workloads.__file__)),
                                                        os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-m", "graphrunner_workloads.memory_bench", "--help"], env=env,
+    out = subprocess.run([sys.executable, "-P", "-m", "graphrunner_workloads.memory_bench", "--help"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     for flag in ("--no-ragged", "--no-piecewise", "--requests", "--ragged-sizes", "--ragged-attention",
