@@ -121,7 +121,7 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
         for c in captures:
             with torch.set_grad_enabled(not c.spec.no_grad):
                 records.append(_warm_up(c, pool, stream))
-    guard = CaptureGuard(pool, device, strict=any(c.spec.strict for c in captures),
+    capture_guard = CaptureGuard(pool, device, strict=any(c.spec.strict for c in captures),
                          debug=any(c.spec.debug for c in captures))
     # What a break op's tensors may live in besides a capture's own allocations, once per runner (declared()
     # walks everything fn holds).
@@ -132,14 +132,14 @@ def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecor
     shared: List[Optional[Dict[bytes, Any]]] = [{} if c.spec.share_segments else None for c in captures]
     show = distributed.is_rank_zero() and (sys.stderr.isatty() or any(c.spec.verbose for c in captures))
     # No garbage collection while capturing: a collection frees unrelated tensors mid-capture, which both
-    # reorders the pool and hides what a capture kept alive from the guard.
+    # reorders the pool and hides what a capture kept alive from the capture guard.
     gc_enabled = gc.isenabled()
     gc.disable()
     try:
         for size, i in tqdm(order, desc="capturing", unit="graph", disable=not show):
             spec, record = captures[i].spec, records[i]
             with ranks.phase(f"capture of {record.label(size)}"), torch.set_grad_enabled(not spec.no_grad):
-                _capture_size(spec, record, size, stream, guard, long_lived[i], shared[i])
+                _capture_size(spec, record, size, stream, capture_guard, long_lived[i], shared[i])
     finally:
         if gc_enabled:
             gc.enable()
@@ -207,12 +207,12 @@ def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
 
 
 def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torch.cuda.Stream,
-                  guard: CaptureGuard, long_lived: Dict[int, int], shared: Optional[Dict[bytes, Any]]) -> None:
+                  capture_guard: CaptureGuard, long_lived: Dict[int, int], shared: Optional[Dict[bytes, Any]]) -> None:
     _fill_capture_inputs(spec, record, size)
     requests, tokens = spec.requests_of(size), spec.tokens_of(size)
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
-    with guard.watch((spec.name, size), record.label(size)) as kept:
+    with capture_guard.watch((spec.name, size), record.label(size)) as kept:
         reserved = torch.cuda.memory_reserved(record.device)
         start = time.perf_counter()
         # One segment, or one more after each break op fn calls (graphrunner/piecewise.py).

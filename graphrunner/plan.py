@@ -409,9 +409,9 @@ def _pool_ladder(runners: Sequence[Any], limits: List[int]) -> Dict[int, int]:
             del pool
             torch.cuda.empty_cache()
     finally:
-        held = _C.WorkspaceHold()
-        held.take(stream.cuda_stream)
-        del held
+        taken = _C.WorkspaceHold()
+        taken.take(stream.cuda_stream)
+        del taken
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     return out
