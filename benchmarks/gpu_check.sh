@@ -43,8 +43,19 @@ fi
 if has tests; then
   step "GPU test suite"
   python3 -m pytest tests -ra -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || status=1
   { header; grep -E "^(FAILED|ERROR|SKIPPED|XFAIL)|passed|failed" /tmp/pytest.log | tail -40; } > "$results/gpu-tests-$gpu.txt"
+  if [ "$rc" -gt 128 ]; then  # the process died (a signal): say where, then run each file alone for a full count
+    { echo "## the whole suite in one process died of signal $((rc - 128)); its last Python stack:";
+      grep -A12 "^Current thread" /tmp/pytest.log | head -14;
+      echo "## each file in a process of its own:"; } >> "$results/gpu-tests-$gpu.txt"
+    for f in tests/test_*.py; do
+      python3 -m pytest "$f" -ra -q -p no:cacheprovider > /tmp/pytest-file.log 2>&1
+      echo "$f (exit $?): $(grep -E "passed|failed|error" /tmp/pytest-file.log | tail -1)"
+      grep -E "^(FAILED|ERROR)" /tmp/pytest-file.log
+    done | tee -a "$results/gpu-tests-$gpu.txt"
+  fi
 fi
 
 if has tests-fa4 && [ -n "$has_fa4" ]; then
