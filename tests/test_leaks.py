@@ -1,11 +1,10 @@
 """Nothing leaks: 100 cycles of build, capture 8 sizes, run, close."""
-import gc
 import resource
 
 import torch
 
 import graphrunner as gr
-from conftest import gpu, segments, segments_since
+from conftest import gpu, segments, segments_since, settle
 
 INPUTS = {"x": gr.StaticInput((32,), torch.float32), "ids": gr.StaticInput((), torch.long, high=10)}
 
@@ -35,14 +34,10 @@ def test_hundred_cycles_give_everything_back(fresh_memory):
             del x, ids
 
     cycle()  # first-run costs (kernels, handles, allocator bookkeeping) before the baseline
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    settle()
     start, before, rss = torch.cuda.memory_reserved(), segments(), rss_mib()
     for _ in range(100):
         cycle()
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    settle()
     assert torch.cuda.memory_reserved() == start, segments_since(before)
     assert rss_mib() - rss < 50, f"host RSS grew {rss_mib() - rss:.1f} MiB over 100 cycles"

@@ -2,7 +2,6 @@
 close() giving it all back, for uniform runners and for the ragged (a ragged runner with the uniform decode runner in
 one pool) and piecewise families. The argument checks, the reports' and ladders' arithmetic, memory_bench's command
 line and the families' steps on a stand-in run on the CPU; the rest needs a GPU."""
-import gc
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import torch
 
 import graphrunner as gr
 import graphrunner_workloads
-from conftest import HAS_GPU, gpu
+from conftest import HAS_GPU, gpu, settle
 from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_bytes
 from graphrunner_workloads import memory_bench, piecewise
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
@@ -455,9 +454,7 @@ def runner_of(model, name="", sizes=SIZES):
 
 
 def settled_free():
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    settle()
     return torch.cuda.mem_get_info()[0]
 
 

@@ -12,7 +12,7 @@ import torch
 import graphrunner as gr
 from graphrunner.piecewise import tensors_in
 from graphrunner.testing import poison
-from conftest import gpu, segments, segments_since
+from conftest import gpu, segments, segments_since, settle
 
 D = 8
 
@@ -320,16 +320,12 @@ def test_shared_segments_close_gives_everything_back(fresh_memory):
             del s
 
     cycle()  # first-run costs (kernels, handles, allocator bookkeeping) before the baseline
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    settle()
     start, before, rss = torch.cuda.memory_reserved(), segments(), rss_mib()
     free = torch.cuda.mem_get_info()[0]
     for _ in range(20):
         cycle()
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    settle()
     assert torch.cuda.memory_reserved() == start, segments_since(before)
     assert rss_mib() - rss < 50, f"host RSS grew {rss_mib() - rss:.1f} MiB over 20 cycles"
     # Executables destroyed: the driver reuses their memory, so 20 cycles take no more than a few chunks.
