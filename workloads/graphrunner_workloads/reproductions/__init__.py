@@ -2,11 +2,12 @@
 the hazard demo (graphrunner_workloads.hazards) and the tests use them. The CUDA ops build on first use."""
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -38,6 +39,33 @@ def validated(runner: gr.GraphRunner, **options: object) -> str:
         return f"GraphHazardError: {exc}"
     finally:
         runner.close()
+
+
+def child_main(argv: Optional[List[str]], description: str, plain: Callable[..., str], checked: Callable[..., str],
+               runner: str, cases: Optional[Dict[str, str]] = None) -> int:
+    """A reproduction's command line (hazards.py's child protocol): prints one RESULT line, of `plain` or `checked`
+    called as f(case, fixed) where the reproduction has cases, else f(fixed).
+
+    Args:
+        argv: the command line; None reads sys.argv.
+        description: the reproduction module's docstring.
+        plain: what --plain runs (the plain runner).
+        checked: what --checked runs (graphrunner's validate(scrub=True, guard=True)).
+        runner: how --plain's help names the plain runner.
+        cases: the reproduction's cases (name -> what it is), chosen by --case; None: one case.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plain", action="store_true", help=runner)
+    p.add_argument("--checked", action="store_true", help="graphrunner's validate(scrub=True, guard=True)")
+    if cases is not None:
+        p.add_argument("--case", choices=sorted(cases), required=True, help="which bug")
+    p.add_argument("--fixed", action="store_true", help="the fixed twin")
+    args = p.parse_args(argv)
+    if args.plain == args.checked:
+        p.error("pass one of --plain, --checked")
+    which = [args.case] if cases is not None else []
+    print("RESULT", (plain if args.plain else checked)(*which, args.fixed), flush=True)
+    return 0
 
 
 def capturing() -> bool:

@@ -21,7 +21,6 @@ the buffer (graphrunner.break_checks); the fixed twins pass.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,7 +30,7 @@ import torch
 import graphrunner as gr
 from graphrunner.testing import relative_error
 from graphrunner_workloads.memory import raw_bytes
-from graphrunner_workloads.reproductions import validated
+from graphrunner_workloads.reproductions import child_main, validated
 
 WIDTH = 16
 SIZES = [8, 16, 32, 48]
@@ -262,16 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Args:
         argv: the command line; None reads sys.argv.
     """
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plain", action="store_true", help="the plain piecewise runner")
-    p.add_argument("--checked", action="store_true", help="graphrunner's validate(scrub=True, guard=True)")
-    p.add_argument("--case", choices=sorted(CASES), required=True, help="which bug")
-    p.add_argument("--fixed", action="store_true", help="the fixed twin")
-    args = p.parse_args(argv)
-    if args.plain == args.checked:
-        p.error("pass one of --plain, --checked")
-    print("RESULT", (plain if args.plain else checked)(args.case, args.fixed), flush=True)
-    return 0
+    return child_main(argv, __doc__, plain, checked, "the plain piecewise runner", CASES)
 
 
 if __name__ == "__main__":

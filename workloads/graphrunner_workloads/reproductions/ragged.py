@@ -16,7 +16,6 @@ for the tokens, passes.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from typing import Dict, List, Optional
@@ -26,7 +25,7 @@ import torch
 import graphrunner as gr
 from graphrunner.testing import relative_error
 from graphrunner_workloads.memory import raw_bytes
-from graphrunner_workloads.reproductions import validated
+from graphrunner_workloads.reproductions import child_main, validated
 from graphrunner_workloads.ragged import SPLIT, PlainRaggedRunner
 
 WIDTH = 8
@@ -145,15 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     Args:
         argv: the command line; None reads sys.argv.
     """
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plain", action="store_true", help="a plain ragged runner")
-    p.add_argument("--checked", action="store_true", help="graphrunner's validate(scrub=True, guard=True)")
-    p.add_argument("--fixed", action="store_true", help="the fixed twin")
-    args = p.parse_args(argv)
-    if args.plain == args.checked:
-        p.error("pass one of --plain, --checked")
-    print("RESULT", (plain if args.plain else checked)(args.fixed), flush=True)
-    return 0
+    return child_main(argv, __doc__, plain, checked, "a plain ragged runner")
 
 
 if __name__ == "__main__":
