@@ -38,17 +38,24 @@ if has build; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   (cd workloads && MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace 2>&1 | tail -20
    exit "${PIPESTATUS[0]}") || status=1
+  mkdir -p build && gcc -shared -fPIC -O1 -o build/segv_trace.so benchmarks/segv_trace.c || status=1
 fi
 
 if has tests; then
   step "GPU test suite"
-  python3 -m pytest tests -ra -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
+  # segv_trace: a process that dies of a signal prints its native stack too (no gdb on the GPU machines).
+  trace=$([ -f build/segv_trace.so ] && echo "$PWD/build/segv_trace.so")
+  LD_PRELOAD=$trace python3 -m pytest tests -ra -q -p no:cacheprovider 2>&1 | tee /tmp/pytest.log
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || status=1
   { header; grep -E "^(FAILED|ERROR|SKIPPED|XFAIL)|passed|failed" /tmp/pytest.log | tail -40; } > "$results/gpu-tests-$gpu.txt"
   if [ "$rc" -gt 128 ]; then  # the process died (a signal): say where, then run each file alone for a full count
     { echo "## the whole suite in one process died of signal $((rc - 128)); its last Python stack:";
       grep -A12 "^Current thread" /tmp/pytest.log | head -14;
+      echo "## its native stack (segv_trace), graphrunner's own frames resolved:";
+      grep -A40 "== segv_trace" /tmp/pytest.log | grep -v "^$" | head -40;
+      grep -A40 "== segv_trace" /tmp/pytest.log | grep -oE "_C\.[^(]*\.so\(\+0x[0-9a-f]+\)" | grep -oE "0x[0-9a-f]+" |
+        xargs -r addr2line -f -C -e graphrunner/_C*.so 2>/dev/null | paste - - | head -20;
       echo "## each file in a process of its own:"; } >> "$results/gpu-tests-$gpu.txt"
     for f in tests/test_*.py; do
       python3 -m pytest "$f" -ra -q -p no:cacheprovider > /tmp/pytest-file.log 2>&1

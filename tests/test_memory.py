@@ -15,7 +15,7 @@ import graphrunner as gr
 import graphrunner_workloads
 from conftest import HAS_GPU, gpu, settle
 from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_bytes
-from graphrunner_workloads import memory_bench, piecewise
+from graphrunner_workloads import memory_bench, piecewise, ragged
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.memory_bench import family_model, family_runners, profile_steps, stand_in
 from graphrunner_workloads.ragged import SPLIT, ragged_runner, random_decode_step, random_ragged_step
@@ -389,7 +389,7 @@ def test_family_runners_on_a_stand_in_match_the_real_ones_and_run_at_every_size(
     # What the bench's dry run needs: runners on the stand-in (4 pages) named and sized as the real ones, and the
     # step at every size on the pad values capture stages (page 0), as the warm-up and each capture run it.
     if attention in ("varlen", "noop"):  # torch's flash kernel is CUDA-only
-        monkeypatch.setattr(piecewise, "_FLASH", varlen_on_the_cpu)
+        monkeypatch.setattr(ragged, "_FLASH", varlen_on_the_cpu)
         monkeypatch.setattr(piecewise, "flash_runs", lambda decoder: True)
     sizes, requests = [16, 64, 256, 1024], 8
     decoder = Decoder(CPU_FAMILY, device="cpu")

@@ -16,11 +16,10 @@ import graphrunner as gr
 from conftest import gpu
 from graphrunner.testing import poison
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot
-from graphrunner_workloads import piecewise
 from graphrunner_workloads.engine import Engine, Workload, reference_tokens
-from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner, key_slots
-from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, decode_runner, ragged_runner, random_decode_step,
-                                          random_ragged_step)
+from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner
+from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, decode_runner, key_slots, ragged_runner,
+                                          random_decode_step, random_ragged_step)
 
 TINY = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=128, cache_len=64,
                      page_size=16, max_batch_size=4, dtype=torch.float32)
@@ -48,33 +47,6 @@ def test_the_eager_piecewise_step_equals_the_masked_one(attention, tokens, reque
     want = eager(RaggedDecoder(copy.deepcopy(decoder)), step)
     got = eager(PiecewiseRaggedDecoder(decoder, attention, inner="sdpa"), step)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def reference_flash(calls, q, keys, values, cu_q, cu_k, max_q, max_k, dropout, causal, debug):
-    """aten::_flash_attention_forward's varlen call on the CPU, for the tests: each request's queries attend to its
-    keys, causally aligned to its last key; rows past the last request are left NaN. It records max_q and max_k,
-    and checks that they bound every request."""
-    calls.append((max_q, max_k))
-    out = torch.full_like(q, float("nan"))
-    for r in range(cu_q.shape[0] - 1):
-        (qs, qe), (ks, ke) = cu_q[r:r + 2].tolist(), cu_k[r:r + 2].tolist()
-        assert qe - qs <= max_q and ke - ks <= max_k and causal and dropout == 0.0
-        if qe > qs:
-            mask = torch.arange(ke - ks)[None, :] <= torch.arange(qe - qs)[:, None] + (ke - ks) - (qe - qs)
-            out[qs:qe] = torch.nn.functional.scaled_dot_product_attention(
-                q[qs:qe].transpose(0, 1), keys[ks:ke].transpose(0, 1), values[ks:ke].transpose(0, 1),
-                attn_mask=mask).transpose(0, 1)
-    return out, None, None, None, None
-
-
-@pytest.fixture
-def cpu_flash(monkeypatch):
-    """The varlen kernel's calls (max_q, max_k), the kernel replaced by reference_flash so "varlen" and "packed"
-    run on the CPU in float32."""
-    calls = []
-    monkeypatch.setattr(piecewise, "_FLASH", functools.partial(reference_flash, calls))
-    monkeypatch.setattr(piecewise, "flash_runs", lambda decoder: True)
-    return calls
 
 
 @pytest.mark.parametrize("attention", ["varlen", "packed", "noop"])

@@ -12,10 +12,9 @@ have one token per request (`step.tokens // step.requests`). Attention:
   request's token count from the host split as max_seqlen_q: the host integer an engine's varlen call takes, and
   what a captured kernel would freeze. Each request's keys are packed request after request (gathered from its
   pages in the segment before the break, by slots computed once per step on the device), cu_seqlens of queries
-  and keys are built on the device, max_seqlen_k is the cache's length: no sync. It needs no block-table kernel
-  (ragged.py's "flash" does), so it runs on any torch with FlashAttention-2: CUDA, float16 or bfloat16.
+  and keys are built on the device, max_seqlen_k is the cache's length: no sync. CUDA, float16 or bfloat16.
 - "packed": the same attention inside the graph, max_seqlen_q the step's token count T (its grid sized for the
-  padded step), no break: the full-graph twin of "varlen", graph-safe.
+  padded step), no break: the full-graph twin of "varlen", graph-safe (ragged.py's "flash").
 - "loop": per request, SDPA of its tokens (rows sliced by the host split) over its own pages, each token masked to
   the keys up to its position: a loop over host lengths, any device and dtype (the float32 tests run it).
 - "noop": a graph-safe attention (`inner`: "packed", or one of ragged.py's) followed by a break op
@@ -43,11 +42,9 @@ import torch.nn.functional as F
 import graphrunner as gr
 from graphrunner_workloads.decoder import Decoder
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, RaggedMeta,
-                                          ragged_inputs)
+                                          flash_ragged, flash_runs, packed_keys, ragged_inputs, varlen_flash)
 
 PIECEWISE_ATTENTION = ("varlen", "packed", "loop", "noop")
-FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_FLASH = torch.ops.aten._flash_attention_forward.default
 
 
 class _HostLengths:
@@ -76,53 +73,6 @@ class _HostLengths:
 
 
 host_lengths = _HostLengths()
-
-
-def key_slots(seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Where each request's keys sit in a layer's flat cache ([pages * page_size] rows), packed request after
-    request: (slots [R * cache_len] int64, the first cu_seqlens_k[-1] of them keys; cu_seqlens_k [R + 1] int32).
-    Fixed shapes, computed on the device: graph-safe. Rows past the last key repeat a valid slot, never read.
-
-    Args:
-        seq_lens: [R] int32 each request's keys.
-        page_table: [R, pages_per_seq] int32 each request's pages.
-        page_size: keys a page.
-    """
-    requests, cache_len = page_table.shape[0], page_table.shape[1] * page_size
-    cu_k = torch.zeros(requests + 1, dtype=torch.int32, device=seq_lens.device)
-    torch.cumsum(seq_lens, 0, dtype=torch.int32, out=cu_k[1:])
-    index = torch.arange(requests * cache_len, device=seq_lens.device, dtype=torch.int32)
-    request = torch.searchsorted(cu_k[1:], index, right=True).clamp_(max=requests - 1).long()
-    offset = (index - cu_k[request]).clamp_(0, cache_len - 1).long()
-    return page_table[request, offset // page_size].long() * page_size + offset % page_size, cu_k
-
-
-def flash_runs(decoder: Decoder) -> bool:
-    """Whether torch's FlashAttention-2 varlen kernel ("varlen", "packed") runs for `decoder`: on CUDA, in float16
-    or bfloat16.
-
-    Args:
-        decoder: the Decoder.
-    """
-    return decoder.embed.device.type == "cuda" and decoder.cfg.dtype in FLASH_DTYPES
-
-
-def varlen_flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 cu_seqlens_k: torch.Tensor, longest: int) -> torch.Tensor:
-    """Attention of q [T, heads, dim] over packed keys and values [R * cache_len, heads, dim] through torch's
-    FlashAttention-2 varlen kernel, causal and aligned to each request's last key; its grid is sized for
-    `longest` query tokens a request. Padding token rows (past cu_seqlens_q[-1]) hold whatever the kernel left.
-
-    Args:
-        q: the step's queries.
-        keys: each request's keys, packed (key_slots).
-        values: its values, packed alike.
-        cu_seqlens_q: [R + 1] int32 where each request's tokens start, then the step's token count.
-        cu_seqlens_k: [R + 1] int32 where each request's keys start.
-        longest: the most new tokens of one request (a host int).
-    """
-    cache_len = keys.shape[0] // (cu_seqlens_k.shape[0] - 1)
-    return _FLASH(q, keys, values, cu_seqlens_q, cu_seqlens_k, longest, cache_len, 0.0, True, False)[0]
 
 
 def varlen_into(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -208,9 +158,11 @@ class PiecewiseRaggedDecoder(RaggedDecoder):
                              f"{decoder.cfg.dtype}: use attention 'loop'")
         self.piecewise = attention
         # RaggedDecoder.forward builds the step's metadata for self.attention: ours read the varlen layout that
-        # ragged.py's "flash" reads (cu_seqlens, and real for the padding tokens).
+        # ragged.py's "flash" reads (cu_seqlens, the packed keys' slots, and real for the padding tokens).
         self.attention = kernel if kernel in ATTENTION else "flash"
-        attends = {"varlen": self._attend_varlen, "packed": self._attend_packed, "loop": self._attend_loop}
+        # Decode steps too go through this attention (and its break op).
+        self.decode_attention = self.attention
+        attends = {"varlen": self._attend_varlen, "packed": flash_ragged, "loop": self._attend_loop}
         if attention == "noop":
             self.inner = attends.get(kernel, self.attend)  # ragged.py's backend, set by RaggedDecoder
             self.attend = self._attend_noop
@@ -219,23 +171,9 @@ class PiecewiseRaggedDecoder(RaggedDecoder):
         # The op the attention calls: PlainPiecewiseRunner swaps it while it captures by hand.
         self.op: Callable[..., Any] = loop_attention if attention == "loop" else varlen_attention
 
-    def _packed(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: RaggedMeta) -> Tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values packed request after request; the slots once per step, at layer 0."""
-        if getattr(meta, "key_slots", None) is None:
-            meta.key_slots, meta.cu_seqlens_k = key_slots(meta.seq_lens, meta.page_table, self.cfg.page_size)
-        return (k_cache.flatten(0, 1).index_select(0, meta.key_slots),
-                v_cache.flatten(0, 1).index_select(0, meta.key_slots))
-
-    def _attend_packed(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       meta: RaggedMeta) -> torch.Tensor:
-        keys, values = self._packed(k_cache, v_cache, meta)
-        out = varlen_flash(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, q.shape[0])
-        return torch.where(meta.real[:, None, None], out, 0)  # padding tokens: see ragged.flash_ragged
-
     def _attend_varlen(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        meta: RaggedMeta) -> torch.Tensor:
-        keys, values = self._packed(k_cache, v_cache, meta)
+        keys, values = packed_keys(k_cache, v_cache, meta)
         out = torch.empty_like(q)  # the boundary buffer, allocated in the segment before the break
         self.op(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, out=out)
         return torch.where(meta.real[:, None, None], out, 0)

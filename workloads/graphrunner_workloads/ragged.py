@@ -28,10 +28,13 @@ Attention (`RaggedDecoder(attention=...)`):
 - "decode": graphrunner_workloads' decode kernel (attention.py), one query row per token over its request's pages
   up to its own position (a key count of position + 1): causal attention that reads only the keys each token
   has, from the pages in place. CUDA, any page size and float dtype; the workloads' extension must be built.
-- "flash": torch's built-in FlashAttention-2 varlen kernel (aten::_flash_attention_forward) on the paged cache
-  through its block table, reading each request's length on the device (seqused_k) and aligning the causal mask
-  to the end of each request's keys; it computes only the scores each token has. CUDA, 16-bit dtypes, and a
-  page size that is a multiple of 256 (that kernel's paged path). No flash-attn package is needed.
+- "flash": torch's built-in FlashAttention-2 varlen kernel (aten::_flash_attention_forward): each layer's keys and
+  values gathered from the pages, request after request (`key_slots`, computed once per step on the device), into
+  [R * cache_len] rows, and the kernel's causal mask aligned to the end of each request's keys; it computes only
+  the scores each token has. Its host integers are fixed per size (T queries, cache_len keys a request): graph-safe.
+  CUDA and 16-bit dtypes; any page size; no flash-attn package and no block-table kernel needed. The gather reads
+  R * cache_len rows a layer whatever the step's lengths, so a step of one token per request (`decode`, the
+  uniform runner's step) runs the "decode" kernel instead, which reads each request's keys in place.
 flash-attn 4's varlen paged path (flash_attn.cute) is not wired in: torch's built-in kernel gives a graph-safe
 varlen backend on every CUDA machine already, and flash-attn 4 is optional here.
 
@@ -51,7 +54,55 @@ from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot, rms_n
 
 ATTENTION = ("sdpa", "decode", "flash")
 SPLIT = "query_lens"  # the ragged runner's split input
-FLASH_PAGE_MULTIPLE = 256  # page sizes the built-in flash kernel's paged path takes
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_FLASH = torch.ops.aten._flash_attention_forward.default
+
+
+def key_slots(seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where each request's keys sit in a layer's flat cache ([pages * page_size] rows), packed request after
+    request: (slots [R * cache_len] int64, the first cu_seqlens_k[-1] of them keys; cu_seqlens_k [R + 1] int32).
+    Fixed shapes, computed on the device: graph-safe. Rows past the last key repeat a valid slot, never read.
+
+    Args:
+        seq_lens: [R] int32 each request's keys.
+        page_table: [R, pages_per_seq] int32 each request's pages.
+        page_size: keys a page.
+    """
+    requests, cache_len = page_table.shape[0], page_table.shape[1] * page_size
+    cu_k = torch.zeros(requests + 1, dtype=torch.int32, device=seq_lens.device)
+    torch.cumsum(seq_lens, 0, dtype=torch.int32, out=cu_k[1:])
+    index = torch.arange(requests * cache_len, device=seq_lens.device, dtype=torch.int32)
+    request = torch.searchsorted(cu_k[1:], index, right=True).clamp_(max=requests - 1).long()
+    offset = (index - cu_k[request]).clamp_(0, cache_len - 1).long()
+    return page_table[request, offset // page_size].long() * page_size + offset % page_size, cu_k
+
+
+def flash_runs(decoder: Decoder) -> bool:
+    """Whether torch's FlashAttention-2 varlen kernel (the "flash" backend) runs for `decoder`: on CUDA, in float16
+    or bfloat16.
+
+    Args:
+        decoder: the Decoder.
+    """
+    return decoder.embed.device.type == "cuda" and decoder.cfg.dtype in FLASH_DTYPES
+
+
+def varlen_flash(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, longest: int) -> torch.Tensor:
+    """Attention of q [T, heads, dim] over packed keys and values [R * cache_len, heads, dim] through torch's
+    FlashAttention-2 varlen kernel, causal and aligned to each request's last key; its grid is sized for
+    `longest` query tokens a request. Padding token rows (past cu_seqlens_q[-1]) hold whatever the kernel left.
+
+    Args:
+        q: the step's queries.
+        keys: each request's keys, packed (key_slots).
+        values: its values, packed alike.
+        cu_seqlens_q: [R + 1] int32 where each request's tokens start, then the step's token count.
+        cu_seqlens_k: [R + 1] int32 where each request's keys start.
+        longest: the most new tokens of one request (a host int).
+    """
+    cache_len = keys.shape[0] // (cu_seqlens_k.shape[0] - 1)
+    return _FLASH(q, keys, values, cu_seqlens_q, cu_seqlens_k, longest, cache_len, 0.0, True, False)[0]
 
 
 class RaggedMeta:
@@ -67,6 +118,8 @@ class RaggedMeta:
         per_token: each token as a decode row: its key count (position + 1) and its request's page-table row
             ("decode" only).
         real: [T] bool, the tokens that belong to a request, False for padding tokens ("flash" only).
+        key_slots: [R * cache_len] int64, where each request's keys sit in a layer's flat cache, packed request
+            after request; cu_seqlens_k: [R + 1] int32, where each request's keys start ("flash" only; key_slots).
 
     Args:
         positions: [T] each token's position.
@@ -92,8 +145,12 @@ class RaggedMeta:
         self.mask: Optional[torch.Tensor] = None
         self.per_token: Optional[AttentionMeta] = None
         self.real: Optional[torch.Tensor] = None
+        self.key_slots: Optional[torch.Tensor] = None
+        self.cu_seqlens_k: Optional[torch.Tensor] = None
         if attention == "flash":
             self.real = token_index < self.cu_seqlens[-1]
+            page_size = key_positions.shape[0] // page_table.shape[1]
+            self.key_slots, self.cu_seqlens_k = key_slots(seq_lens, page_table, page_size)
         elif attention == "decode":
             self.per_token = AttentionMeta((positions + 1).int(), page_table[self.request])
         else:
@@ -101,6 +158,13 @@ class RaggedMeta:
             causal = key_positions[None, :] <= positions[:, None]                 # [T, cache_len]
             within = key_positions[None, :] < seq_lens[:, None]                   # [R, cache_len]
             self.mask = (same[:, :, None] & causal[:, None, :] & within[None, :, :]).view(tokens, -1)
+
+
+def packed_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One layer's keys and values [R * cache_len, heads, dim], each request's packed after the one before
+    (meta.key_slots: a "flash" step's meta)."""
+    return (k_cache.flatten(0, 1).index_select(0, meta.key_slots),
+            v_cache.flatten(0, 1).index_select(0, meta.key_slots))
 
 
 def sdpa_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
@@ -120,14 +184,10 @@ def decode_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def flash_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
     """Attention of q [T, heads, dim] over one layer's paged cache through torch's built-in FlashAttention-2
-    varlen kernel: the block table names each request's pages, seqused_k its keys, and the causal mask is
-    aligned to each request's last key, where its last new token sits."""
-    tokens, cache_len = q.shape[0], meta.page_table.shape[1] * k_cache.shape[1]
-    # With a block table the kernel finds keys through it and takes their count from seqused_k: cum_seq_k is only
-    # checked for its shape, so the query offsets serve.
-    out = torch.ops.aten._flash_attention_forward(
-        q, k_cache, v_cache, meta.cu_seqlens, meta.cu_seqlens, tokens, cache_len, 0.0, True, False,
-        seqused_k=meta.seq_lens, block_table=meta.page_table)[0]
+    varlen kernel, each request's keys gathered request after request (meta.key_slots), the causal mask aligned to
+    each request's last key, where its last new token sits."""
+    keys, values = packed_keys(k_cache, v_cache, meta)
+    out = varlen_flash(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, q.shape[0])
     # Padding tokens are in no request: the kernel leaves their rows unwritten (whatever the pool held, NaN
     # under validate's scrub). Zeroed, so their keys in later layers, written to the scratch page, stay finite:
     # the "sdpa" backends read masked keys there, and a NaN key poisons even a masked score.
@@ -136,15 +196,6 @@ def flash_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RaggedMeta], torch.Tensor]] = {
     "sdpa": sdpa_ragged, "decode": decode_ragged, "flash": flash_ragged}
-
-
-def flash_available() -> bool:
-    """Whether this torch's built-in flash kernel takes a block table and per-request key counts (the "flash"
-    backend's varlen paged call) and a GPU is there to run it."""
-    if not torch.cuda.is_available():
-        return False
-    names = {arg.name for arg in torch.ops.aten._flash_attention_forward.default._schema.arguments}
-    return {"block_table", "seqused_k"} <= names
 
 
 class RaggedDecoder(torch.nn.Module):
@@ -157,7 +208,7 @@ class RaggedDecoder(torch.nn.Module):
     Args:
         decoder: a paged Decoder (page_size > 0) on one GPU or the CPU, tensor parallelism off.
         attention: "sdpa" (any device and dtype), "decode" (CUDA, the workloads' decode kernel) or "flash" (CUDA,
-            16-bit, page size a multiple of 256); see the module's docstring.
+            16-bit; its decode steps run "decode"); see the module's docstring.
         sample: return each request's greedy token instead of its logits.
     """
 
@@ -175,17 +226,17 @@ class RaggedDecoder(torch.nn.Module):
                 raise ValueError(f"attention 'decode' runs on CUDA devices only, this Decoder is on "
                                  f"{decoder.embed.device}: use attention='sdpa'")
             attention_backend("decode")  # loads the kernels now: a build without them fails here
-        if attention == "flash" and not flash_available():
-            raise ValueError("attention 'flash' needs a GPU and a torch whose aten::_flash_attention_forward takes "
-                             f"block_table and seqused_k (torch {torch.__version__} does not): use attention='sdpa'")
-        if attention == "flash" and (decoder.embed.device.type != "cuda" or
-                                     cfg.dtype not in (torch.float16, torch.bfloat16) or
-                                     cfg.page_size % FLASH_PAGE_MULTIPLE):
-            raise ValueError(f"attention 'flash' needs a CUDA Decoder in float16 or bfloat16 with a page size that is "
-                             f"a multiple of {FLASH_PAGE_MULTIPLE}; this one is on {decoder.embed.device} in "
-                             f"{cfg.dtype} with pages of {cfg.page_size}: use attention='sdpa'")
+        if attention == "flash":
+            if not flash_runs(decoder):
+                raise ValueError(f"attention 'flash' runs torch's FlashAttention-2 varlen kernel: it needs a CUDA "
+                                 f"Decoder in float16 or bfloat16; this one is on {decoder.embed.device} in "
+                                 f"{cfg.dtype}: use attention='sdpa'")
+            attention_backend("decode")  # its decode steps run the decode kernel
         self.decoder, self.attention, self.sample = decoder, attention, sample
         self.attend = BACKENDS[attention]
+        # A step of one token per request (decode()): "flash" gathers every request's whole cache a layer, the
+        # decode kernel reads each request's keys in place.
+        self.decode_attention = "decode" if attention == "flash" else attention
 
     @property
     def cfg(self) -> DecoderConfig:
@@ -203,9 +254,16 @@ class RaggedDecoder(torch.nn.Module):
             seq_lens: [R] int32 each request's context length, this step's tokens included.
             page_table: [R, pages_per_seq] int32 each request's pages.
         """
+        return self._step(self.attention, self.attend, input_ids, positions, slots, query_lens, seq_lens, page_table)
+
+    def _step(self, attention: str, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RaggedMeta],
+                                                     torch.Tensor],
+              input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_lens: torch.Tensor,
+              seq_lens: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+        """forward's step with the attention `attend`, its metadata built for `attention`."""
         dec, cfg = self.decoder, self.decoder.cfg
         tokens = input_ids.shape[0]
-        meta = RaggedMeta(positions, query_lens, seq_lens, page_table, dec.cache_positions, self.attention)
+        meta = RaggedMeta(positions, query_lens, seq_lens, page_table, dec.cache_positions, attention)
         # Rotary tables [T, 1, 1, head_dim], for q and k together (see Decoder.forward).
         angles = (positions[:, None].float() * dec.inv_freq)[:, None, None, :]
         cos, sin = angles.cos().to(cfg.dtype), (angles.sin() * dec.sin_signs).to(cfg.dtype)
@@ -219,7 +277,7 @@ class RaggedDecoder(torch.nn.Module):
             # index_put_ on the whole cache, as the Decoder writes it.
             for cache, new in ((dec.k_cache, k), (dec.v_cache, v)):
                 torch.ops.aten.index_put_(cache, [dec.layer_ids[i], *where], new)
-            attn = self.attend(q, dec.k_cache[i], dec.v_cache[i], meta).reshape(tokens, -1)
+            attn = attend(q, dec.k_cache[i], dec.v_cache[i], meta).reshape(tokens, -1)
             hidden = hidden + attn @ layer.o.t()
             gate, up = (rms_norm(hidden, layer.norm2) @ layer.gate_up.t()).chunk(2, -1)
             hidden = hidden + (F.silu(gate) * up) @ layer.down.t()
@@ -230,7 +288,8 @@ class RaggedDecoder(torch.nn.Module):
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
                page_table: torch.Tensor) -> torch.Tensor:
-        """A decode step, one new token per request: what a uniform runner (sizes count requests) captures.
+        """A decode step, one new token per request: what a uniform runner (sizes count requests) captures. Its
+        attention is `decode_attention` (the "decode" kernel where the step's is "flash").
 
         Args:
             input_ids: [R] int64 each request's new token.
@@ -239,7 +298,9 @@ class RaggedDecoder(torch.nn.Module):
             seq_lens: [R] int32 each request's context, the new token included.
             page_table: [R, pages_per_seq] int32 each request's pages.
         """
-        return self.forward(input_ids, positions, slots, torch.ones_like(seq_lens), seq_lens, page_table)
+        attend = self.attend if self.decode_attention == self.attention else BACKENDS[self.decode_attention]
+        return self._step(self.decode_attention, attend, input_ids, positions, slots, torch.ones_like(seq_lens),
+                          seq_lens, page_table)
 
 
 def ragged_inputs(cfg: DecoderConfig) -> Dict[str, gr.StaticInput]:

@@ -10,6 +10,8 @@ for each step:
 - bare: replay of graphrunner's graph of T, the runner having staged the same step (untimed);
 - decode: a decode step of 8 requests through the uniform decode runner in the same pool, for the host time of
   a ragged step against a decode step.
+The ragged step's attention is --attention (default "flash": torch's FlashAttention-2 varlen kernel; decode steps
+run the decode kernel).
 Then the engine loop (engine.py) serving one workload in its decode_only mode (mixed steps eagerly) and its ragged
 mode, turn about, on the 8-layer preset; and the pool of the decode and ragged runners captured together with
 gr.capture_all against the largest ragged graph alone in a fresh pool. Writes bench-<gpu>-ragged.json, .txt and
@@ -50,10 +52,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--sizes", default="16,64,256,1024", help="token counts T, comma-separated")
     p.add_argument("--requests", type=int, default=8, help="requests per step (T if fewer tokens)")
     p.add_argument("--cache-len", type=int, default=512, help="the step benchmark's cache positions per request")
-    p.add_argument("--attention", choices=ATTENTION, default="decode",
-                   help="the ragged step's attention: decode (the workloads' decode kernel, a row per token), sdpa "
-                   "(masked padded layout) or flash (torch's built-in varlen kernel, where this torch's takes a block "
-                   "table: ragged.flash_available())")
+    p.add_argument("--attention", choices=ATTENTION, default="flash",
+                   help="the ragged step's attention: flash (torch's FlashAttention-2 varlen kernel on packed keys; "
+                   "decode steps run the decode kernel), decode (the workloads' decode kernel, a row per token) or "
+                   "sdpa (masked padded layout)")
     p.add_argument("--steps", type=int, default=200, help="timed steps per contender and T")
     p.add_argument("--engine-requests", type=int, default=48)
     p.add_argument("--engine-rounds", type=int, default=3, help="runs of the workload per engine mode, turn about")
@@ -70,8 +72,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None) -> DecoderConfig:
     """The benchmark decoder (bench.py's shape: hidden 1024, 8 heads of 128, bf16) with `layers` layers, pages of
-    256 (what the flash kernel's paged path takes; every backend reads them) and room for `--requests` requests of
-    `cache_len` positions.
+    256 and room for `--requests` requests of `cache_len` positions.
 
     Args:
         layers: the decoder's layers.
