@@ -18,7 +18,7 @@ from graphrunner.testing import poison
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot
 from graphrunner_workloads import piecewise
 from graphrunner_workloads.engine import Engine, Workload, reference_tokens
-from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner, key_slots
+from graphrunner_workloads.piecewise import CommonPiecewiseRunner, PiecewiseRaggedDecoder, key_slots
 from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, decode_runner, ragged_runner, random_decode_step,
                                           random_ragged_step)
 
@@ -113,7 +113,7 @@ def test_piecewise_decoder_refuses_what_its_kernel_cannot_run():
     with pytest.raises(ValueError, match="inner must be a graph-safe attention"):
         PiecewiseRaggedDecoder(decoder, "noop", inner="loop")
     with pytest.raises(ValueError, match="PiecewiseRaggedDecoder with attention 'varlen'"):
-        PlainPiecewiseRunner(PiecewiseRaggedDecoder(decoder, "loop"), [16], 4)
+        CommonPiecewiseRunner(PiecewiseRaggedDecoder(decoder, "loop"), [16], 4)
 
 
 def test_key_slots_pack_each_requests_keys_request_after_request():
@@ -248,16 +248,16 @@ def test_varlen_runner_agrees_with_the_full_graph_and_eager_and_validates():
 def test_the_hand_written_pattern_equals_graphrunners_piecewise_runner():
     model = PiecewiseRaggedDecoder(Decoder(BF16_CFG), "varlen")
     runner = ragged_runner(model, [64, 512], 8)
-    plain = PlainPiecewiseRunner(model, [64, 512], 8)
+    common = CommonPiecewiseRunner(model, [64, 512], 8)
     try:
         runner.capture()
-        assert len(plain.graphs[512].graphs) == len(runner.record.entries[512].graphs)
+        assert len(common.graphs[512].graphs) == len(runner.record.entries[512].graphs)
         for _, step in fresh_steps(runner, BF16_CFG, 6, 8, 512):
-            got = plain(**step).clone()
+            got = common(**step).clone()
             torch.testing.assert_close(got.float(), runner(**step).float(), rtol=2e-2, atol=2e-2)
     finally:
         runner.close()
-        plain.close()
+        common.close()
 
 
 @gpu
