@@ -1,4 +1,4 @@
-"""Whether setting up the torch.compile contenders is what made every plain graph in a process about 8% slower (run
+"""Whether setting up the torch.compile contenders is what made every uncompiled graph in a process about 8% slower (run
 AE12): graphrunner's draft-preset graphs, captured before anything compiles, timed again after each part of the
 bench's compile set-up, in one process:
   0. nothing compiled yet;

@@ -46,17 +46,17 @@ def probe(attention: str) -> None:
         runner.capture()
         example = random_decode_inputs(cfg, cfg.max_batch_size, gen)
         runner(**example)  # the same static contents for all: one full step staged in each
-        baseline = CommonRunner(model, example, sizes)
-        baseline(**example)
+        common = CommonRunner(model, example, sizes)
+        common(**example)
         # graphrunner's Graph without a staging node: the common runner's static views, captured into one pool
         # largest first (the common runner warmed every size up)
-        plain, pool = {}, torch.cuda.graph_pool_handle()
+        unstaged, pool = {}, torch.cuda.graph_pool_handle()
         for size in sorted(sizes, reverse=True):
-            plain[size] = gr.Graph()
-            with plain[size].capture(pool=pool):
-                model(**{name: buf[:size] for name, buf in baseline.static.items()})
+            unstaged[size] = gr.Graph()
+            with unstaged[size].capture(pool=pool):
+                model(**{name: buf[:size] for name, buf in common.static.items()})
     contenders = {"graphrunner": {s: runner.record.entries[s].graph for s in sizes},
-                  "gr.Graph, no staging": plain, "torch CUDAGraph": baseline.graphs}
+                  "gr.Graph, no staging": unstaged, "torch CUDAGraph": common.graphs}
     print(f"\n== attention {attention}, 2 layers, cache 256, sizes {sizes}")
     walked = [runner.size_for(b) for b in walk(cfg.max_batch_size, STEPS)]
     shuffled = sizes * (STEPS // len(sizes))
@@ -77,15 +77,15 @@ def probe(attention: str) -> None:
             expected = {n: statistics.fmean(per_size[n][s] for s in order) for n in contenders}
             print(f"  {'  same, unswitched':<20}" + "".join(f"{expected[n]:24.1f}" for n in contenders))
     worst = max(sizes, key=lambda s: abs(per_size["graphrunner"][s] - per_size["torch CUDAGraph"][s]))
-    mine, other = kernels(contenders["graphrunner"][worst]), kernels(baseline.graphs[worst])
+    mine, other = kernels(contenders["graphrunner"][worst]), kernels(common.graphs[worst])
     print(f"  kernels at size {worst} (us per replay), graphrunner - common, largest differences:")
     diff = {k: mine.get(k, 0.0) - other.get(k, 0.0) for k in set(mine) | set(other)}
     for k in sorted(diff, key=lambda k: -abs(diff[k]))[:8]:
         print(f"    {diff[k]:+7.1f}  (ours {mine.get(k, 0):6.1f}, common {other.get(k, 0):6.1f})  {k}")
-    for graph in plain.values():
+    for graph in unstaged.values():
         graph.reset()
     runner.close()
-    baseline.close()
+    common.close()
 
 
 def main() -> None:

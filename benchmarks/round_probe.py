@@ -1,9 +1,9 @@
-"""Why one pipelined round of each plain contender in a bench run is about 9% faster than the other two (run AE4:
+"""Why one pipelined round of each uncompiled contender in a bench run is about 9% faster than the other two (run AE4:
 graphrunner 4,806-5,300 steps/s, bare replays 4,876-5,352): the draft preset's trace in the bench's order (per
 round: graphrunner, common runner, bare replays, each pipelined then synchronised), with the SM clock sampled by
 nvidia-smi every 20 ms beside it; then the same order with each trace warmed up for WARM_S first. Per trace:
 steps/s and the SM clock's mean and minimum while it ran. With --compiled the torch.compile contenders are set
-up too, as the bench sets them up (not run): whether a process that compiled runs the plain contenders slower.
+up too, as the bench sets them up (not run): whether a process that compiled runs the uncompiled contenders slower.
 On the GPU machine, after the build:
     PYTHONPATH=. python3 benchmarks/round_probe.py [--compiled]
 """
@@ -17,7 +17,7 @@ from typing import List, Tuple
 
 import torch
 
-from graphrunner_workloads.traces import PLAIN, Step, draft_contenders, steps_per_s
+from graphrunner_workloads.traces import UNCOMPILED, Step, draft_contenders, steps_per_s
 
 STEPS = 2000
 ROUNDS = 3
@@ -61,7 +61,7 @@ def main() -> None:
             steps = contenders.step_functions(contenders.steps)
             for warm_s in (0.0, WARM_S):
                 for r in range(ROUNDS):
-                    for name in PLAIN:
+                    for name in UNCOMPILED:
                         for regime, synced in (("pipelined", False), ("synced", True)):
                             warm(steps[name], warm_s)
                             start = time.time()

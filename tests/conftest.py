@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import gc
 import socket
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from graphrunner_workloads import piecewise, ragged
+from graphrunner_workloads.decoder import Decoder
 
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (this machine has none; CI never has one)")
@@ -75,3 +77,31 @@ def cpu_flash(monkeypatch):
     monkeypatch.setattr(piecewise, "flash_runs", lambda decoder: True)
     monkeypatch.setattr(ragged, "flash_runs", lambda decoder: True)
     return calls
+
+
+def float32_twin(decoder: Decoder) -> Decoder:
+    """A float32 Decoder holding a bfloat16 `decoder`'s weights and KV cache exactly (widened): its steps are the
+    truth the bfloat16 kernels are measured against. Copy the cache again (sync_cache) before each step."""
+    twin = Decoder(dataclasses.replace(decoder.cfg, dtype=torch.float32), device=str(decoder.embed.device))
+    twin.load_state_dict(decoder.state_dict())
+    sync_cache(twin, decoder)
+    return twin
+
+
+def sync_cache(twin: Decoder, decoder: Decoder) -> None:
+    """`decoder`'s KV cache into its float32 twin's."""
+    twin.k_cache.copy_(decoder.k_cache)
+    twin.v_cache.copy_(decoder.v_cache)
+
+
+def assert_as_close_as_sdpa(got: torch.Tensor, sdpa: torch.Tensor, truth: torch.Tensor, what: str) -> None:
+    """A bfloat16 step's output `got` is as close to the float32 `truth` as the bfloat16 masked SDPA step's output
+    `sdpa` is (within twice its relative error, plus 1e-3): kernels that sum in other orders round differently, and
+    element by element near-zero logits differ relatively by far more than bfloat16's rounding."""
+    truth = truth.float()
+
+    def error(x: torch.Tensor) -> float:
+        return float((x.float() - truth).norm() / truth.norm())
+
+    assert error(got) <= 2 * error(sdpa) + 1e-3, \
+        f"{what}: relative error {error(got):.2e} from float32, against bfloat16 SDPA's {error(sdpa):.2e}"

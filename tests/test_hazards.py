@@ -66,8 +66,8 @@ def test_findings_are_deterministic():
     assert found[0] == found[1]
 
 
-def test_plain_shared_pool_runner_shows_the_corruption():
-    """A plain shared-pool runner (torch.cuda.CUDAGraph, outputs kept): right outputs, while size 32's
+def test_common_runner_shows_the_corruption():
+    """The common runner (torch.cuda.CUDAGraph per size in one pool, outputs kept): right outputs, while size 32's
     replay corrupts size 64's live output."""
     runner = CommonRunner(under_allocated, {"x": torch.randn(64, WIDTH, device="cuda")}, SIZES)
     out64 = runner(x=torch.randn(64, WIDTH, device="cuda"))

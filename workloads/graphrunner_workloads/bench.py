@@ -233,10 +233,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     runner = make_runner()
     res["capture_s_graphrunner"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    baseline = CommonRunner(model, example, sizes)
+    common = CommonRunner(model, example, sizes)
     torch.cuda.synchronize()
-    res["capture_s_baseline"] = time.perf_counter() - t0
-    res["capture_ratio"] = res["capture_s_graphrunner"] / res["capture_s_baseline"]
+    res["capture_s_common"] = time.perf_counter() - t0
+    res["capture_ratio"] = res["capture_s_graphrunner"] / res["capture_s_common"]
     bar.update()
 
     def eager(s):
@@ -245,15 +245,15 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
     def size_contenders(size: int) -> Tuple[Dict[str, Callable], Dict[str, Callable], Dict[str, Callable]]:
         """The contenders of one captured size, the C++ loops timing themselves, and what runs before a step."""
-        ours, theirs = runner.record.entries[size].graph, baseline.graphs[size]
-        contenders = {"eager": eager, "baseline": lambda s: baseline(**s), "graphrunner": lambda s: runner(**s),
+        ours, theirs = runner.record.entries[size].graph, common.graphs[size]
+        contenders = {"eager": eager, "common": lambda s: common(**s), "graphrunner": lambda s: runner(**s),
                       "bare": lambda s: ours.replay(), "torch_replay": lambda s: theirs.replay()}
         loops = {"floor": lambda k: launch_floor_us(ours.exec_handle, torch.cuda.current_stream().cuda_stream, k)}
         # Each bare replay runs the step its runner just staged (untimed): with attention whose cost follows the
         # lengths, replaying whatever the last step left skewed run_vs_bare_bs1 (1.054 with flash-attn 4, run AE8).
         # graphrunner's graph is replayed once more untimed: the first bare replay after a step gives the staging
         # node its captured parameter back, a host cost that is not the bare replay's (run AE10).
-        prepare = {"bare": lambda s: (runner(**s), ours.replay()), "torch_replay": lambda s: baseline(**s)}
+        prepare = {"bare": lambda s: (runner(**s), ours.replay()), "torch_replay": lambda s: common(**s)}
         return contenders, loops, prepare
 
     # One untimed pass first: otherwise the first row measured runs every contender's host path cold (run Z2 of
@@ -278,8 +278,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     bs1 = rows[0]
     res.update({
         "run_vs_bare_bs1": bs1["graphrunner_wall_us"] / bs1["bare_wall_us"],
-        "baseline_vs_bare_bs1": bs1["baseline_wall_us"] / bs1["bare_wall_us"],
-        "run_host_us_bs1": bs1["graphrunner_host_us"], "baseline_host_us_bs1": bs1["baseline_host_us"],
+        "common_vs_bare_bs1": bs1["common_wall_us"] / bs1["bare_wall_us"],
+        "run_host_us_bs1": bs1["graphrunner_host_us"], "common_host_us_bs1": bs1["common_host_us"],
         "bare_host_us_bs1": bs1["bare_host_us"], "torch_replay_host_us_bs1": bs1["torch_replay_host_us"],
         "run_host_vs_bare_bs1": bs1["graphrunner_host_us"] / bs1["bare_host_us"],
         "run_host_vs_bare_bs1_rounds": round_ratios(host_rounds[bs1["batch"]], "graphrunner", "bare"),
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     res["capture_workspace_mib"] = runner.record.report().workspace_bytes / MiB
     static = {n: t.clone() for n, t in runner.record.static_inputs.items()}
     runner.close()
-    baseline.close()
+    common.close()
     bar.update()
 
     desc, desc_added = pool_bytes(model, static, sorted(sizes, reverse=True))
@@ -327,16 +327,16 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 
 # The traces' targets are the draft preset's, where host and staging costs show. On the main preset a step
 # costs several hundred us of GPU time: its ratios are reported, not held to the draft's bounds (its pipelined
-# run/baseline, say, cannot exceed bare/baseline, about 1.02).
+# run/common, say, cannot exceed bare/common, about 1.02).
 TARGETS = [("run_vs_bare_bs1", "<=", 1.03), ("run_host_vs_bare_bs1", "<=", 1.3),
            ("bare_host_vs_torch_replay_bs1", "<=", 1.1), ("run_host_vs_floor_bs1", "<=", 2.0),
            ("pool_ratio_desc", "<=", 1.02), ("capture_ratio", "<=", 0.5),
-           ("draft_pipelined_run_vs_baseline", ">=", 1.03), ("draft_pipelined_run_vs_bare", ">=", 0.99),
-           ("draft_synced_run_vs_baseline", ">=", 1.10), ("draft_run_compiled_vs_compile_ro", ">=", 1.5)]
+           ("draft_pipelined_run_vs_common", ">=", 1.03), ("draft_pipelined_run_vs_bare", ">=", 0.99),
+           ("draft_synced_run_vs_common", ">=", 1.10), ("draft_run_compiled_vs_compile_ro", ">=", 1.5)]
 REPORTED = ["draft_synced_run_compiled_vs_compile_ro", "draft_run_compiled_vs_compile_ro_host_limit",
-            "pipelined_run_vs_baseline", "pipelined_run_vs_bare",
-            "synced_run_vs_baseline", "run_compiled_vs_compile_ro", "synced_run_compiled_vs_compile_ro"]
-TRACE_CONTENDERS = ["run", "baseline", "bare", "compile_ro", "run_compiled"]
+            "pipelined_run_vs_common", "pipelined_run_vs_bare",
+            "synced_run_vs_common", "run_compiled_vs_compile_ro", "synced_run_compiled_vs_compile_ro"]
+TRACE_CONTENDERS = ["run", "common", "bare", "compile_ro", "run_compiled"]
 
 
 def trace_table(res: Dict[str, object], prefix: str) -> List[str]:
@@ -363,7 +363,7 @@ def trace_table(res: Dict[str, object], prefix: str) -> List[str]:
 
 def table(res: Dict[str, object]) -> str:
     rows = res["_rows"]
-    names = ["eager", "baseline", "graphrunner", "bare", "torch_replay"]
+    names = ["eager", "common", "graphrunner", "bare", "torch_replay"]
     out = [f"{res['gpu']}, torch {res['torch']}, {res['layers']} layers, hidden {res['hidden']}, "
            f"attention {res['attention']}" + (f", tensor parallel over {res['tp']} GPUs (NCCL)"
                                               if res["distributed"] else ""), "",
@@ -377,7 +377,7 @@ def table(res: Dict[str, object]) -> str:
         if f"_{prefix}preset" in res:
             out += trace_table(res, prefix) + [""]
     out += [f"capture: graphrunner {res['capture_s_graphrunner']:.2f} s, common runner "
-            f"{res['capture_s_baseline']:.2f} s",
+            f"{res['capture_s_common']:.2f} s",
             f"pool MiB: descending {res['pool_mib_desc']:.0f}, ascending {res['pool_mib_asc']:.0f}, largest alone "
             f"{res['pool_mib_largest_alone']:.0f}",
             f"validate: {res['validate_s']:.2f} s, with scrub+guard {res['validate_scrub_guard_s']:.2f} s", ""]
@@ -438,7 +438,7 @@ def plot(res: Dict[str, object], path: Path) -> None:
         axes[0].plot([p[0] for p in pts], [p[1] / MiB for p in pts], marker=marker, ms=3,
                      label=f"{'largest' if order == 'desc' else 'smallest'} first")
     axes[0].set(title="pool MiB added when each size is captured", xlabel="captured size", ylabel="MiB")
-    for name in ["eager", "baseline", "graphrunner", "bare"]:
+    for name in ["eager", "common", "graphrunner", "bare"]:
         axes[1].plot([r["batch"] for r in rows], [r[name + "_wall_us"] for r in rows], marker="o", label=name)
         axes[2].plot([r["batch"] for r in rows], [r[name + "_host_us"] for r in rows], marker="o", label=name)
     axes[2].plot([r["batch"] for r in rows], [r["floor_host_us"] for r in rows], "k--", label="cudaGraphLaunch (C++)")

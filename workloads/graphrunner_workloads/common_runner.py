@@ -1,4 +1,4 @@
-"""The common runner: what serving engines write by hand, kept plain as the benchmark's baseline.
+"""The common runner: what serving engines write by hand, kept as they write it, for the benchmarks to compare against.
 
 One torch.cuda.CUDAGraph per batch size, all in one pool, two warm-ups per size before its capture, captured
 on a torch.cuda.Stream(); each step copies the inputs into static buffers with copy_ and replays the smallest
@@ -46,7 +46,7 @@ class CommonRunner:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             # capture_begin/end rather than torch.cuda.graph(), whose gc.collect() per size would slow this
-            # baseline down for reasons unrelated to graphs.
+            # runner down for reasons unrelated to graphs.
             with torch.cuda.stream(self.stream):
                 graph.capture_begin(pool=self.pool)
                 self.outputs[size] = self.fn(**views)

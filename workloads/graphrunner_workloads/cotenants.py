@@ -1,11 +1,11 @@
-"""Co-tenants: what the rest of a serving process does to memory captured graphs use, side by side for a plain
-shared-pool runner (torch.cuda.CUDAGraph per size, common_runner.py) and graphrunner.
+"""Co-tenants: what the rest of a serving process does to memory captured graphs use, side by side for the
+common runner (torch.cuda.CUDAGraph per size, common_runner.py) and graphrunner.
 
     python -m graphrunner_workloads.cotenants --out cotenants-h100.txt
 
 Captured cuBLAS kernels bake in the address of a workspace torch caches per (handle, stream) outside the
 graph's pool. Each trigger below frees or replaces that workspace the way other code in a process does. Every
-case runs in its own process, since a plain runner may fault.
+case runs in its own process, since the common runner may fault.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def case(trigger: str, kind: str, bias: bool) -> None:
 
 def outcome(trigger: str, kind: str, bias: bool) -> str:
     model = MLP(bias)
-    if kind == "plain":
+    if kind == "common":
         example = {"x": torch.randn(max(SIZES), HIDDEN, device="cuda", dtype=torch.bfloat16)}
         runner = CommonRunner(model, example, SIZES)
         stream = runner.stream
@@ -146,15 +146,15 @@ def outcome(trigger: str, kind: str, bias: bool) -> str:
     before = survives(runner, model, rounds=1)
     TRIGGERS[trigger](stream)
     after = survives(runner, model)
-    if kind != "plain":
+    if kind != "common":
         runner.close()
     return (f"{'correct' if after <= 3e-2 else 'WRONG'} after the trigger (worst relative error {after:.3g}; "
             f"{before:.3g} before it)")
 
 
-def plain_audit(bias: bool) -> str:
-    """What the audit says of the plain pattern's graphs (torch stream, one pool, nothing kept) before any
-    trigger: graphs captured with gr.Graph the way the plain runner captures, classified against the pool,
+def common_audit(bias: bool) -> str:
+    """What the audit says of the common runner's graphs (torch stream, one pool, nothing kept) before any
+    trigger: graphs captured with gr.Graph the way the common runner captures, classified against the pool,
     the static inputs and the model's parameters."""
     model = MLP(bias)
     stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
@@ -167,7 +167,7 @@ def plain_audit(bias: bool) -> str:
             g = gr.Graph(keep_graph=True)
             with g.capture(pool=pool, stream=stream):
                 model(static[:size])
-            graphs.append((f"the plain graph of size {size}", g))
+            graphs.append((f"the common runner's graph of size {size}", g))
     device = torch.device("cuda", torch.cuda.current_device())
     owned = [(seg["address"], seg["total_size"], "the graphs' pool")
              for seg in torch.cuda.memory_snapshot(mempool_id=pool, include_traces=False)
@@ -206,7 +206,7 @@ def main() -> int:
         case(trigger, kind, bias == "bias")
         return 0
     if args.audit:
-        print("RESULT " + plain_audit(args.audit == "bias"))
+        print("RESULT " + common_audit(args.audit == "bias"))
         return 0
     if args.graphrunner_cases:
         for trigger in TRIGGERS:
@@ -216,19 +216,19 @@ def main() -> int:
     lines = [f"# Co-tenant triggers on {torch.cuda.get_device_name()}, torch {torch.__version__}",
              f"# bf16 MLP {HIDDEN}->5632->{HIDDEN}->2816->{HIDDEN}, sizes {SIZES} captured largest first into one "
              f"pool; after the trigger, 3 replays of batches {BATCHES} against eager;",
-             "# each plain case in its own process,",
+             "# each common runner case in its own process,",
              "# graphrunner's cases one after another in one process (fresh runners, triggers piling up)", ""]
     for bias in ("nobias", "bias"):
         path = "cuBLASLt (Linear with bias)" if bias == "bias" else "cuBLAS (Linear without bias)"
-        lines += [f"## {path}", f"audit of the plain pattern's graphs before any trigger: "
+        lines += [f"## {path}", f"audit of the common runner's graphs before any trigger: "
                                 f"{child(['--audit', bias])[0]}"]
         ours = dict(line.split("|", 1) for line in child(["--graphrunner-cases", bias]) if "|" in line)
         for trigger in TRIGGERS:
             if missing(trigger):
                 lines.append(f"- {trigger}: skipped: {missing(trigger)}")
                 continue
-            plain = child(["--case", trigger, "plain", bias])[0].split("|", 1)[-1]
-            lines += [f"- {trigger}", f"    {'plain':<12} {plain}",
+            common = child(["--case", trigger, "common", bias])[0].split("|", 1)[-1]
+            lines += [f"- {trigger}", f"    {'common':<12} {common}",
                       f"    {'graphrunner':<12} {ours.get(trigger, 'no result (the process ended early)')}"]
             print("\n".join(lines[-3:]), flush=True)
         lines.append("")

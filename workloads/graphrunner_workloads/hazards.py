@@ -1,12 +1,12 @@
-"""The shared-pool hazard reproductions (graphrunner_workloads.reproductions), side by side: what a plain
-shared-pool runner gets, what compute-sanitizer memcheck says about it, and what graphrunner's
-validate(scrub=True, guard=True) finds; then the speculative pair, the ragged runner and the piecewise break ops
-(reproductions/piecewise.py) against their plain runners.
+"""The shared-pool hazard reproductions (graphrunner_workloads.reproductions), side by side: what the common
+runner gets, what compute-sanitizer memcheck says about it, and what graphrunner's validate(scrub=True, guard=True)
+finds; then the speculative pair, the ragged runner and the piecewise break ops (reproductions/piecewise.py)
+against the common runner's forms of them.
 
     python -m graphrunner_workloads.hazards --out hazards-h100.txt
     python -m graphrunner_workloads.hazards --piecewise    # only the piecewise break ops
 
-Each part runs in its own process, since a plain runner may fault.
+Each part runs in its own process, since the common runner may fault.
 """
 import argparse
 import random
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import List
 
 
-def plain(name: str, fixed: bool = False) -> None:
-    """A plain shared-pool runner (common_runner.py): interleaved steps against eager."""
+def common(name: str, fixed: bool = False) -> None:
+    """The common runner (common_runner.py): interleaved steps against eager."""
     import torch
 
     from graphrunner.testing import random_inputs, relative_error
@@ -65,8 +65,8 @@ def checked(name: str) -> None:
         print(f"RESULT GraphHazardError: {exc}")
 
 
-def plain_spec(fixed: bool) -> None:
-    """The speculative pair on plain shared-pool runners (one pool, copy_ staging): does the loop still give
+def common_spec(fixed: bool) -> None:
+    """The speculative pair on common runners (one pool, copy_ staging): does the loop still give
     the target's greedy tokens with the seed bug, and does a draft replay change the verify step's memory?"""
     import torch
 
@@ -133,8 +133,8 @@ def child(args, sanitizer=False, module="graphrunner_workloads.hazards"):
 
 
 def piecewise_rows() -> List[str]:
-    """The piecewise section: each break op bug (reproductions/piecewise.py) and its fixed twin on the plain
-    piecewise runner and under graphrunner's validate(scrub=True, guard=True), printed as they come."""
+    """The piecewise section: each break op bug (reproductions/piecewise.py) and its fixed twin on the common
+    runner's piecewise form and under graphrunner's validate(scrub=True, guard=True), printed as they come."""
     from graphrunner_workloads.reproductions import piecewise
 
     lines = ["## piecewise sizes: break ops that break the out= contract (issue #34)",
@@ -147,7 +147,7 @@ def piecewise_rows() -> List[str]:
         for fixed in (False, True):
             twin = "fixed twin" if fixed else "bug"
             args = ["--case", case, *(["--fixed"] if fixed else [])]
-            rows.append(f"{twin}, plain piecewise runner: {'; '.join(child(['--plain', *args], module=module))}")
+            rows.append(f"{twin}, common piecewise runner: {'; '.join(child(['--common', *args], module=module))}")
             rows.append(f"{twin}, graphrunner validate(scrub, guard): "
                         f"{'; '.join(child(['--checked', *args], module=module))}")
         print("\n".join(rows), flush=True)
@@ -157,21 +157,21 @@ def piecewise_rows() -> List[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--plain")
+    p.add_argument("--common")
     p.add_argument("--checked")
     p.add_argument("--fixed", action="store_true")
-    p.add_argument("--spec", choices=["plain", "checked"])
+    p.add_argument("--spec", choices=["common", "checked"])
     p.add_argument("--piecewise", action="store_true", help="only the piecewise section")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    if args.plain:
-        plain(args.plain, args.fixed)
+    if args.common:
+        common(args.common, args.fixed)
         return 0
     if args.checked:
         checked(args.checked)
         return 0
     if args.spec:
-        (plain_spec if args.spec == "plain" else checked_spec)(args.fixed)
+        (common_spec if args.spec == "common" else checked_spec)(args.fixed)
         return 0
     if args.piecewise:
         lines = piecewise_rows()
@@ -190,9 +190,9 @@ def main() -> int:
         if repro.missing():
             lines += [f"skipped: {repro.missing()}", ""]
             continue
-        lines.append(f"plain shared-pool runner: {'; '.join(child(['--plain', name]))}")
-        lines.append(f"compute-sanitizer memcheck on it: {child(['--plain', name], sanitizer=True)}; on its fixed "
-                     f"twin: {child(['--plain', name, '--fixed'], sanitizer=True)}")
+        lines.append(f"common runner: {'; '.join(child(['--common', name]))}")
+        lines.append(f"compute-sanitizer memcheck on it: {child(['--common', name], sanitizer=True)}; on its fixed "
+                     f"twin: {child(['--common', name, '--fixed'], sanitizer=True)}")
         lines.append(f"graphrunner: {'; '.join(child(['--checked', name]))}")
         lines.append("")
         print("\n".join(lines[-5:]), flush=True)
@@ -201,7 +201,7 @@ def main() -> int:
     for fixed in (False, True):
         twin = "fixed twin" if fixed else "seed bug"
         flag = ["--fixed"] if fixed else []
-        lines.append(f"{twin}, plain shared-pool runners: {'; '.join(child(['--spec', 'plain', *flag]))}")
+        lines.append(f"{twin}, common runners: {'; '.join(child(['--spec', 'common', *flag]))}")
         found = "; ".join(child(["--spec", "checked", *flag]))
         lines.append(f"{twin}, graphrunner validate_all(scrub, guard): {found}")
     lines.append("")
@@ -212,7 +212,7 @@ def main() -> int:
     for fixed in (False, True):
         twin = "fixed twin" if fixed else "seed bug"
         flag = ["--fixed"] if fixed else []
-        lines.append(f"{twin}, plain ragged runner: {'; '.join(child(['--plain', *flag], module=ragged))}")
+        lines.append(f"{twin}, common ragged runner: {'; '.join(child(['--common', *flag], module=ragged))}")
         lines.append(f"{twin}, graphrunner validate(scrub, guard): "
                      f"{'; '.join(child(['--checked', *flag], module=ragged))}")
     lines.append("")

@@ -1,5 +1,5 @@
 """Tensors over device memory that do not own it: the workloads' raw pointers (page tables, slot buffers) and the
-plain runner's output aliases."""
+output aliases of the bench's pool measurement (bench.pool_bytes)."""
 from __future__ import annotations
 
 import torch

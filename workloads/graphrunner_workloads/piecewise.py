@@ -26,10 +26,11 @@ as ragged.py's "flash" zeroes them. Outside a replay (step None: eagerly, and th
 graphrunner replays the segment before the break first, so the op reads real data) "varlen" takes T as its bound,
 like "packed", and "loop" reads the lengths from the device (a sync).
 
-`PlainPiecewiseRunner` is the common breakable pattern engines' users write by hand, kept plain as the
-benchmark's baseline: per token count, a torch.cuda.CUDAGraph per segment captured between attention calls into
-one shared pool, and a step that copy_'s its inputs into static buffers, replays segment 0, runs attention eagerly
-and copy_'s its result into the next segment's static input, replays segment 1, and so on, in a Python loop.
+`CommonPiecewiseRunner` is the common runner's piecewise form, the breakable pattern engines' users write by hand,
+which the benchmark compares against: per token count, a torch.cuda.CUDAGraph per segment captured between
+attention calls into one shared pool, and a step that copy_'s its inputs into static buffers, replays segment 0,
+runs attention eagerly and copy_'s its result into the next segment's static input, replays segment 1, and so on,
+in a Python loop.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 import graphrunner as gr
 from graphrunner_workloads.decoder import Decoder
-from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, RaggedMeta,
+from graphrunner_workloads.ragged import (ATTENTION, SPLIT, CommonRaggedRunner, RaggedDecoder, RaggedMeta,
                                           flash_ragged, flash_runs, packed_keys, ragged_inputs, varlen_flash)
 
 PIECEWISE_ATTENTION = ("varlen", "packed", "loop", "noop")
@@ -168,7 +169,7 @@ class PiecewiseRaggedDecoder(RaggedDecoder):
             self.attend = self._attend_noop
         else:
             self.attend = attends[attention]
-        # The op the attention calls: PlainPiecewiseRunner swaps it while it captures by hand.
+        # The op the attention calls: CommonPiecewiseRunner swaps it while it captures by hand.
         self.op: Callable[..., Any] = loop_attention if attention == "loop" else varlen_attention
 
     def _attend_varlen(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -224,8 +225,8 @@ class _HandPieces:
         self.graphs, self.calls = [], []
 
 
-class PlainPiecewiseRunner(PlainRaggedRunner):
-    """The common breakable pattern, by hand (see the module's docstring): PlainRaggedRunner's static buffers,
+class CommonPiecewiseRunner(CommonRaggedRunner):
+    """The common breakable pattern, by hand (see the module's docstring): CommonRaggedRunner's static buffers,
     staging and sizes, each size captured as a torch.cuda.CUDAGraph per segment between the attention calls, and
     replayed segment, attention, segment, ... in a Python loop, the attention getting the step's longest request
     from its host split.
@@ -240,7 +241,7 @@ class PlainPiecewiseRunner(PlainRaggedRunner):
     def __init__(self, model: PiecewiseRaggedDecoder, capture_sizes: Sequence[int], max_requests: int,
                  pool: Optional[Any] = None) -> None:
         if getattr(model, "piecewise", None) != "varlen":
-            raise ValueError("PlainPiecewiseRunner runs a PiecewiseRaggedDecoder with attention 'varlen'")
+            raise ValueError("CommonPiecewiseRunner runs a PiecewiseRaggedDecoder with attention 'varlen'")
         self.longest = [1]  # the step's longest request, which every size's attention calls read
         # A wrapper of its own over the same Decoder, whose op it swaps while capturing.
         hand = PiecewiseRaggedDecoder(model.decoder, "varlen", sample=model.sample)

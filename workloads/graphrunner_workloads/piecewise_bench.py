@@ -5,7 +5,7 @@ Per token count T (16, 64, 256, 1024; 8 requests, or T if fewer) and preset (8 a
 shape), the wall time of a step, synchronised per step, and the host time until the call returns:
 - eager: the piecewise decoder step (piecewise.PiecewiseRaggedDecoder, attention "varlen"), its split copied to
   the device;
-- common: the common breakable pattern by hand (piecewise.PlainPiecewiseRunner): a torch.cuda.CUDAGraph per
+- common: the common breakable pattern by hand (piecewise.CommonPiecewiseRunner): a torch.cuda.CUDAGraph per
   segment between attention calls, one pool; a step copy_'s its inputs into static buffers, replays segment 0,
   runs the varlen attention eagerly and copy_'s it into the next segment's static input, replays segment 1, ...
   in a Python loop;
@@ -38,7 +38,7 @@ import graphrunner as gr
 from graphrunner_workloads.bench import (add_output_arguments, bench_main, round_spread, target_header, target_lines,
                                          timed)
 from graphrunner_workloads.decoder import Decoder
-from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder, PlainPiecewiseRunner
+from graphrunner_workloads.piecewise import CommonPiecewiseRunner, PiecewiseRaggedDecoder
 from graphrunner_workloads.ragged import SPLIT, decode_runner, ragged_runner, random_ragged_step
 from graphrunner_workloads.ragged_bench import preset
 
@@ -111,7 +111,7 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
                "noop": ragged_runner(PiecewiseRaggedDecoder(decoder, "noop"), sizes, args.requests)}
     for runner in runners.values():
         runner.capture()
-    common = PlainPiecewiseRunner(piecewise, sizes, args.requests)
+    common = CommonPiecewiseRunner(piecewise, sizes, args.requests)
 
     def eager(step: Dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

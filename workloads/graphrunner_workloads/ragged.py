@@ -405,9 +405,9 @@ def pad_step(inputs: Mapping[str, gr.StaticInput], step: Mapping[str, torch.Tens
     return out
 
 
-class PlainRaggedRunner:
-    """The common hand-written pattern for ragged steps, kept plain as a baseline: one torch.cuda.CUDAGraph per
-    token count T (largest first, one pool), static buffers of the largest size, and each step copy_'s every
+class CommonRaggedRunner:
+    """The common runner for ragged steps (the hand-written pattern the benchmarks compare against): one
+    torch.cuda.CUDAGraph per token count T (largest first, one pool), static buffers of the largest size, and each step copy_'s every
     input into them, fills the padding rows with the pad values (stale slots would make padding tokens write
     into real requests' pages) and replays the smallest graph holding its tokens and requests.
 

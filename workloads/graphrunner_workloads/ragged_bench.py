@@ -4,8 +4,8 @@ count) of the built-in decoder, every contender side by side in one process (iss
 Per token count T (16, 64, 256, 1024; 8 requests, or T if fewer) and preset (8 and 32 layers), the host waiting
 for each step:
 - eager: the RaggedDecoder step, its split copied to the device;
-- plain: the common hand-written pattern, a torch.cuda.CUDAGraph per T with every input copy_'d into static
-  buffers and its padding rows refilled, then replay (ragged.PlainRaggedRunner);
+- common: the common hand-written pattern, a torch.cuda.CUDAGraph per T with every input copy_'d into static
+  buffers and its padding rows refilled, then replay (ragged.CommonRaggedRunner);
 - graphrunner: the ragged runner (sizes count tokens, split on query_lens);
 - bare: replay of graphrunner's graph of T, the runner having staged the same step (untimed);
 - decode: a decode step of 8 requests through the uniform decode runner in the same pool, for the host time of
@@ -33,11 +33,11 @@ from graphrunner_workloads.bench import (add_output_arguments, bench_main, round
                                          timed)
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload
-from graphrunner_workloads.ragged import (ATTENTION, SPLIT, PlainRaggedRunner, RaggedDecoder, decode_runner,
+from graphrunner_workloads.ragged import (ATTENTION, SPLIT, CommonRaggedRunner, RaggedDecoder, decode_runner,
                                           ragged_inputs, ragged_runner, random_decode_step, random_ragged_step)
 from graphrunner_workloads.traces import round_ratios
 
-CONTENDERS = ["eager", "plain", "graphrunner", "bare", "decode"]
+CONTENDERS = ["eager", "common", "graphrunner", "bare", "decode"]
 MiB = 1024 * 1024
 
 
@@ -99,7 +99,7 @@ def step_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> Tu
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
     decode, mixed = decode_runner(model, args.requests), ragged_runner(model, sizes, args.requests)
     gr.capture_all(decode, mixed)
-    plain = PlainRaggedRunner(model, ragged_inputs(cfg), sizes, args.requests)
+    common = CommonRaggedRunner(model, ragged_inputs(cfg), sizes, args.requests)
     decode_step = random_decode_step(cfg, args.requests, gen)
 
     def eager(step: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -112,7 +112,7 @@ def step_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> Tu
         steps = [random_ragged_step(cfg, size, requests, gen) for _ in range(4)]
         graph = mixed.record.entries[size].graph
         contenders: Dict[str, Callable[[Dict[str, torch.Tensor]], object]] = {
-            "eager": eager, "plain": lambda s: plain(**s), "graphrunner": lambda s: mixed(**s),
+            "eager": eager, "common": lambda s: common(**s), "graphrunner": lambda s: mixed(**s),
             "bare": lambda s: graph.replay(), "decode": lambda s: decode(**decode_step)}
         # The bare replay runs the step graphrunner just staged, replayed once more untimed: the first replay after
         # a step gives the staging node its captured parameters back, a host cost that is not the bare replay's.
@@ -126,12 +126,12 @@ def step_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> Tu
         res.update({
             f"ragged_run_vs_eager_{key}": row["eager_wall_us"] / row["graphrunner_wall_us"],
             f"ragged_run_vs_bare_{key}": row["graphrunner_wall_us"] / row["bare_wall_us"],
-            f"ragged_run_vs_plain_{key}": row["plain_wall_us"] / row["graphrunner_wall_us"],
+            f"ragged_run_vs_common_{key}": row["common_wall_us"] / row["graphrunner_wall_us"],
             f"ragged_host_us_{key}": row["graphrunner_host_us"],
             f"ragged_host_vs_decode_{key}": row["graphrunner_host_us"] / row["decode_host_us"],
             f"ragged_host_vs_decode_{key}_rounds": round_ratios(host_rounds, "graphrunner", "decode")})
     res[f"decode_host_us_L{layers}"] = statistics.median(r["decode_host_us"] for r in rows)
-    plain.close()
+    common.close()
     decode.close()
     mixed.close()
     return rows, res
@@ -258,7 +258,7 @@ def table(res: Dict[str, object]) -> str:
             f"{res['pool_mib_largest_alone']:.1f}", ""]
     out += target_header(res.get("_changed", []))
     out += target_lines(res, targets(res))
-    reported = [k for k in sorted(res) if k.startswith(("ragged_run_vs_eager", "ragged_run_vs_plain"))
+    reported = [k for k in sorted(res) if k.startswith(("ragged_run_vs_eager", "ragged_run_vs_common"))
                 and not k.endswith("_rounds")]
     out.append("reported, no target:")
     out += [f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in reported]

@@ -10,7 +10,7 @@ longest matching prefix is accepted on the device. Both runners capture into one
   the KV slots are made: with torch ops ("torch"), or with a CUDA kernel into a buffer the engine made at
   start-up for both steps (`slot_buffers`), the draft's part sized for batch x steps ("kernel") or, the seed
   bug of sglang issue 26532, for the batch alone ("kernel-seed-bug"): the kernel then writes past it into the
-  verify step's part. Plain runners never notice (verify rewrites its part before reading it); guard names it.
+  verify step's part. Common runners never notice (verify rewrites its part before reading it); guard names it.
 - `generate`: the loop, with graphs or eagerly; acceptance and cache advance stay on the device.
 
 The draft shares the target's embedding and LM head (as EAGLE drafts do), so it proposes the target's tokens

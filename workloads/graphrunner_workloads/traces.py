@@ -2,7 +2,7 @@
 
 A trace is a random walk of batch sizes over 1..max_batch_size with fresh inputs each step. Contenders:
 - run: graphrunner (staging inside the graph);
-- baseline: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
+- common: the common runner (torch.cuda.CUDAGraph per size, copy_ staging; common_runner.py);
 - bare: pre-staged inputs. Per step, a graph of the step's size captured the way graphrunner captures (its capture
   stream, one pool) on the step's own inputs, padded: a replay runs what the runner's graph runs for that step,
   attention over the step's own lengths included, with nothing staged. The host leads the GPU by at most the
@@ -35,7 +35,7 @@ ROUNDS = 5  # each (contender, regime) runs this many times, in turns; the media
 EAGER_STEPS = 200
 GPU_STEPS = 200
 GPU_BATCHES = (1, 64)
-PLAIN = ("run", "baseline", "bare")
+UNCOMPILED = ("run", "common", "bare")
 COMPILED = ("compile_ro", "run_compiled")
 # The bench's draft preset at its default flags, which the probes in benchmarks/ run.
 DRAFT_PRESET = DecoderConfig(layers=2, cache_len=256, max_batch_size=128, attention="decode")
@@ -93,7 +93,7 @@ class Contenders:
                 self.close_compiled()
         self.runner = gr.GraphRunner(self.model, decode_inputs(cfg), capture_sizes=self.sizes)
         self.runner.capture()
-        self.baseline = CommonRunner(self.model, example, self.sizes)
+        self.common = CommonRunner(self.model, example, self.sizes)
 
     def _prestaged(self, pad: List[Dict[str, torch.Tensor]]) -> List[gr.Graph]:
         """Per step of `pad` (inputs padded to the runner's size for them), a graph captured on the step's own
@@ -130,13 +130,13 @@ class Contenders:
 
     def step_functions(self, steps: List[Dict[str, torch.Tensor]]) -> Dict[str, Step]:
         """Per contender, a function running step i % len(steps) of `steps`: the trace, or one fixed batch."""
-        runner, baseline, n = self.runner, self.baseline, len(steps)
+        runner, common, n = self.runner, self.common, len(steps)
         pad = [padded(self.cfg, s, runner.size_for(s["input_ids"].shape[0])) for s in steps]
         graphs = self._prestaged(pad)
         # Bare replays lead the GPU by as many steps as the runner's own, so that run against bare weighs
         # staging alone, not how full the launch queue is.
         out: Dict[str, Step] = {"run": lambda i: runner(**steps[i % n]),
-                                "baseline": lambda i: baseline(**steps[i % n]),
+                                "common": lambda i: common(**steps[i % n]),
                                 "bare": paced(lambda i: graphs[i % n].replay(), runner.spec.max_lead)}
         if self.compile_ro is not None:
             ro, rc = self.compile_ro, self.run_compiled
@@ -162,7 +162,7 @@ class Contenders:
     def close(self) -> None:
         """Gives back every contender's graphs and pools."""
         self.runner.close()
-        self.baseline.close()
+        self.common.close()
         for graph, _ in self.bare:
             graph.reset()
         self.bare = []
@@ -288,7 +288,7 @@ def _run_contenders(contenders: Contenders, trace_steps: int, prefix: str,
         # The compiled contenders run after every round of the others: a reduce-overhead function may free cuBLAS
         # workspaces when it runs, and the common runner's graphs (unlike graphrunner's) would then use freed
         # memory (the co-tenant hazard; an illegal memory access here when the two took turns).
-        for group in (PLAIN, COMPILED):
+        for group in (UNCOMPILED, COMPILED):
             # One untimed pipelined trace of each first: right after set-up the first traces ran up to 9% slower
             # with the SM clock at its maximum all along (benchmarks/round_probe.py, run AE6).
             for name in group:
@@ -345,7 +345,7 @@ def run_traces(cfg: DecoderConfig, trace_steps: int, compiled: bool, prefix: str
             res[key], res[f"{key}_rounds"] = res[a] / res[b], round_ratios(spread, a, b)
 
     for regime in ("pipelined", "synced"):
-        for other in ("baseline", "bare"):
+        for other in ("common", "bare"):
             add_ratio(f"{prefix}{regime}_run_vs_{other}", f"{prefix}trace_{regime}_steps_s_run",
                       f"{prefix}trace_{regime}_steps_s_{other}")
     add_ratio(f"{prefix}run_compiled_vs_compile_ro", f"{prefix}trace_pipelined_steps_s_run_compiled",

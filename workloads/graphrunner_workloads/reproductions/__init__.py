@@ -41,30 +41,30 @@ def validated(runner: gr.GraphRunner, **options: object) -> str:
         runner.close()
 
 
-def child_main(argv: Optional[List[str]], description: str, plain: Callable[..., str], checked: Callable[..., str],
+def child_main(argv: Optional[List[str]], description: str, common: Callable[..., str], checked: Callable[..., str],
                runner: str, cases: Optional[Dict[str, str]] = None) -> int:
-    """A reproduction's command line (hazards.py's child protocol): prints one RESULT line, of `plain` or `checked`
+    """A reproduction's command line (hazards.py's child protocol): prints one RESULT line, of `common` or `checked`
     called as f(case, fixed) where the reproduction has cases, else f(fixed).
 
     Args:
         argv: the command line; None reads sys.argv.
         description: the reproduction module's docstring.
-        plain: what --plain runs (the plain runner).
+        common: what --common runs (the common runner's form for the reproduction).
         checked: what --checked runs (graphrunner's validate(scrub=True, guard=True)).
-        runner: how --plain's help names the plain runner.
+        runner: how --common's help names that runner.
         cases: the reproduction's cases (name -> what it is), chosen by --case; None: one case.
     """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plain", action="store_true", help=runner)
+    p.add_argument("--common", action="store_true", help=runner)
     p.add_argument("--checked", action="store_true", help="graphrunner's validate(scrub=True, guard=True)")
     if cases is not None:
         p.add_argument("--case", choices=sorted(cases), required=True, help="which bug")
     p.add_argument("--fixed", action="store_true", help="the fixed twin")
     args = p.parse_args(argv)
-    if args.plain == args.checked:
-        p.error("pass one of --plain, --checked")
+    if args.common == args.checked:
+        p.error("pass one of --common, --checked")
     which = [args.case] if cases is not None else []
-    print("RESULT", (plain if args.plain else checked)(*which, args.fixed), flush=True)
+    print("RESULT", (common if args.common else checked)(*which, args.fixed), flush=True)
     return 0
 
 

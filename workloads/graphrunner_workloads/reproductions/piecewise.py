@@ -11,12 +11,12 @@ segment 1 returns tanh(out) + h. Both bugs are right eagerly, and capture accept
   replay writes up to TILE - 1 rows past out= into whatever the pool put there. Fixed twin: out= sized for the
   tiles in the graph too.
 
-A plain piecewise runner (`PlainPieces`: the hand-written pattern, a torch.cuda.CUDAGraph per segment, sizes
+The common runner's piecewise form (`CommonPieces`: the hand-written pattern, a torch.cuda.CUDAGraph per segment, sizes
 largest first into one pool, the op called eagerly between them on the tensors captured, as vLLM's piecewise
 backend replays its pieces) gives no error for either. validate(scrub=True, guard=True) names the op, the size and
 the buffer (graphrunner.break_checks); the fixed twins pass.
 
-    python -m graphrunner_workloads.reproductions.piecewise --plain --case fresh [--fixed]   # a RESULT line
+    python -m graphrunner_workloads.reproductions.piecewise --common --case fresh [--fixed]   # a RESULT line
     python -m graphrunner_workloads.reproductions.piecewise --checked --case past [--fixed]
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Scaled(torch.nn.Module):
         if case not in CASES:
             raise ValueError(f"case must be one of {sorted(CASES)}, got {case!r}")
         self.case, self.fixed = case, fixed
-        # The op segment 0 hands h to: PlainPieces swaps it while it captures by hand.
+        # The op segment 0 hands h to: CommonPieces swaps it while it captures by hand.
         self.op: Callable[..., Any] = tile_scale if case == "past" else scale_into if fixed else scale_fresh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ class Scaled(torch.nn.Module):
         return torch.tanh(out[:rows]) + h
 
 
-class PlainPieces:
+class CommonPieces:
     """The hand-written piecewise pattern (the module's docstring): per size, a torch.cuda.CUDAGraph per segment,
     captured largest first into one pool after an eager warm-up, the break op's calls kept with the tensors
     captured; a step copy_'s x into a static buffer (padding rows keep the last step's values), replays segment 0,
@@ -205,16 +205,16 @@ class PlainPieces:
         self.pieces, self.outputs = {}, {}
 
 
-def plain(case: str, fixed: bool = False) -> str:
-    """The plain piecewise runner: interleaved steps against eager, then whether a size-8 replay changes size 48's
-    live output.
+def common(case: str, fixed: bool = False) -> str:
+    """The common runner's piecewise form: interleaved steps against eager, then whether a size-8 replay changes
+    size 48's live output.
 
     Args:
         case: "fresh" or "past".
         fixed: the fixed twin.
     """
     model = Scaled(case, fixed)
-    runner = PlainPieces(model, SIZES)
+    runner = CommonPieces(model, SIZES)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rng = random.Random(0)
     wrong, worst, steps = 0, 0.0, 40
@@ -256,12 +256,12 @@ def checked(case: str, fixed: bool = False) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Prints one RESULT line (hazards.py's child protocol) for --plain or --checked, of --case, buggy or --fixed.
+    """Prints one RESULT line (hazards.py's child protocol) for --common or --checked, of --case, buggy or --fixed.
 
     Args:
         argv: the command line; None reads sys.argv.
     """
-    return child_main(argv, __doc__, plain, checked, "the plain piecewise runner", CASES)
+    return child_main(argv, __doc__, common, checked, "the common runner's piecewise form", CASES)
 
 
 if __name__ == "__main__":

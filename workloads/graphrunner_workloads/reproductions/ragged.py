@@ -6,12 +6,12 @@ cumulative query lengths) into a buffer their kernels read through a raw pointer
 buffer for one entry per request, as the decode graphs it was first written for have one token per request; eager
 steps size it for the tokens. A ragged graph of T tokens over R requests then writes T entries into a buffer of R:
 at T = 16 and 64 the allocator's 512-byte rounding hides it, at T = 256 and 1024 the map runs 1.5 and 7.5 KiB past
-the buffer into whatever the pool put there. The step reads back what it wrote, so its own output is right: a
-plain runner stays silent while another graph's memory is overwritten (or faults, if the write leaves the pool's
+the buffer into whatever the pool put there. The step reads back what it wrote, so its own output is right: the
+common runner stays silent while another graph's memory is overwritten (or faults, if the write leaves the pool's
 segment). validate(scrub=True, guard=True) names the size, the buffer written and its owner; the fixed twin, sized
 for the tokens, passes.
 
-    python -m graphrunner_workloads.reproductions.ragged --plain [--fixed]    # RESULT lines, as hazards.py reads
+    python -m graphrunner_workloads.reproductions.ragged --common [--fixed]   # RESULT lines, as hazards.py reads
     python -m graphrunner_workloads.reproductions.ragged --checked [--fixed]
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import graphrunner as gr
 from graphrunner.testing import relative_error
 from graphrunner_workloads.memory import raw_bytes
 from graphrunner_workloads.reproductions import child_main, validated
-from graphrunner_workloads.ragged import SPLIT, PlainRaggedRunner
+from graphrunner_workloads.ragged import SPLIT, CommonRaggedRunner
 
 WIDTH = 8
 SIZES = [16, 64, 256, 1024]  # token counts
@@ -102,16 +102,16 @@ def eager(fn: TokenMap, step: Dict[str, torch.Tensor]) -> torch.Tensor:
     return fn(**dict(step, **{SPLIT: step[SPLIT].cuda()}))
 
 
-def plain(fixed: bool = False) -> str:
-    """A plain ragged runner (torch.cuda.CUDAGraph per T, copy_ staging: ragged.PlainRaggedRunner): interleaved
-    steps against eager, then whether a size-256 replay overwrites size 1024's live output.
+def common(fixed: bool = False) -> str:
+    """The common runner's ragged form (torch.cuda.CUDAGraph per T, copy_ staging: ragged.CommonRaggedRunner):
+    interleaved steps against eager, then whether a size-256 replay overwrites size 1024's live output.
 
     Args:
         fixed: the fixed twin.
     """
     fn = TokenMap(fixed)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    runner = PlainRaggedRunner(fn, INPUTS, SIZES, MAX_REQUESTS)
+    runner = CommonRaggedRunner(fn, INPUTS, SIZES, MAX_REQUESTS)
     rng = random.Random(0)
     wrong, worst, steps = 0, 0.0, 40
     for _ in range(steps):
@@ -139,12 +139,12 @@ def checked(fixed: bool = False) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Prints one RESULT line (hazards.py's child protocol) for --plain or --checked, buggy or --fixed.
+    """Prints one RESULT line (hazards.py's child protocol) for --common or --checked, buggy or --fixed.
 
     Args:
         argv: the command line; None reads sys.argv.
     """
-    return child_main(argv, __doc__, plain, checked, "a plain ragged runner")
+    return child_main(argv, __doc__, common, checked, "the common runner's ragged form")
 
 
 if __name__ == "__main__":
