@@ -1,9 +1,12 @@
-"""GraphRunner's argument checks and state errors, which need no GPU."""
+"""GraphRunner's argument checks and state errors, and its reading of pools, which need no GPU."""
+import sys
+
 import pytest
 import torch
 
 import graphrunner as gr
 from conftest import HAS_GPU
+from graphrunner.pool import pool_blocks, pool_segments
 
 IDS = {"ids": gr.StaticInput((), torch.long)}
 
@@ -60,3 +63,18 @@ def test_closed_runner_refuses_calls():
         runner(ids=torch.zeros(2, dtype=torch.long))
     with pytest.raises(gr.GraphStateError, match="closed"):
         runner.capture()
+
+
+def test_reading_a_pool_leaves_its_ids_references_alone():
+    """torch.cuda.memory_snapshot(mempool_id=...) drops a reference to each item of the id it is given (pool.py,
+    Note [snapshots without mempool_id]); past 256 pools the items are ints of their own, which enough readings
+    would free while the record still holds them. Reading a pool's blocks and segments never hands torch the id:
+    the counts stay as they were (without a GPU the old reading raised instead)."""
+    pool = (int("1000003"), int("1000033"))
+    held = [*pool] * 10  # so that dropped references fail the check below instead of freeing the ints
+    before = [sys.getrefcount(item) for item in pool]
+    device = torch.device("cuda", 0)
+    for _ in range(3):
+        pool_blocks(pool, device)
+        pool_segments(pool, device)
+    assert [sys.getrefcount(item) for item in pool] == before and len(held) == 20
