@@ -186,18 +186,23 @@ def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
     cfg = preset(8, args)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
-    pools = {}
+    pools, growth = {}, {}
     for label, runners in (("together", lambda: [decode_runner(model, args.requests),
                                                   ragged_runner(model, sizes, args.requests)]),
                            ("alone", lambda: [ragged_runner(model, [max(sizes)], args.requests)])):
         torch.cuda.empty_cache()
         built = runners()
         gr.capture_all(*built)
-        pools[label] = sum(r.record.report().pool_bytes for r in built)
+        reports = [r.record.report() for r in built]
+        pools[label] = sum(r.pool_bytes for r in reports)
+        # Where the pool grew, in capture order's terms: "runner size MiB" for each size that grew it.
+        growth[label] = [f"{r.name} {s.size} {s.pool_bytes_added / MiB:.1f}" for r in reports for s in r.sizes
+                         if s.pool_bytes_added]
         for r in built:
             r.close()
     return {"pool_mib_together": pools["together"] / MiB, "pool_mib_largest_alone": pools["alone"] / MiB,
-            "ragged_pool_ratio": pools["together"] / pools["alone"]}
+            "ragged_pool_ratio": pools["together"] / pools["alone"], "pool_growth_together": growth["together"],
+            "pool_growth_alone": growth["alone"]}
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
@@ -255,7 +260,9 @@ def table(res: Dict[str, object]) -> str:
             f"{res['engine_tokens_s_ragged']:.0f} ({min(rates['ragged']):.0f}-{max(rates['ragged']):.0f}); "
             f"{res['engine_requests_differing']} requests' bf16 tokens differ between the modes",
             f"pool MiB: decode + ragged runners together {res['pool_mib_together']:.1f}, largest ragged graph alone "
-            f"{res['pool_mib_largest_alone']:.1f}", ""]
+            f"{res['pool_mib_largest_alone']:.1f}",
+            f"  grown by (runner size MiB), together: {', '.join(res['pool_growth_together'])}; alone: "
+            f"{', '.join(res['pool_growth_alone'])}", ""]
     out += target_header(res.get("_changed", []))
     out += target_lines(res, targets(res))
     reported = [k for k in sorted(res) if k.startswith(("ragged_run_vs_eager", "ragged_run_vs_common"))
