@@ -6,6 +6,7 @@
  *   gcc -shared -fPIC -O1 -o build/segv_trace.so benchmarks/segv_trace.c
  *   LD_PRELOAD=$PWD/build/segv_trace.so python3 -m pytest tests */
 #include <execinfo.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <string.h>
 #include <unistd.h>
@@ -26,7 +27,10 @@ static void print_stack(int signum) {
 __attribute__((constructor)) static void install(void) {
   const int fatal[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
   struct sigaction action;
-  const int saved = dup(STDERR_FILENO);
+  void* warm[1];
+  backtrace(warm, 1);  /* loads the unwinder now: its first call allocates, which a signal handler must not */
+  /* close-on-exec: a child process must not keep the caller's pipe open after this process dies */
+  const int saved = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
   if (saved >= 0) {
     out_fd = saved;
   }

@@ -1,7 +1,7 @@
 """`python benchmarks/snapshot_refcount_probe.py`: torch.cuda.memory_snapshot(mempool_id=...) drops a reference to
-each item of the pool id it is given, on every call (graphrunner/pool.py, Note [snapshots without mempool_id]).
-Needs no GPU: the call drops the references before it fails for want of one. Prints each item's reference count
-before and after three calls; equal counts mean this torch no longer has the bug."""
+each item of the tuple it hands torch, the pool id's included, on every call (graphrunner/pool.py, Note [snapshots
+that take no arguments]). Needs no GPU: the references go whether the call then succeeds or raises. Prints each
+item's reference count before and after three calls; equal counts mean this torch no longer has the bug."""
 import sys
 
 import torch
@@ -14,7 +14,7 @@ def main() -> None:
     for _ in range(3):
         try:
             torch._C._cuda_memorySnapshot((pool[0], pool[1], False))
-        except RuntimeError:  # no GPU here
+        except RuntimeError:  # some builds raise without a GPU, after dropping the references
             pass
     after = [sys.getrefcount(x) for x in pool]
     print(f"torch {torch.__version__}: references to the pool id's items before {before}, after three snapshots "

@@ -32,7 +32,7 @@ import torch
 from graphrunner._native import _C
 from graphrunner.errors import BORROW_FIX, GraphHazardError
 from graphrunner.graph import Graph
-from graphrunner.pool import pool_segments
+from graphrunner.pool import allocator_segments, pool_segments
 from graphrunner.record import CaptureRecord
 
 
@@ -172,7 +172,7 @@ def declared_ranges(declared: Sequence[torch.Tensor]) -> List[Range]:
 def _allocator_blocks(device: torch.device) -> List[Tuple[int, int, str]]:
     """Every block torch's allocator holds on `device`, live or free, labelled for a finding."""
     out = []
-    for seg in torch.cuda.memory_snapshot(include_traces=False):
+    for seg in allocator_segments():
         if seg.get("device", device.index) != device.index:
             continue
         pool = tuple(seg["segment_pool_id"])

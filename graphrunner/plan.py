@@ -31,6 +31,7 @@ from graphrunner._native import _C
 from graphrunner.capture import Capture, _fill_capture_inputs, capture, capture_order
 from graphrunner.errors import OverBudget
 from graphrunner.graph import capture_stream
+from graphrunner.pool import segments_of
 from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport
 from graphrunner.spec import RunnerSpec, StepInfo
 
@@ -434,7 +435,5 @@ def _eager_step(spec: RunnerSpec, record: CaptureRecord, size: int, stream: torc
 
 def _pool_bytes(pool: Any, device: torch.device) -> int:
     """The bytes of a pool's segments."""
-    pool_id = tuple(pool.id)
-    return sum(s["total_size"] for s in torch.cuda.memory_snapshot()
-               if tuple(s["segment_pool_id"]) == pool_id and s.get("device", device.index) == device.index)
+    return sum(s["total_size"] for s in segments_of(tuple(pool.id), device))
 

@@ -47,24 +47,31 @@ class Block:
         return self.address <= address < self.address + self.size
 
 
-# Note [snapshots without mempool_id]: torch.cuda.memory_snapshot(mempool_id=pool) drops a reference to each item of
-# `pool` on every call (torch 2.11.0 and 2.14.1; benchmarks/snapshot_refcount_probe.py shows it without a GPU). A
-# pool id counts the process's pools in one item ((n, 0) for the pool a Graph makes itself, (0, n) from
-# torch.cuda.graph_pool_handle()); past 256 pools n is an int object of its own rather than a cached small int, so
-# enough snapshots free it while a record's pool id still holds it, and the process crashes later wherever that
-# memory is reused: in the garbage collector, in torch.cuda.memory_stats, in a comparison (the whole GPU suite in
-# one process died so, after about 330 tests). So the pool's segments are taken from the whole snapshot, by their
-# segment_pool_id, and torch never sees our pool ids.
-def _segments(pool: Tuple[int, int], device: torch.device) -> List[dict]:
-    """The pool's segments on `device` from the allocator's snapshot (Note [snapshots without mempool_id])."""
-    return [seg for seg in torch.cuda.memory_snapshot(include_traces=False)
+# Note [snapshots that take no arguments]: torch.cuda.memory_snapshot(mempool_id, include_traces) drops a
+# reference to each item of the tuple it hands torch's _cuda_memorySnapshot on every call: the pool id's two items
+# and include_traces, (0, 0, include_traces) when no pool is given (torch 2.11.0 and 2.14.1;
+# benchmarks/snapshot_refcount_probe.py shows it without a GPU). A pool id counts the process's pools in one item
+# ((n, 0) for the pool a Graph makes itself, (0, n) from torch.cuda.graph_pool_handle()); past 256 pools n is an
+# int object of its own rather than a cached small int, so enough snapshots free it while a record's pool id still
+# holds it, and the process crashes later wherever that memory is reused: in the garbage collector, in
+# torch.cuda.memory_stats, in a comparison (the whole GPU suite in one process died so, after about 330 tests).
+# Before Python 3.12 even 0, False and True can be freed so. torch.cuda.memory._snapshot() hands torch nothing
+# (None) and drops nothing; every reading of the allocator's segments goes through it.
+def allocator_segments() -> List[dict]:
+    """Every segment of torch's caching allocator, on every device (Note [snapshots that take no arguments])."""
+    return torch.cuda.memory._snapshot()["segments"]
+
+
+def segments_of(pool: Tuple[int, int], device: torch.device) -> List[dict]:
+    """The segments of `pool` on `device`, from the allocator's snapshot."""
+    return [seg for seg in allocator_segments()
             if tuple(seg["segment_pool_id"]) == tuple(pool) and seg.get("device", device.index) == device.index]
 
 
 def pool_blocks(pool: Tuple[int, int], device: torch.device) -> List[dict]:
     """The pool's blocks from the allocator's snapshot: dicts with address, size, state and frames."""
     blocks = []
-    for seg in _segments(pool, device):
+    for seg in segments_of(pool, device):
         address = seg["address"]
         for b in seg["blocks"]:
             blocks.append({"address": b.get("address", address), "size": b["size"], "state": b["state"],
@@ -76,4 +83,4 @@ def pool_blocks(pool: Tuple[int, int], device: torch.device) -> List[dict]:
 def pool_segments(pool: Tuple[int, int], device: torch.device) -> List[Block]:
     """The pool's segments, each a SEGMENT block."""
     return [Block(seg["address"], seg["total_size"], BlockKind.SEGMENT, None, BlockKind.SEGMENT.value)
-            for seg in _segments(pool, device)]
+            for seg in segments_of(pool, device)]

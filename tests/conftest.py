@@ -1,13 +1,18 @@
+"""Shared test helpers. Only torch and pytest load with this file: graphrunner and graphrunner_workloads are
+imported where a helper runs, so a checkout whose core is not built still collects (test_checkout_import.py)."""
+from __future__ import annotations
+
 import dataclasses
 import functools
 import gc
 import socket
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from graphrunner_workloads import piecewise, ragged
-from graphrunner_workloads.decoder import Decoder
+if TYPE_CHECKING:
+    from graphrunner_workloads.decoder import Decoder
 
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU (this machine has none; CI never has one)")
@@ -42,7 +47,9 @@ def settle():
 
 def segments():
     """The allocator's segments: (address, bytes, pool id)."""
-    return {(s["address"], s["total_size"], tuple(s["segment_pool_id"])) for s in torch.cuda.memory_snapshot()}
+    from graphrunner.pool import allocator_segments
+
+    return {(s["address"], s["total_size"], tuple(s["segment_pool_id"])) for s in allocator_segments()}
 
 
 def segments_since(before):
@@ -72,6 +79,8 @@ def reference_flash(calls, q, keys, values, cu_q, cu_k, max_q, max_k, dropout, c
 def cpu_flash(monkeypatch):
     """The varlen kernel's calls (max_q, max_k), the kernel replaced by reference_flash so ragged.py's "flash" and
     piecewise.py's "varlen" and "packed" run on the CPU in float32."""
+    from graphrunner_workloads import piecewise, ragged
+
     calls = []
     monkeypatch.setattr(ragged, "_FLASH", functools.partial(reference_flash, calls))
     monkeypatch.setattr(piecewise, "flash_runs", lambda decoder: True)
@@ -82,6 +91,8 @@ def cpu_flash(monkeypatch):
 def float32_twin(decoder: Decoder) -> Decoder:
     """A float32 Decoder holding a bfloat16 `decoder`'s weights and KV cache exactly (widened): its steps are the
     truth the bfloat16 kernels are measured against. Copy the cache again (sync_cache) before each step."""
+    from graphrunner_workloads.decoder import Decoder
+
     twin = Decoder(dataclasses.replace(decoder.cfg, dtype=torch.float32), device=str(decoder.embed.device))
     twin.load_state_dict(decoder.state_dict())
     sync_cache(twin, decoder)
@@ -103,5 +114,7 @@ def assert_as_close_as_sdpa(got: torch.Tensor, sdpa: torch.Tensor, truth: torch.
     def error(x: torch.Tensor) -> float:
         return float((x.float() - truth).norm() / truth.norm())
 
+    # A twin that is not the same step (another cache, other weights) would make SDPA's error large and pass anything.
+    assert error(sdpa) < 5e-2, f"{what}: bfloat16 SDPA is {error(sdpa):.2e} from float32: the twin is not the same step"
     assert error(got) <= 2 * error(sdpa) + 1e-3, \
         f"{what}: relative error {error(got):.2e} from float32, against bfloat16 SDPA's {error(sdpa):.2e}"

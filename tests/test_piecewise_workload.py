@@ -75,6 +75,20 @@ def test_the_varlen_op_takes_the_longest_request_from_the_host_split(cpu_flash):
     assert cpu_flash == [(24, TINY.cache_len), (max(step[SPLIT].tolist()), TINY.cache_len)]
 
 
+def test_decode_steps_go_through_the_break_op_once_a_layer():
+    """A piecewise decoder's decode steps (what its uniform decode runner captures) break at attention as its
+    ragged steps do: RaggedDecoder.decode would otherwise run another attention, with no break."""
+    model = PiecewiseRaggedDecoder(Decoder(TINY, device="cpu"), "loop")
+    calls, op = [], model.op
+    model.op = lambda *args, **kwargs: calls.append(op) or op(*args, **kwargs)
+    step = random_decode_step(TINY, 3, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = model.decode(**step)
+    assert len(calls) == TINY.layers and model.decode_attention == model.attention
+    want = RaggedDecoder(copy.deepcopy(model.decoder)).decode(**step)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_piecewise_decoder_refuses_what_its_kernel_cannot_run():
     decoder = Decoder(TINY, device="cpu")
     with pytest.raises(ValueError, match="attention must be one of"):

@@ -6,7 +6,7 @@ import torch
 
 import graphrunner as gr
 from conftest import HAS_GPU
-from graphrunner.pool import pool_blocks, pool_segments
+from graphrunner.pool import allocator_segments, pool_blocks, pool_segments
 
 IDS = {"ids": gr.StaticInput((), torch.long)}
 
@@ -65,16 +65,18 @@ def test_closed_runner_refuses_calls():
         runner.capture()
 
 
-def test_reading_a_pool_leaves_its_ids_references_alone():
-    """torch.cuda.memory_snapshot(mempool_id=...) drops a reference to each item of the id it is given (pool.py,
-    Note [snapshots without mempool_id]); past 256 pools the items are ints of their own, which enough readings
-    would free while the record still holds them. Reading a pool's blocks and segments never hands torch the id:
-    the counts stay as they were (without a GPU the old reading raised instead)."""
+def test_reading_the_allocator_drops_no_reference_it_does_not_own():
+    """torch.cuda.memory_snapshot(mempool_id, include_traces) drops a reference to each item it hands torch, the
+    pool id's and include_traces (pool.py, Note [snapshots that take no arguments]); past 256 pools a pool id's
+    items are ints of their own, which enough readings would free while a record still holds them, and before
+    Python 3.12 so are 0, False and True. Reading pools and the allocator leaves every count as it was."""
     pool = (int("1000003"), int("1000033"))
+    watched = (*pool, 0, False, True)
     held = [*pool] * 10  # so that dropped references fail the check below instead of freeing the ints
-    before = [sys.getrefcount(item) for item in pool]
+    before = [sys.getrefcount(item) for item in watched]
     device = torch.device("cuda", 0)
     for _ in range(3):
         pool_blocks(pool, device)
         pool_segments(pool, device)
-    assert [sys.getrefcount(item) for item in pool] == before and len(held) == 20
+        allocator_segments()
+    assert [sys.getrefcount(item) for item in watched] == before and len(held) == 20

@@ -170,7 +170,7 @@ def common_audit(bias: bool) -> str:
             graphs.append((f"the common runner's graph of size {size}", g))
     device = torch.device("cuda", torch.cuda.current_device())
     owned = [(seg["address"], seg["total_size"], "the graphs' pool")
-             for seg in torch.cuda.memory_snapshot(include_traces=False)  # not mempool_id=: graphrunner/pool.py
+             for seg in torch.cuda.memory._snapshot()["segments"]  # no arguments: graphrunner/pool.py
              if tuple(seg["segment_pool_id"]) == tuple(pool) and seg["device"] == device.index]
     owned += [(static.data_ptr(), static.nbytes, "the static input")]
     owned += [(t.data_ptr(), t.untyped_storage().nbytes(), "the model's parameters") for t in model.parameters()]

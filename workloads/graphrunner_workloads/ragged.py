@@ -34,12 +34,14 @@ Attention (`RaggedDecoder(attention=...)`):
   the scores each token has. Its host integers are fixed per size (T queries, cache_len keys a request): graph-safe.
   CUDA and 16-bit dtypes; any page size; no flash-attn package and no block-table kernel needed. The gather reads
   R * cache_len rows a layer whatever the step's lengths, so a step of one token per request (`decode`, the
-  uniform runner's step) runs the "decode" kernel instead, which reads each request's keys in place.
+  uniform runner's step) runs the "decode" kernel instead, which reads each request's keys in place: "flash" needs
+  the workloads' decode extension built too.
 flash-attn 4's varlen paged path (flash_attn.cute) is not wired in: torch's built-in kernel gives a graph-safe
 varlen backend on every CUDA machine already, and flash-attn 4 is optional here.
 
 The uniform decode runner an engine keeps beside the ragged one runs `RaggedDecoder.decode`: the same step with
-one token per request, so its inputs are the ragged ones without query_lens.
+one token per request (its attention `decode_attention`: the step's own, or "decode" where that is "flash"), so its
+inputs are the ragged ones without query_lens.
 """
 from __future__ import annotations
 
