@@ -67,8 +67,9 @@ fi
 
 if has tests-fa4 && [ -n "$has_fa4" ]; then
   step "GPU tests with flash-attn 4"
-  # the files where flash-attn 4 cases run (backends, hazard reproductions, speculative decoding), whole
-  python3 -m pytest tests/test_attention_backends.py tests/test_hazards.py tests/test_spec_decode.py -rA -q \
+  # the files where flash-attn 4 cases run (backends, hazard reproductions, speculative decoding, ragged steps), whole
+  python3 -m pytest tests/test_attention_backends.py tests/test_hazards.py tests/test_spec_decode.py \
+    tests/test_ragged_workload.py -rA -q \
     -p no:cacheprovider 2>&1 | tee /tmp/pytest-fa4.log
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   { header; python3 -c "import importlib.metadata as m; print('# flash-attn-4', m.version('flash-attn-4'))";
@@ -132,6 +133,7 @@ fi
 if has bench-fa4 && [ -n "$has_fa4" ]; then
   step "benchmark, flash-attn 4"
   python3 -m graphrunner_workloads.bench --attn flash-attn-4 --out "$results" || status=1
+  python3 -m graphrunner_workloads.ragged_bench --attention flash-attn-4 --out "$results" ${RAGGED_ARGS:-} || status=1
 fi
 
 if has bench-tp; then

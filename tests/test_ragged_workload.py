@@ -4,6 +4,7 @@ pages, and the eager engine's tokens equal each request's alone; on the GPU, the
 guard, the engine's graph modes give the same tokens as each request alone, in float32, and the ragged hazard
 reproduction (a token map sized for the requests) is named while its fixed twin passes."""
 import copy
+import dataclasses
 import functools
 import random
 
@@ -13,10 +14,12 @@ import torch
 import graphrunner as gr
 from conftest import assert_as_close_as_sdpa, float32_twin, gpu
 from graphrunner.testing import poison
+from graphrunner_workloads import ragged
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload, reference_tokens, step_inputs
 from graphrunner_workloads.ragged import (SPLIT, RaggedDecoder, RaggedMeta, decode_runner, pad_step,
                                           ragged_inputs, ragged_runner, random_decode_step, random_ragged_step)
+from graphrunner_workloads.reproductions import installed
 from graphrunner_workloads.reproductions import ragged as repro
 
 TINY = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=128, cache_len=64,
@@ -109,6 +112,25 @@ def test_the_flash_backend_equals_the_masked_step_with_the_keys_packed_and_its_b
     assert meta.real.tolist() == [True] * 40 + [False] * 8
     lens = step["seq_lens"].tolist()
     assert meta.cu_seqlens_k.tolist() == [0, *torch.tensor(lens).cumsum(0).tolist()]
+
+
+def test_the_ragged_decoder_names_what_it_cannot_run(monkeypatch):
+    """Each refusal names the argument and the fix; flash-attn 4 missing names the package to install."""
+    decoder = Decoder(TINY, device="cpu")
+    with pytest.raises(ValueError, match="attention must be one of .*'flash-attn-4'.*, got 'xformers'"):
+        RaggedDecoder(decoder, attention="xformers")
+    for attention in ("flash", "flash-attn-4"):
+        with pytest.raises(ValueError, match=rf"attention '{attention}' runs a FlashAttention varlen kernel: it needs "
+                                             r"a CUDA Decoder in float16 or bfloat16; this one is on cpu in "
+                                             r"torch.float32: use attention='sdpa'"):
+            RaggedDecoder(decoder, attention=attention)
+    with pytest.raises(ValueError, match="build the Decoder with page_size > 0"):
+        RaggedDecoder(Decoder(dataclasses.replace(TINY, page_size=0), device="cpu"))
+    if not installed("flash_attn.cute"):
+        monkeypatch.setattr(ragged, "flash_runs", lambda decoder: True)
+        with pytest.raises(ImportError, match=r"attention backend 'flash-attn-4' needs the package that provides "
+                                              r"flash_attn.cute: pip install .\[flash-attn-4\]"):
+            RaggedDecoder(decoder, attention="flash-attn-4")
 
 
 def test_the_mask_gives_each_token_its_own_requests_keys_up_to_its_position():
@@ -237,18 +259,22 @@ def test_the_decode_kernel_backend_equals_sdpa():
 
 
 @gpu
-def test_flash_attention_agrees_with_sdpa_in_bfloat16():
+@pytest.mark.parametrize("attention", ["flash", pytest.param("flash-attn-4", marks=pytest.mark.skipif(
+    not installed("flash_attn.cute"), reason="flash-attn 4 (flash_attn.cute) not installed"))])
+def test_flash_attention_agrees_with_sdpa_in_bfloat16(attention):
+    """A varlen kernel's step (torch's FlashAttention-2 on packed keys, or flash-attn 4 on the pages in place) is as
+    close to the float32 truth as the masked SDPA step; its runners validate with scrub and guard."""
     cfg = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=512, cache_len=512,
                         page_size=64, max_batch_size=8, dtype=torch.bfloat16)
     decoder = Decoder(cfg)
     twin = float32_twin(decoder)
     step = random_ragged_step(cfg, 300, 5, torch.Generator(device="cuda").manual_seed(6))
     with torch.no_grad():
-        flash = RaggedDecoder(copy.deepcopy(decoder), attention="flash")(**on_device(step))
+        flash = RaggedDecoder(copy.deepcopy(decoder), attention=attention)(**on_device(step))
         sdpa = RaggedDecoder(decoder)(**on_device(step))
         truth = RaggedDecoder(twin)(**on_device(step))
-    assert_as_close_as_sdpa(flash, sdpa, truth, "flash")
-    model = RaggedDecoder(decoder, attention="flash")
+    assert_as_close_as_sdpa(flash, sdpa, truth, attention)
+    model = RaggedDecoder(decoder, attention=attention)
     decode, mixed = decode_runner(model, 8), ragged_runner(model, [64, 512], 8)
     try:
         gr.capture_all(decode, mixed)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -89,7 +89,8 @@ def changed_settings(args: argparse.Namespace,
 
 def bench_main(argv: Optional[List[str]], module: str, parse: Callable[[List[str]], argparse.Namespace],
                run: Callable[[argparse.Namespace], Dict[str, object]], table: Callable[[Dict[str, object]], str],
-               plot: Callable[[Dict[str, object], Path], None], suffix: str) -> int:
+               plot: Callable[[Dict[str, object], Path], None],
+               suffix: Union[str, Callable[[argparse.Namespace], str]]) -> int:
     """A one-GPU benchmark's main: parse, run, note the settings away from the defaults, and write
     bench-<gpu>-<suffix>.json, .txt and .png; 2 where no GPU is visible.
 
@@ -100,13 +101,14 @@ def bench_main(argv: Optional[List[str]], module: str, parse: Callable[[List[str
         run: runs it on the parsed command line, returning the results.
         table: the report from the results.
         plot: plot(results, path) draws the PNG.
-        suffix: the results files' suffix ("ragged").
+        suffix: the results files' suffix ("ragged"), or a function of the parsed command line that gives it.
     """
     args = parse(sys.argv[1:] if argv is None else argv)
     if gpu_missing(module):
         return 2
     res = run(args)
     res["_changed"] = changed_settings(args, parse)
+    suffix = suffix(args) if callable(suffix) else suffix
     save_results(args.out, f"bench-{args.name or gpu_tag()}-{suffix}", table(res), res, plot)
     return 0
 

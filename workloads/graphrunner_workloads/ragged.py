@@ -36,8 +36,10 @@ Attention (`RaggedDecoder(attention=...)`):
   R * cache_len rows a layer whatever the step's lengths, so a step of one token per request (`decode`, the
   uniform runner's step) runs the "decode" kernel instead, which reads each request's keys in place: "flash" needs
   the workloads' decode extension built too.
-flash-attn 4's varlen paged path (flash_attn.cute) is not wired in: torch's built-in kernel gives a graph-safe
-varlen backend on every CUDA machine already, and flash-attn 4 is optional here.
+- "flash-attn-4": flash-attn 4's varlen paged kernel (flash_attn.cute): each request's queries (cu_seqlens) over
+  its keys read in place from its pages (seq_lens, page_table), the causal mask aligned to each request's last
+  key. Nothing is gathered, so its decode steps run it too. Its one host integer, the bound on a request's
+  queries, is T: graph-safe. CUDA and 16-bit dtypes; needs the flash-attn-4 package.
 
 The uniform decode runner an engine keeps beside the ragged one runs `RaggedDecoder.decode`: the same step with
 one token per request (its attention `decode_attention`: the step's own, or "decode" where that is "flash"), so its
@@ -54,7 +56,8 @@ import graphrunner as gr
 from graphrunner_workloads.attention import AttentionMeta, attention_backend, decode_attention
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, kv_slot, rms_norm, rotary
 
-ATTENTION = ("sdpa", "decode", "flash")
+ATTENTION = ("sdpa", "decode", "flash", "flash-attn-4")
+VARLEN = ("flash", "flash-attn-4")  # the backends whose kernels take cu_seqlens: padding tokens are in no request
 SPLIT = "query_lens"  # the ragged runner's split input
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH = torch.ops.aten._flash_attention_forward.default
@@ -80,8 +83,8 @@ def key_slots(seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int) 
 
 
 def flash_runs(decoder: Decoder) -> bool:
-    """Whether torch's FlashAttention-2 varlen kernel (the "flash" backend) runs for `decoder`: on CUDA, in float16
-    or bfloat16.
+    """Whether the FlashAttention varlen kernels (the "flash" and "flash-attn-4" backends) run for `decoder`: on
+    CUDA, in float16 or bfloat16.
 
     Args:
         decoder: the Decoder.
@@ -119,7 +122,7 @@ class RaggedMeta:
         mask: [T, R * cache_len] bool, the keys each token sees in the padded layout ("sdpa" only).
         per_token: each token as a decode row: its key count (position + 1) and its request's page-table row
             ("decode" only).
-        real: [T] bool, the tokens that belong to a request, False for padding tokens ("flash" only).
+        real: [T] bool, the tokens that belong to a request, False for padding tokens ("flash" and "flash-attn-4").
         key_slots: [R * cache_len] int64, where each request's keys sit in a layer's flat cache, packed request
             after request; cu_seqlens_k: [R + 1] int32, where each request's keys start ("flash" only; key_slots).
 
@@ -129,7 +132,7 @@ class RaggedMeta:
         seq_lens: [R] int32 each request's context, this step's tokens included.
         page_table: [R, pages_per_seq] int32 each request's pages.
         key_positions: [cache_len] 0..cache_len-1 on the device (the masked layout's key positions).
-        attention: the backend the meta is for ("sdpa", "decode" or "flash").
+        attention: the backend the meta is for (one of ATTENTION).
     """
 
     def __init__(self, positions: torch.Tensor, query_lens: torch.Tensor, seq_lens: torch.Tensor,
@@ -149,13 +152,14 @@ class RaggedMeta:
         self.real: Optional[torch.Tensor] = None
         self.key_slots: Optional[torch.Tensor] = None
         self.cu_seqlens_k: Optional[torch.Tensor] = None
-        if attention == "flash":
+        if attention in VARLEN:
             self.real = token_index < self.cu_seqlens[-1]
+        if attention == "flash":
             page_size = key_positions.shape[0] // page_table.shape[1]
             self.key_slots, self.cu_seqlens_k = key_slots(seq_lens, page_table, page_size)
         elif attention == "decode":
             self.per_token = AttentionMeta((positions + 1).int(), page_table[self.request])
-        else:
+        elif attention == "sdpa":
             same = self.request[:, None] == torch.arange(requests, device=positions.device)[None, :]
             causal = key_positions[None, :] <= positions[:, None]                 # [T, cache_len]
             within = key_positions[None, :] < seq_lens[:, None]                   # [R, cache_len]
@@ -189,15 +193,31 @@ def flash_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     varlen kernel, each request's keys gathered request after request (meta.key_slots), the causal mask aligned to
     each request's last key, where its last new token sits."""
     keys, values = packed_keys(k_cache, v_cache, meta)
-    out = varlen_flash(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, q.shape[0])
-    # Padding tokens are in no request: the kernel leaves their rows unwritten (whatever the pool held, NaN
-    # under validate's scrub). Zeroed, so their keys in later layers, written to the scratch page, stay finite:
-    # the "sdpa" backends read masked keys there, and a NaN key poisons even a masked score.
+    return _zero_padding(varlen_flash(q, keys, values, meta.cu_seqlens, meta.cu_seqlens_k, q.shape[0]), meta)
+
+
+def flash_attn_4_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: RaggedMeta) -> torch.Tensor:
+    """Attention of q [T, heads, dim] over one layer's paged cache [pages, page_size, heads, dim] through flash-attn
+    4's varlen paged kernel: each request's tokens over its keys, read in place from its pages, the causal mask
+    aligned to each request's last key, where its last new token sits."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens, seqused_k=meta.seq_lens,
+                                    page_table=meta.page_table, max_seqlen_q=q.shape[0], causal=True)
+    return _zero_padding(out, meta)
+
+
+def _zero_padding(out: torch.Tensor, meta: RaggedMeta) -> torch.Tensor:
+    """A varlen kernel's output with the padding tokens' rows zeroed. Padding tokens are in no request: the kernel
+    leaves their rows unwritten (whatever the pool held, NaN under validate's scrub). Zeroed, so their keys in later
+    layers, written to the scratch page, stay finite: the "sdpa" backends read masked keys there, and a NaN key
+    poisons even a masked score."""
     return torch.where(meta.real[:, None, None], out, 0)
 
 
 BACKENDS: Dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RaggedMeta], torch.Tensor]] = {
-    "sdpa": sdpa_ragged, "decode": decode_ragged, "flash": flash_ragged}
+    "sdpa": sdpa_ragged, "decode": decode_ragged, "flash": flash_ragged, "flash-attn-4": flash_attn_4_ragged}
 
 
 class RaggedDecoder(torch.nn.Module):
@@ -209,8 +229,9 @@ class RaggedDecoder(torch.nn.Module):
 
     Args:
         decoder: a paged Decoder (page_size > 0) on one GPU or the CPU, tensor parallelism off.
-        attention: "sdpa" (any device and dtype), "decode" (CUDA, the workloads' decode kernel) or "flash" (CUDA,
-            16-bit; its decode steps run "decode"); see the module's docstring.
+        attention: "sdpa" (any device and dtype), "decode" (CUDA, the workloads' decode kernel), "flash" (CUDA,
+            16-bit; its decode steps run "decode") or "flash-attn-4" (CUDA, 16-bit, the flash-attn-4 package); see
+            the module's docstring.
         sample: return each request's greedy token instead of its logits.
     """
 
@@ -228,12 +249,14 @@ class RaggedDecoder(torch.nn.Module):
                 raise ValueError(f"attention 'decode' runs on CUDA devices only, this Decoder is on "
                                  f"{decoder.embed.device}: use attention='sdpa'")
             attention_backend("decode")  # loads the kernels now: a build without them fails here
+        if attention in VARLEN and not flash_runs(decoder):
+            raise ValueError(f"attention {attention!r} runs a FlashAttention varlen kernel: it needs a CUDA Decoder "
+                             f"in float16 or bfloat16; this one is on {decoder.embed.device} in {cfg.dtype}: use "
+                             f"attention='sdpa'")
         if attention == "flash":
-            if not flash_runs(decoder):
-                raise ValueError(f"attention 'flash' runs torch's FlashAttention-2 varlen kernel: it needs a CUDA "
-                                 f"Decoder in float16 or bfloat16; this one is on {decoder.embed.device} in "
-                                 f"{cfg.dtype}: use attention='sdpa'")
             attention_backend("decode")  # its decode steps run the decode kernel
+        if attention == "flash-attn-4":
+            attention_backend("flash-attn-4")  # ImportError naming the package where flash_attn.cute is missing
         self.decoder, self.attention, self.sample = decoder, attention, sample
         self.attend = BACKENDS[attention]
         # A step of one token per request (decode()): "flash" gathers every request's whole cache a layer, the

@@ -10,12 +10,12 @@ for each step:
 - bare: replay of graphrunner's graph of T, the runner having staged the same step (untimed);
 - decode: a decode step of 8 requests through the uniform decode runner in the same pool, for the host time of
   a ragged step against a decode step.
-The ragged step's attention is --attention (default "flash": torch's FlashAttention-2 varlen kernel; decode steps
-run the decode kernel).
+The ragged step's attention is --attention (default "flash": torch's FlashAttention-2 varlen kernel, decode steps
+on the decode kernel; "flash-attn-4": flash-attn 4's varlen paged kernel for both).
 Then the engine loop (engine.py) serving one workload in its decode_only mode (mixed steps eagerly) and its ragged
 mode, turn about, on the 8-layer preset; and the pool of the decode and ragged runners captured together with
 gr.capture_all against the largest ragged graph alone in a fresh pool. Writes bench-<gpu>-ragged.json, .txt and
-.png into --out.
+.png into --out (bench-<gpu>-ragged-<attention>.* for an attention other than "flash").
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--cache-len", type=int, default=512, help="the step benchmark's cache positions per request")
     p.add_argument("--attention", choices=ATTENTION, default="flash",
                    help="the ragged step's attention: flash (torch's FlashAttention-2 varlen kernel on packed keys; "
-                   "decode steps run the decode kernel), decode (the workloads' decode kernel, a row per token) or "
-                   "sdpa (masked padded layout)")
+                   "decode steps run the decode kernel), flash-attn-4 (its varlen paged kernel, the pages read in "
+                   "place), decode (the workloads' decode kernel, a row per token) or sdpa (masked padded layout)")
     p.add_argument("--steps", type=int, default=200, help="timed steps per contender and T")
     p.add_argument("--engine-requests", type=int, default=48)
     p.add_argument("--engine-rounds", type=int, default=3, help="runs of the workload per engine mode, turn about")
@@ -72,14 +72,15 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None) -> DecoderConfig:
     """The benchmark decoder (bench.py's shape: hidden 1024, 8 heads of 128, bf16) with `layers` layers, pages of
-    256 and room for `--requests` requests of `cache_len` positions.
+    256 (128 for flash-attn 4, which loads a page of one key tile whole) and room for `--requests` requests of
+    `cache_len` positions.
 
     Args:
         layers: the decoder's layers.
         args: the parsed command line.
         cache_len: positions per request (rounded up to whole pages); default --cache-len.
     """
-    page = 256
+    page = 128 if args.attention == "flash-attn-4" else 256
     cache = cache_len or args.cache_len
     return DecoderConfig(layers=layers, cache_len=-(-cache // page) * page, page_size=page,
                          max_batch_size=args.requests)
@@ -306,12 +307,14 @@ def plot(res: Dict[str, object], path: Path) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Runs the benchmark and writes bench-<gpu>-ragged.json, .txt and .png; 2 where no GPU is visible.
+    """Runs the benchmark and writes bench-<gpu>-ragged.json, .txt and .png (bench-<gpu>-ragged-<attention> for an
+    attention other than "flash"); 2 where no GPU is visible.
 
     Args:
         argv: the command line; None reads sys.argv.
     """
-    return bench_main(argv, "graphrunner_workloads.ragged_bench", parse_args, run, table, plot, "ragged")
+    return bench_main(argv, "graphrunner_workloads.ragged_bench", parse_args, run, table, plot,
+                      lambda args: "ragged" + ("" if args.attention == "flash" else f"-{args.attention}"))
 
 
 if __name__ == "__main__":
