@@ -1,12 +1,15 @@
-# make test   makes .venv (it sees the system's packages), installs what is missing there, builds and installs
-#             graphrunner and graphrunner_workloads (workloads/) into it, and runs the suite against the installed
-#             packages (GPU tests skip without a GPU)
+# make test   makes .venv (it sees the system's packages), or uses the active virtual environment; installs what is
+#             missing there, builds and installs graphrunner and graphrunner_workloads (workloads/) into it, and runs
+#             the suite against the installed packages (GPU tests skip without a GPU)
 # make bench  the built-in benchmarks on one GPU, into benchmarks/results/: the decoder step, speculative
-#             decoding, ragged steps with the engine loop, piecewise steps, and capture memory (ATTN=sdpa or ATTN=flash-attn-4 picks the decoder's
-#             attention, default decode; TP=2 runs the decoder tensor-parallel on 2 GPUs through torchrun;
-#             ARGS="..." passes other flags to the decoder's)
+#             decoding, ragged steps with the engine loop, piecewise steps, and capture memory (ATTN=sdpa or
+#             ATTN=flash-attn-4 picks the decoder's attention, default decode; TP=2 runs the decoder tensor-parallel
+#             on 2 GPUs through torchrun; ARGS="..." passes other flags to the decoder's)
 PYTHON ?= python3
-VENV ?= .venv
+# Run from an active virtual environment (one that already holds torch, as on the GPU machines), make installs
+# into it; otherwise into .venv, which it makes.
+ACTIVE_VENV := $(shell $(PYTHON) -c "import sys; print(sys.prefix if sys.prefix != sys.base_prefix else '')")
+VENV ?= $(or $(ACTIVE_VENV),.venv)
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
