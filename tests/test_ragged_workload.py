@@ -133,6 +133,18 @@ def test_the_ragged_decoder_names_what_it_cannot_run(monkeypatch):
             RaggedDecoder(decoder, attention="flash-attn-4")
 
 
+def test_the_benches_presets_build_from_their_own_command_lines():
+    """ragged_bench's preset serves piecewise_bench too, from piecewise_bench's command line (which has no
+    --attention); pages are sized for the ragged step's attention (flash-attn 4: one key tile of 128)."""
+    from graphrunner_workloads import piecewise_bench, ragged_bench
+    for attention, page in (("flash", 256), ("flash-attn-4", 128)):
+        args = ragged_bench.parse_args(["--attention", attention])
+        cfg = ragged_bench.preset(8, args, attention=args.attention)
+        assert (cfg.layers, cfg.page_size, cfg.cache_len, cfg.max_batch_size) == (8, page, 512, 8)
+    cfg = ragged_bench.preset(32, piecewise_bench.parse_args([]))
+    assert (cfg.layers, cfg.page_size, cfg.max_batch_size) == (32, 256, 8)
+
+
 def test_the_mask_gives_each_token_its_own_requests_keys_up_to_its_position():
     positions = torch.tensor([5, 6, 7, 0, 2, 0, 0])  # request 0: 3 tokens, request 1: 1, request 2: 1, 2 padding
     query_lens = torch.tensor([3, 1, 1, 0], dtype=torch.int32)

@@ -70,7 +70,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None) -> DecoderConfig:
+def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None,
+           attention: str = "flash") -> DecoderConfig:
     """The benchmark decoder (bench.py's shape: hidden 1024, 8 heads of 128, bf16) with `layers` layers, pages of
     256 (128 for flash-attn 4, which loads a page of one key tile whole) and room for `--requests` requests of
     `cache_len` positions.
@@ -79,8 +80,9 @@ def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = Non
         layers: the decoder's layers.
         args: the parsed command line.
         cache_len: positions per request (rounded up to whole pages); default --cache-len.
+        attention: the ragged step's attention, which sets the page size.
     """
-    page = 128 if args.attention == "flash-attn-4" else 256
+    page = 128 if attention == "flash-attn-4" else 256
     cache = cache_len or args.cache_len
     return DecoderConfig(layers=layers, cache_len=-(-cache // page) * page, page_size=page,
                          max_batch_size=args.requests)
@@ -95,7 +97,7 @@ def step_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> Tu
         layers: the preset's layers.
         gen: draws the steps (on the GPU).
     """
-    cfg = preset(layers, args)
+    cfg = preset(layers, args, attention=args.attention)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
     decode, mixed = decode_runner(model, args.requests), ragged_runner(model, sizes, args.requests)
@@ -146,7 +148,7 @@ def engine_keys(args: argparse.Namespace) -> Dict[str, object]:
     """
     workload = Workload(requests=args.engine_requests, prompt_lens=(1, args.prompt_max),
                         output_lens=(1, args.output_max))
-    cfg = preset(8, args, cache_len=workload.longest)
+    cfg = preset(8, args, cache_len=workload.longest, attention=args.attention)
     model = RaggedDecoder(Decoder(cfg), attention=args.attention, sample=True)
     engines = {mode: Engine(model, mode, budget=args.budget, max_running=args.requests)
                for mode in ("decode_only", "ragged")}
@@ -184,7 +186,7 @@ def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
     Args:
         args: the parsed command line.
     """
-    cfg = preset(8, args)
+    cfg = preset(8, args, attention=args.attention)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
     pools, growth = {}, {}
