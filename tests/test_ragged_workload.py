@@ -145,6 +145,23 @@ def test_the_benches_presets_build_from_their_own_command_lines():
     assert (cfg.layers, cfg.page_size, cfg.max_batch_size) == (32, 256, 8)
 
 
+def test_the_benches_split_a_pool_by_segment_kind(monkeypatch):
+    """segment_mib sums one pool's segments by torch's kind (small, large) from the snapshot that takes no
+    arguments, leaving other pools' alone."""
+    from graphrunner_workloads import ragged_bench
+    MiB = 1 << 20
+    segments = [{"segment_pool_id": (1, 0), "segment_type": "small", "total_size": 2 * MiB},
+                {"segment_pool_id": (1, 0), "segment_type": "small", "total_size": 2 * MiB},
+                {"segment_pool_id": (1, 0), "segment_type": "large", "total_size": 62 * MiB},
+                {"segment_pool_id": (0, 3), "segment_type": "large", "total_size": 20 * MiB},
+                {"segment_pool_id": (0, 0), "segment_type": "small", "total_size": 2 * MiB}]
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a, **k: {"segments": segments})
+    assert ragged_bench.segment_mib((1, 0)) == {"small": 4.0, "large": 62.0}
+    assert ragged_bench.segment_mib((0, 3)) == {"small": 0.0, "large": 20.0}
+    assert ragged_bench.segment_line({"small": 8.0, "large": 60.0}, {"small": 2.0, "large": 60.0}) == \
+        "segments (small / large MiB): together 8.0 / 60.0, alone 2.0 / 60.0"
+
+
 def test_the_mask_gives_each_token_its_own_requests_keys_up_to_its_position():
     positions = torch.tensor([5, 6, 7, 0, 2, 0, 0])  # request 0: 3 tokens, request 1: 1, request 2: 1, 2 padding
     query_lens = torch.tensor([3, 1, 1, 0], dtype=torch.int32)

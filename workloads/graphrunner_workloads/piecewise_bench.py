@@ -40,7 +40,7 @@ from graphrunner_workloads.bench import (add_output_arguments, bench_main, round
 from graphrunner_workloads.decoder import Decoder
 from graphrunner_workloads.piecewise import CommonPiecewiseRunner, PiecewiseRaggedDecoder
 from graphrunner_workloads.ragged import SPLIT, decode_runner, ragged_runner, random_ragged_step
-from graphrunner_workloads.ragged_bench import preset
+from graphrunner_workloads.ragged_bench import preset, segment_line, segment_mib
 
 CONTENDERS = ["eager", "common", "piecewise", "shared", "full", "noop"]
 MiB = 1024 * 1024
@@ -168,17 +168,20 @@ def pool_keys(args: argparse.Namespace, layers: int) -> Dict[str, object]:
     model = PiecewiseRaggedDecoder(Decoder(cfg), "varlen")
     families = {"together": lambda: [decode_runner(model, args.requests), ragged_runner(model, sizes, args.requests)],
                 "alone": lambda: [ragged_runner(model, [max(sizes)], args.requests)]}
-    reports = {}
+    reports, segments = {}, {}
     for label, family in families.items():
         torch.cuda.empty_cache()
         captured = family()
         gr.capture_all(*captured)
         reports[label] = [runner.record.report() for runner in captured]
+        segments[label] = segment_mib(captured[0].record.pool)
         for runner in captured:
             runner.close()
     pool = {label: sum(r.pool_bytes for r in family) for label, family in reports.items()}
     return {"piecewise_pool_mib_together": pool["together"] / MiB, "piecewise_pool_mib_largest_alone":
             pool["alone"] / MiB, "piecewise_pool_ratio": pool["together"] / pool["alone"], "pool_layers": layers,
+            "piecewise_pool_segments_mib_together": segments["together"],
+            "piecewise_pool_segments_mib_alone": segments["alone"],
             # The executables of the family, outside the pool: one a segment of every size of both runners.
             "piecewise_family_executables": sum(r.graphs for r in reports["together"]),
             "piecewise_family_exec_mib": sum(r.exec_bytes for r in reports["together"]) / MiB}
@@ -258,6 +261,7 @@ def table(res: Dict[str, object]) -> str:
             f"{res['piecewise_pool_mib_together']:.1f}, the largest piecewise size alone "
             f"{res['piecewise_pool_mib_largest_alone']:.1f}; the family's {res['piecewise_family_executables']} "
             f"executables take {res['piecewise_family_exec_mib']:.1f} MiB besides",
+            "  " + segment_line(res["piecewise_pool_segments_mib_together"], res["piecewise_pool_segments_mib_alone"]),
             f"executables a size ({res['executables_layers']} layers, largest T): "
             f"{res['piecewise_executables_unshared']} unshared (one a segment), "
             f"{res['piecewise_executables_shared']} with share_segments ({res['piecewise_distinct_structures']} "

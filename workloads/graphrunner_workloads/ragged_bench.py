@@ -179,6 +179,28 @@ def engine_keys(args: argparse.Namespace) -> Dict[str, object]:
             "_engine_rates": rates}
 
 
+def segment_mib(pool: Tuple[int, int]) -> Dict[str, float]:
+    """The pool's segments by torch's kind, MiB: "small" (2 MiB segments for blocks up to 1 MiB, which no larger
+    block shares) and "large". Read while its graphs live.
+
+    Args:
+        pool: the pool's id (a runner's record.pool).
+    """
+    # torch.cuda.memory._snapshot() takes no arguments: memory_snapshot(mempool_id=) drops references to the id's
+    # items (graphrunner/pool.py, Note [snapshots that take no arguments]).
+    mib = {"small": 0.0, "large": 0.0}
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        if tuple(seg["segment_pool_id"]) == tuple(pool):
+            mib[seg["segment_type"]] += seg["total_size"] / MiB
+    return mib
+
+
+def segment_line(together: Dict[str, float], alone: Dict[str, float]) -> str:
+    """The report's line of a pool's segments by kind, together against alone."""
+    return (f"segments (small / large MiB): together {together['small']:.1f} / {together['large']:.1f}, alone "
+            f"{alone['small']:.1f} / {alone['large']:.1f}")
+
+
 def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
     """Pool bytes of the decode and ragged runners captured together (gr.capture_all, one pool) over the largest
     ragged graph alone in a fresh pool, on the 8-layer preset.
@@ -189,7 +211,7 @@ def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
     cfg = preset(8, args, attention=args.attention)
     sizes = [int(s) for s in args.sizes.split(",")]
     model = RaggedDecoder(Decoder(cfg), attention=args.attention)
-    pools, growth = {}, {}
+    pools, growth, segments = {}, {}, {}
     for label, runners in (("together", lambda: [decode_runner(model, args.requests),
                                                   ragged_runner(model, sizes, args.requests)]),
                            ("alone", lambda: [ragged_runner(model, [max(sizes)], args.requests)])):
@@ -201,11 +223,13 @@ def pool_keys(args: argparse.Namespace) -> Dict[str, object]:
         # Where the pool grew, in capture order's terms: "runner size MiB" for each size that grew it.
         growth[label] = [f"{r.name} {s.size} {s.pool_bytes_added / MiB:.1f}" for r in reports for s in r.sizes
                          if s.pool_bytes_added]
+        segments[label] = segment_mib(built[0].record.pool)
         for r in built:
             r.close()
     return {"pool_mib_together": pools["together"] / MiB, "pool_mib_largest_alone": pools["alone"] / MiB,
             "ragged_pool_ratio": pools["together"] / pools["alone"], "pool_growth_together": growth["together"],
-            "pool_growth_alone": growth["alone"]}
+            "pool_growth_alone": growth["alone"], "pool_segments_mib_together": segments["together"],
+            "pool_segments_mib_alone": segments["alone"]}
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
@@ -265,7 +289,8 @@ def table(res: Dict[str, object]) -> str:
             f"pool MiB: decode + ragged runners together {res['pool_mib_together']:.1f}, largest ragged graph alone "
             f"{res['pool_mib_largest_alone']:.1f}",
             f"  grown by (runner size MiB), together: {', '.join(res['pool_growth_together'])}; alone: "
-            f"{', '.join(res['pool_growth_alone'])}", ""]
+            f"{', '.join(res['pool_growth_alone'])}",
+            f"  {segment_line(res['pool_segments_mib_together'], res['pool_segments_mib_alone'])}", ""]
     out += target_header(res.get("_changed", []))
     out += target_lines(res, targets(res))
     reported = [k for k in sorted(res) if k.startswith(("ragged_run_vs_eager", "ragged_run_vs_common"))
