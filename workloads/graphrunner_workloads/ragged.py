@@ -200,7 +200,14 @@ def flash_attn_4_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         meta: RaggedMeta) -> torch.Tensor:
     """Attention of q [T, heads, dim] over one layer's paged cache [pages, page_size, heads, dim] through flash-attn
     4's varlen paged kernel: each request's tokens over its keys, read in place from its pages, the causal mask
-    aligned to each request's last key, where its last new token sits."""
+    aligned to each request's last key, where its last new token sits.
+
+    Args:
+        q: [T, heads, dim] the step's queries, request after request (padding tokens last).
+        k_cache: one layer's keys [pages, page_size, heads, dim].
+        v_cache: its values, alike.
+        meta: the step's RaggedMeta for "flash-attn-4" (cu_seqlens, seq_lens, page_table, real).
+    """
     from flash_attn.cute import flash_attn_varlen_func
 
     out, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens, seqused_k=meta.seq_lens,

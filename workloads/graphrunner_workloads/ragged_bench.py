@@ -196,7 +196,12 @@ def segment_mib(pool: Tuple[int, int]) -> Dict[str, float]:
 
 
 def segment_line(together: Dict[str, float], alone: Dict[str, float]) -> str:
-    """The report's line of a pool's segments by kind, together against alone."""
+    """The report's line of a pool's segments by kind, together against alone.
+
+    Args:
+        together: segment_mib of the pool every runner of the family was captured into.
+        alone: segment_mib of the largest size's pool, captured alone.
+    """
     return (f"segments (small / large MiB): together {together['small']:.1f} / {together['large']:.1f}, alone "
             f"{alone['small']:.1f} / {alone['large']:.1f}")
 
