@@ -18,7 +18,7 @@ from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_b
 from graphrunner_workloads import memory_bench, piecewise, ragged
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.memory_bench import family_model, family_runners, profile_steps, stand_in
-from graphrunner_workloads.ragged import SPLIT, ragged_runner, random_decode_step, random_ragged_step
+from graphrunner_workloads.ragged import SPLIT, page_size_for, ragged_runner, random_decode_step, random_ragged_step
 
 MiB = 1 << 20
 IDS = {"ids": gr.StaticInput((), torch.long)}
@@ -371,9 +371,9 @@ def test_a_family_presets_process_takes_every_setting_it_is_given(name, tmp_path
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr and "error:" not in out.stderr, out.stderr
 
 
-# A family decoder small enough for the CPU, with the bench's cache layout (pages of 256, 512 positions).
+# A family decoder small enough for the CPU, with the bench's cache layout for "flash" (pages of 256, 512 positions).
 CPU_FAMILY = DecoderConfig(layers=2, hidden=64, heads=2, head_dim=32, intermediate=128, vocab=128,
-                           cache_len=memory_bench.FAMILY_CACHE_LEN, page_size=memory_bench.FAMILY_PAGE,
+                           cache_len=memory_bench.FAMILY_CACHE_LEN, page_size=page_size_for("flash"),
                            max_batch_size=8, dtype=torch.float32)
 
 

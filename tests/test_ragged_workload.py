@@ -288,13 +288,17 @@ def test_the_decode_kernel_backend_equals_sdpa():
 
 
 @gpu
-@pytest.mark.parametrize("attention", ["flash", pytest.param("flash-attn-4", marks=pytest.mark.skipif(
-    not installed("flash_attn.cute"), reason="flash-attn 4 (flash_attn.cute) not installed"))])
-def test_flash_attention_agrees_with_sdpa_in_bfloat16(attention):
+@pytest.mark.parametrize("attention, head_dim, page_size", [("flash", 64, 64)] + [
+    pytest.param("flash-attn-4", head_dim, page_size, marks=pytest.mark.skipif(
+        not installed("flash_attn.cute"), reason="flash-attn 4 (flash_attn.cute) not installed"))
+    # pages of 64 keys load row by row; pages of one key tile (128 at head dim 128, the benchmark's) whole, by TMA,
+    # with the rows past a request's last key in its last page read too
+    for head_dim, page_size in ((64, 64), (128, 128))])
+def test_flash_attention_agrees_with_sdpa_in_bfloat16(attention, head_dim, page_size):
     """A varlen kernel's step (torch's FlashAttention-2 on packed keys, or flash-attn 4 on the pages in place) is as
     close to the float32 truth as the masked SDPA step; its runners validate with scrub and guard."""
-    cfg = DecoderConfig(layers=2, hidden=256, heads=4, head_dim=64, intermediate=512, vocab=512, cache_len=512,
-                        page_size=64, max_batch_size=8, dtype=torch.bfloat16)
+    cfg = DecoderConfig(layers=2, hidden=4 * head_dim, heads=4, head_dim=head_dim, intermediate=512, vocab=512,
+                        cache_len=512, page_size=page_size, max_batch_size=8, dtype=torch.bfloat16)
     decoder = Decoder(cfg)
     twin = float32_twin(decoder)
     step = random_ragged_step(cfg, 300, 5, torch.Generator(device="cuda").manual_seed(6))

@@ -47,8 +47,8 @@ import graphrunner as gr
 from graphrunner_workloads.bench import add_output_arguments, gpu_missing, gpu_tag, target_lines
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder
-from graphrunner_workloads.ragged import (ATTENTION, SPLIT, RaggedDecoder, decode_runner, ragged_runner,
-                                          random_decode_step, random_ragged_step)
+from graphrunner_workloads.ragged import (ATTENTION, SPLIT, RaggedDecoder, decode_runner, page_size_for,
+                                          ragged_runner, random_decode_step, random_ragged_step)
 from graphrunner_workloads.spec_decode import SpecConfig, make_models, make_runners
 
 MiB = 1024 * 1024
@@ -56,7 +56,6 @@ STAND_IN_PAGES = 4
 FAMILIES = ("ragged", "piecewise")
 FAMILY_LAYERS = 8
 FAMILY_CACHE_LEN = 512  # positions per request (ragged_bench's --cache-len)
-FAMILY_PAGE = 256  # ragged_bench's pages
 PIECEWISE_BREAKS = ("varlen", "loop", "noop")  # piecewise.PIECEWISE_ATTENTION less "packed", which never breaks
 TARGETS = [("dry_run_error_L8", "<=", 0.02), ("dry_run_error_L32", "<=", 0.02), ("dry_run_error_spec", "<=", 0.02),
            ("dry_run_error_ragged", "<=", 0.02), ("dry_run_error_piecewise", "<=", 0.02),
@@ -172,14 +171,15 @@ def spec_keys() -> Tuple[Dict[str, float], List[str]]:
     return res, [f"spec: {real.summary()}", f"spec: {plan.summary()}"]
 
 
-def family_config(requests: int) -> DecoderConfig:
-    """ragged_bench's 8-layer preset: bench.py's decoder shape (hidden 1024, 8 heads of 128, bf16), pages of 256,
-    and room for `requests` requests of 512 positions.
+def family_config(requests: int, attention: str) -> DecoderConfig:
+    """ragged_bench's 8-layer preset: bench.py's decoder shape (hidden 1024, 8 heads of 128, bf16), pages of
+    page_size_for(attention), and room for `requests` requests of 512 positions.
 
     Args:
         requests: the most requests of a step (the decode runner's largest batch, the ragged runner's R).
+        attention: the family's attention, which sets the page size.
     """
-    return DecoderConfig(layers=FAMILY_LAYERS, cache_len=FAMILY_CACHE_LEN, page_size=FAMILY_PAGE,
+    return DecoderConfig(layers=FAMILY_LAYERS, cache_len=FAMILY_CACHE_LEN, page_size=page_size_for(attention),
                          max_batch_size=requests)
 
 
@@ -235,9 +235,9 @@ def family_keys(args: argparse.Namespace, family: str) -> Tuple[Dict[str, float]
         args: the parsed command line (--requests, --ragged-sizes, the family's attention).
         family: "ragged" or "piecewise".
     """
-    cfg = family_config(args.requests)
     sizes = args.ragged_sizes
     attention = args.ragged_attention if family == "ragged" else args.piecewise_attention
+    cfg = family_config(args.requests, attention)
     decoder = Decoder(cfg)
     model = family_model(family, decoder, attention)
     profile_steps(model, sizes, args.requests, torch.Generator(device="cuda").manual_seed(0))

@@ -63,6 +63,16 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH = torch.ops.aten._flash_attention_forward.default
 
 
+def page_size_for(attention: str) -> int:
+    """The benchmarks' page size for a ragged step's attention: 128 for flash-attn 4, whose kernel loads a page of
+    one key tile (128 keys at head dim 128) whole, 256 for the others.
+
+    Args:
+        attention: one of ATTENTION.
+    """
+    return 128 if attention == "flash-attn-4" else 256
+
+
 def key_slots(seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Where each request's keys sit in a layer's flat cache ([pages * page_size] rows), packed request after
     request: (slots [R * cache_len] int64, the first cu_seqlens_k[-1] of them keys; cu_seqlens_k [R + 1] int32).
@@ -210,6 +220,8 @@ def flash_attn_4_ragged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """
     from flash_attn.cute import flash_attn_varlen_func
 
+    # Called directly, not through attention.py's custom op: graph capture records the same kernels either way,
+    # and nothing here runs under torch.compile (which would trace into flash_attn.cute's Python).
     out, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=meta.cu_seqlens, seqused_k=meta.seq_lens,
                                     page_table=meta.page_table, max_seqlen_q=q.shape[0], causal=True)
     return _zero_padding(out, meta)

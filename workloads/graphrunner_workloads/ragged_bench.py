@@ -34,7 +34,8 @@ from graphrunner_workloads.bench import (add_output_arguments, bench_main, round
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, CommonRaggedRunner, RaggedDecoder, decode_runner,
-                                          ragged_inputs, ragged_runner, random_decode_step, random_ragged_step)
+                                          page_size_for, ragged_inputs, ragged_runner, random_decode_step,
+                                          random_ragged_step)
 from graphrunner_workloads.traces import round_ratios
 
 CONTENDERS = ["eager", "common", "graphrunner", "bare", "decode"]
@@ -73,8 +74,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = None,
            attention: str = "flash") -> DecoderConfig:
     """The benchmark decoder (bench.py's shape: hidden 1024, 8 heads of 128, bf16) with `layers` layers, pages of
-    256 (128 for flash-attn 4, which loads a page of one key tile whole) and room for `--requests` requests of
-    `cache_len` positions.
+    page_size_for(attention) and room for `--requests` requests of `cache_len` positions.
 
     Args:
         layers: the decoder's layers.
@@ -82,7 +82,7 @@ def preset(layers: int, args: argparse.Namespace, cache_len: Optional[int] = Non
         cache_len: positions per request (rounded up to whole pages); default --cache-len.
         attention: the ragged step's attention, which sets the page size.
     """
-    page = 128 if attention == "flash-attn-4" else 256
+    page = page_size_for(attention)
     cache = cache_len or args.cache_len
     return DecoderConfig(layers=layers, cache_len=-(-cache // page) * page, page_size=page,
                          max_batch_size=args.requests)
