@@ -60,5 +60,6 @@ cpp-test: deps
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
+# Removes .venv, the one make made, never an active virtual environment it installed into.
 clean:
-	rm -rf build workloads/build graphrunner/*.so workloads/graphrunner_workloads/*.so $(VENV)
+	rm -rf build workloads/build graphrunner/*.so workloads/graphrunner_workloads/*.so .venv
