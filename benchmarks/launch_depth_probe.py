@@ -1,0 +1,54 @@
+"""`python -P benchmarks/launch_depth_probe.py` (GPU): the host time of one graph launch against the number of
+launches of the same stream still queued before it. A piecewise step launches one graph per segment back to back
+(33 at 32 layers, 9 at 8), each queued behind the ones before while the GPU works: piecewise_bench's host time a
+break grew from 2.3 us at 8 layers to 6.7 at 32 (bench-h200-piecewise.txt). Each graph here is one kernel that spins
+about 100 us (torch.cuda._sleep) and `nodes - 1` tiny kernels; per round, 40 replays are launched back to back after
+a synchronize, each timed on the host; the medians over rounds are printed per position in the queue.
+"""
+import statistics
+import time
+
+import torch
+
+ROUNDS = 30
+DEPTH = 40
+
+
+def graph_of(nodes: int) -> torch.cuda.CUDAGraph:
+    x = torch.zeros(16, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x.add_(1)  # warm-up outside the capture
+        with torch.cuda.graph(g, stream=s):
+            torch.cuda._sleep(200_000)
+            for _ in range(nodes - 1):
+                x.add_(1)
+    torch.cuda.synchronize()
+    g._keep = x  # the graph reads x
+    return g
+
+
+def profile(g: torch.cuda.CUDAGraph) -> list:
+    times = [[] for _ in range(DEPTH)]
+    for _ in range(ROUNDS):
+        torch.cuda.synchronize()
+        for i in range(DEPTH):
+            start = time.perf_counter_ns()
+            g.replay()
+            times[i].append((time.perf_counter_ns() - start) / 1000)
+    torch.cuda.synchronize()
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: host us of CUDAGraph.replay() by its position "
+          f"in a burst of {DEPTH} (median of {ROUNDS} rounds); each graph spins ~100 us on the GPU")
+    for nodes in (1, 12):
+        medians = profile(graph_of(nodes))
+        row = " ".join(f"{m:5.1f}" for m in medians)
+        print(f"{nodes:>3} nodes: {row}")
+
+
+if __name__ == "__main__":
+    main()
