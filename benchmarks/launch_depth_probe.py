@@ -3,7 +3,8 @@ launches of the same stream still queued before it. A piecewise step launches on
 (33 at 32 layers, 9 at 8), each queued behind the ones before while the GPU works: piecewise_bench's host time a
 break grew from 2.3 us at 8 layers to 6.7 at 32 (bench-h200-piecewise.txt). Each graph here is one kernel that spins
 about 100 us (torch.cuda._sleep) and `nodes - 1` tiny kernels; per round, 40 replays are launched back to back after
-a synchronize, each timed on the host; the medians over rounds are printed per position in the queue.
+a synchronize, each timed on the host; the medians over rounds are printed per position in the queue. Then the same
+bursts taking 9, 33 or 132 distinct graphs in turn, as a piecewise step's segments are.
 """
 import statistics
 import time
@@ -29,11 +30,13 @@ def graph_of(nodes: int) -> torch.cuda.CUDAGraph:
     return g
 
 
-def profile(g: torch.cuda.CUDAGraph) -> list:
+def profile(graphs: list) -> list:
+    """Median host us of each position in a burst of DEPTH launches, taking the graphs in turn."""
     times = [[] for _ in range(DEPTH)]
     for _ in range(ROUNDS):
         torch.cuda.synchronize()
         for i in range(DEPTH):
+            g = graphs[i % len(graphs)]
             start = time.perf_counter_ns()
             g.replay()
             times[i].append((time.perf_counter_ns() - start) / 1000)
@@ -45,9 +48,14 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: host us of CUDAGraph.replay() by its position "
           f"in a burst of {DEPTH} (median of {ROUNDS} rounds); each graph spins ~100 us on the GPU")
     for nodes in (1, 12):
-        medians = profile(graph_of(nodes))
-        row = " ".join(f"{m:5.1f}" for m in medians)
-        print(f"{nodes:>3} nodes: {row}")
+        medians = profile([graph_of(nodes)])
+        print(f"{nodes:>3} nodes, one graph: " + " ".join(f"{m:5.1f}" for m in medians))
+    # A piecewise step launches a different executable per segment: 9 at 8 layers, 33 at 32 (and 4 sizes of each).
+    for distinct in (9, 33, 132):
+        graphs = [graph_of(12) for _ in range(distinct)]
+        medians = profile(graphs)
+        print(f" 12 nodes, {distinct:>3} graphs in turn: median {statistics.median(medians[1:]):.1f} us a launch "
+              f"(first {medians[0]:.1f})")
 
 
 if __name__ == "__main__":
