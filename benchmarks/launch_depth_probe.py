@@ -31,11 +31,13 @@ def graph_of(nodes: int) -> torch.cuda.CUDAGraph:
 
 
 def profile(graphs: list) -> list:
-    """Median host us of each position in a burst of DEPTH launches, taking the graphs in turn."""
-    times = [[] for _ in range(DEPTH)]
+    """Median host us of each position in a burst of DEPTH launches (or one per graph, if more), taking the graphs
+    in turn."""
+    depth = max(DEPTH, len(graphs))
+    times = [[] for _ in range(depth)]
     for _ in range(ROUNDS):
         torch.cuda.synchronize()
-        for i in range(DEPTH):
+        for i in range(depth):
             g = graphs[i % len(graphs)]
             start = time.perf_counter_ns()
             g.replay()
