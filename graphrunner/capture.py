@@ -101,12 +101,27 @@ def capture_order(specs: Sequence[RunnerSpec]) -> List[Tuple[int, int]]:
                                                 for size in spec.capture_sizes), reverse=True)]
 
 
+def _memory(device: torch.device) -> Tuple[int, int]:
+    """The driver's free memory and torch's reserved memory on `device`, as they stand.
+
+    Note [first-use bytes]: each size's capture is read between two of these: the fall of free memory less the
+    growth of torch's reserved memory is what the driver handed out outside torch's allocator meanwhile
+    (SizeEntry.outside_bytes). Allocations are host-side calls, so no synchronize is needed. Most of it is the
+    size's executables, read inside the window by Graph.exec_bytes around instantiation and upload; the rest is
+    the first-use bytes: memory the size's capture took outside both, which the warm-up at the largest size did
+    not take. On the H200 the workloads' decoder takes some at size 1 (benchmarks/results/exec-memory-probe-h200.txt),
+    whatever CUDA_MODULE_LOADING says; like executables' memory, the driver keeps it for the process's later
+    graphs, so it shows in a process's first capture of a model only.
+    """
+    return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+
+
 def _settled_memory(device: torch.device) -> Tuple[int, int]:
     """The driver's free memory and torch's reserved memory on `device`, once the device is idle and torch's
     cache is emptied."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+    return _memory(device)
 
 
 def _schedule(captures: Sequence[Capture], pool: Any, records: List[CaptureRecord]
@@ -213,7 +228,7 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
     with capture_guard.watch((spec.name, size), record.label(size)) as kept:
-        reserved = torch.cuda.memory_reserved(record.device)
+        free, reserved = _memory(record.device)
         start = time.perf_counter()
         # One segment, or one more after each break op fn calls (graphrunner/piecewise.py).
         with Segments(record.pool, stream, spec.capture_error_mode, long_lived, record.label(size),
@@ -233,9 +248,10 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
         outputs = map_tensors(out, lambda name, t: t if name in buffers else alias(t))
         del out
         footprint = [block for g in segments.graphs for block in g.footprint]
-        record.entries[size] = SizeEntry(size, graph, outputs, footprint, kept, elapsed_ms,
-                                         torch.cuda.memory_reserved(record.device) - reserved, rest,
-                                         segments.breaks)
+        free_after, reserved_after = _memory(record.device)
+        record.entries[size] = SizeEntry(size, graph, outputs, footprint, kept, elapsed_ms, reserved_after - reserved,
+                                         rest, segments.breaks,
+                                         outside_bytes=max(0, free - free_after - (reserved_after - reserved)))
 
 
 def _fill_capture_inputs(spec: RunnerSpec, record: CaptureRecord, size: int) -> None:

@@ -35,6 +35,8 @@ class SizeEntry:
         segments: a piecewise size's graphs after the first, one after each break (empty for a size captured
             whole); footprint covers them too.
         breaks: the break op calls between the graphs (graphrunner.piecewise.Break), one per segment.
+        outside_bytes: device memory outside torch's allocator that the driver handed out while this size was
+            captured, instantiated and uploaded: its executables', and whatever was first used meanwhile.
     """
 
     size: int
@@ -46,6 +48,7 @@ class SizeEntry:
     pool_bytes_added: int
     segments: List[Graph] = field(default_factory=list)
     breaks: List[Any] = field(default_factory=list)
+    outside_bytes: int = 0
 
     @property
     def graphs(self) -> List[Graph]:
@@ -57,6 +60,12 @@ class SizeEntry:
         """Device memory the driver took for this size's executable graphs (`Graph.exec_bytes`, summed; a graph
         that shares another's executable took none of its own)."""
         return sum(g.exec_bytes for g in self.graphs)
+
+    @property
+    def first_use_bytes(self) -> int:
+        """What the driver handed out outside torch's allocator during this size's capture beyond its executables'
+        (see Note [first-use bytes] in graphrunner/capture.py)."""
+        return max(0, self.outside_bytes - self.exec_bytes)
 
 
 @dataclass
@@ -143,7 +152,8 @@ class CaptureRecord:
             seen.update(g.exec_handle for g in own)
             sizes.append(SizeReport(e.size, e.capture_ms, e.pool_bytes_added, sum(g.num_nodes for g in e.graphs),
                                     e.exec_bytes, len(e.graphs), executables=len({g.exec_handle for g in e.graphs}),
-                                    instantiated=len(own), exec_nodes=sum(g.num_nodes for g in own)))
+                                    instantiated=len(own), exec_nodes=sum(g.num_nodes for g in own),
+                                    first_use_bytes=e.first_use_bytes))
         return CaptureReport(
             name=self.name, rank=rank, warmup_ms=self.warmup_ms,
             workspace_bytes=sum(nbytes for _, _, nbytes in self.workspace_blocks()),
@@ -169,6 +179,8 @@ class SizeReport:
         instantiated: the executables its graphs instantiated themselves (the rest share one instantiated before);
             default graphs.
         exec_nodes: nodes of the executables it instantiated; default num_nodes.
+        first_use_bytes: device memory outside torch's allocator the driver handed out during its capture beyond
+            its executables' (Note [first-use bytes] in graphrunner/capture.py); read in 2 MiB chunks like them.
     """
 
     size: int
@@ -180,6 +192,7 @@ class SizeReport:
     executables: Optional[int] = None
     instantiated: Optional[int] = None
     exec_nodes: Optional[int] = None
+    first_use_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.executables is None:
@@ -191,8 +204,8 @@ class SizeReport:
 
     @property
     def bytes(self) -> int:
-        """What this size added: pool growth and executables."""
-        return self.pool_bytes_added + self.exec_bytes
+        """What this size added: pool growth, executables and first-use bytes."""
+        return self.pool_bytes_added + self.exec_bytes + self.first_use_bytes
 
 
 def _mib(nbytes: Optional[int]) -> str:
@@ -204,9 +217,10 @@ class CaptureReport:
     """What `capture()` did, per size, plus the warm-up, the workspaces kept alive and the static inputs: every
     byte a runner's graphs hold.
 
-    The bytes add up as `bytes` = pool + executables + workspaces + static inputs: the pool's growth while this
-    runner's sizes were captured, the driver's memory for their executable graphs (outside torch's allocator),
-    the library workspaces the graphs own, and the static input buffers. Runners captured together share one
+    The bytes add up as `bytes` = pool + executables + first use + workspaces + static inputs: the pool's growth
+    while this runner's sizes were captured, the driver's memory for their executable graphs (outside torch's
+    allocator), what else the driver handed out outside torch's allocator while they were captured (first-use
+    bytes), the library workspaces the graphs own, and the static input buffers. Runners captured together share one
     pool and one workspace hold: each one's pool bytes are what the pool grew by during its own captures (the sum
     over the runners is the pool), while each report lists the whole shared hold (`shared_workspaces`);
     `PoolReport` counts it once.
@@ -259,6 +273,11 @@ class CaptureReport:
         return sum(r.exec_bytes for r in self.sizes)
 
     @property
+    def first_use_bytes(self) -> int:
+        """The first-use bytes, summed over sizes."""
+        return sum(r.first_use_bytes for r in self.sizes)
+
+    @property
     def graphs(self) -> int:
         """Graphs captured (a piecewise size counts each segment): the executables without sharing."""
         return sum(r.graphs for r in self.sizes)
@@ -286,16 +305,15 @@ class CaptureReport:
 
     @property
     def bytes(self) -> int:
-        """Every byte this runner's graphs hold: pool + executables + workspaces + static inputs."""
-        return self.pool_bytes + self.exec_bytes + self.workspace_bytes + self.static_bytes
+        """Every byte this runner's graphs hold: pool + executables + first use + workspaces + static inputs."""
+        return self.pool_bytes + self.exec_bytes + self.first_use_bytes + self.workspace_bytes + self.static_bytes
 
     def summary(self) -> str:
         """One line, as vLLM's "captured N graphs in S s, took X MiB", with the split (and the slowest rank, in a
         distributed run)."""
         text = f"{self.name + ': ' if self.name else ''}{_took(self.graphs, len(self.sizes), self.capture_s)} " \
                f"(warm-up {self.warmup_ms:.0f} ms){_sharing(self)}, took {self.bytes / MiB:.1f} MiB " + \
-               _split(self.pool_bytes, self.exec_bytes, self.workspace_bytes, self.static_bytes,
-                      " (shared)" if self.shared_workspaces else "")
+               _split(self, " (shared)" if self.shared_workspaces else "")
         text += _budget(self.budget, {self.name: self.dropped} if self.dropped else {})
         if self.ranks:
             slowest = max(self.ranks, key=lambda r: r.capture_s)
@@ -306,8 +324,9 @@ class CaptureReport:
     def to_dict(self) -> dict:
         """The report as plain data (for JSON)."""
         return {"name": self.name, "rank": self.rank, "warmup_ms": self.warmup_ms, "capture_s": self.capture_s,
-                "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
-                "static_bytes": self.static_bytes, "bytes": self.bytes, "graphs": self.graphs,
+                "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "first_use_bytes": self.first_use_bytes,
+                "workspace_bytes": self.workspace_bytes, "static_bytes": self.static_bytes, "bytes": self.bytes,
+                "graphs": self.graphs,
                 "executables": self.executables, "num_nodes": self.num_nodes, "exec_nodes": self.exec_nodes,
                 "unshared_exec_bytes": self.unshared_exec_bytes, "driver_bytes": self.driver_bytes,
                 "outside_bytes": self.outside_bytes, "shared_workspaces": self.shared_workspaces,
@@ -319,10 +338,11 @@ class CaptureReport:
         return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
-        lines = [f"{'size':>6} {'capture ms':>11} {'pool MiB added':>15} {'exec MiB':>9} {'nodes':>6} {'graphs':>6} "
-                 f"{'execs':>6}"]
+        lines = [f"{'size':>6} {'capture ms':>11} {'pool MiB added':>15} {'exec MiB':>9} {'first use MiB':>14} "
+                 f"{'nodes':>6} {'graphs':>6} {'execs':>6}"]
         lines += [f"{r.size:>6} {r.capture_ms:>11.2f} {r.pool_bytes_added / MiB:>15.2f} {r.exec_bytes / MiB:>9.2f} "
-                  f"{r.num_nodes:>6} {r.graphs:>6} {r.executables:>6}" for r in self.sizes]
+                  f"{r.first_use_bytes / MiB:>14.2f} {r.num_nodes:>6} {r.graphs:>6} {r.executables:>6}"
+                  for r in self.sizes]
         return "\n".join(lines + [self.summary()])
 
 
@@ -377,6 +397,11 @@ class PoolReport:
         return sum(r.exec_bytes for r in self.runners)
 
     @property
+    def first_use_bytes(self) -> int:
+        """The first-use bytes, every runner's together."""
+        return sum(r.first_use_bytes for r in self.runners)
+
+    @property
     def workspace_bytes(self) -> int:
         """The workspace hold, counted once: every runner of one capture_all lists the same one."""
         return max((r.workspace_bytes for r in self.runners), default=0)
@@ -388,8 +413,9 @@ class PoolReport:
 
     @property
     def bytes(self) -> int:
-        """Every byte the graphs of all these runners hold: pool + executables + workspaces + static inputs."""
-        return self.pool_bytes + self.exec_bytes + self.workspace_bytes + self.static_bytes
+        """Every byte the graphs of all these runners hold: pool + executables + first use + workspaces + static
+        inputs."""
+        return self.pool_bytes + self.exec_bytes + self.first_use_bytes + self.workspace_bytes + self.static_bytes
 
     @property
     def driver_bytes(self) -> Optional[int]:
@@ -415,13 +441,12 @@ class PoolReport:
 
     def summary(self) -> str:
         """One line for the pool: "captured N graphs in S s, took X MiB (pool, executables, workspaces kept,
-        static inputs)", the driver's own figure, and what a budget dropped."""
+        static inputs, and first use where there is any)", the driver's own figure, and what a budget dropped."""
         names = ", ".join(repr(r.name) for r in self.runners if r.name)
         sizes = sum(len(r.sizes) for r in self.runners)
         text = f"{'pool of ' + names + ': ' if names else ''}{_took(self.graphs, sizes, self.capture_s)}" \
                f"{_sharing(self)}, took " \
-               f"{self.bytes / MiB:.1f} MiB " + _split(self.pool_bytes, self.exec_bytes, self.workspace_bytes,
-                                                       self.static_bytes, "")
+               f"{self.bytes / MiB:.1f} MiB " + _split(self, "")
         if self.driver_bytes is not None:
             text += f"; the driver's free memory fell {self.driver_bytes / MiB:.1f} MiB"
             if self.outside_bytes is not None:
@@ -433,8 +458,9 @@ class PoolReport:
         return {"graphs": self.graphs, "executables": self.executables, "num_nodes": self.num_nodes,
                 "exec_nodes": self.exec_nodes, "unshared_exec_bytes": self.unshared_exec_bytes,
                 "capture_s": self.capture_s, "bytes": self.bytes,
-                "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "workspace_bytes": self.workspace_bytes,
-                "static_bytes": self.static_bytes, "driver_bytes": self.driver_bytes,
+                "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "first_use_bytes": self.first_use_bytes,
+                "workspace_bytes": self.workspace_bytes, "static_bytes": self.static_bytes,
+                "driver_bytes": self.driver_bytes,
                 "outside_bytes": self.outside_bytes, "budget": self.budget, "dropped": self.dropped,
                 "runners": [r.to_dict() for r in self.runners]}
 
@@ -460,9 +486,11 @@ def _sharing(report: Any) -> str:
             f"nodes, about {_mib(report.unshared_exec_bytes)} MiB)")
 
 
-def _split(pool: int, executables: int, workspaces: int, static: int, shared: str) -> str:
-    return (f"(pool {_mib(pool)}, executables {_mib(executables)}, workspaces kept {_mib(workspaces)}{shared}, "
-            f"static inputs {_mib(static)})")
+def _split(report: Any, shared: str) -> str:
+    """A report's bytes by kind (a CaptureReport or PoolReport); first-use bytes only where there are any."""
+    first_use = f", first use {_mib(report.first_use_bytes)}" if report.first_use_bytes else ""
+    return (f"(pool {_mib(report.pool_bytes)}, executables {_mib(report.exec_bytes)}, workspaces kept "
+            f"{_mib(report.workspace_bytes)}{shared}, static inputs {_mib(report.static_bytes)}{first_use})")
 
 
 def _budget(budget: Optional[int], dropped: Dict[str, List[int]]) -> str:

@@ -15,6 +15,7 @@ import graphrunner as gr
 import graphrunner_workloads
 from conftest import HAS_GPU, gpu, settle
 from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_bytes
+from graphrunner.record import SizeEntry
 from graphrunner_workloads import memory_bench, piecewise, ragged
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.memory_bench import family_model, family_runners, profile_steps, stand_in
@@ -99,6 +100,29 @@ def test_pool_report_counts_the_shared_workspaces_once():
                            "fell 90.0 MiB, 9.0 of it outside torch's allocator"), line
     assert "workspaces kept 32.0 (shared)" in verify.summary()
     assert json.dumps(pool.to_dict())
+
+
+def test_first_use_bytes_are_what_a_size_took_outside_torch_beyond_its_executables():
+    # A size whose capture window read 6 MiB outside torch's allocator, 4 of them its executables' (two segments).
+    graphs = [types.SimpleNamespace(exec_bytes=2 * MiB), types.SimpleNamespace(exec_bytes=2 * MiB)]
+    entry = SizeEntry(1, graphs[0], None, [], [], 1.0, 0, graphs[1:], outside_bytes=6 * MiB)
+    assert (entry.exec_bytes, entry.first_use_bytes) == (4 * MiB, 2 * MiB)
+    assert SizeEntry(1, graphs[0], None, [], [], 1.0, 0, outside_bytes=0).first_use_bytes == 0  # never negative
+    r = gr.CaptureReport(sizes=[gr.SizeReport(2, 1.0, 4 * MiB, 10, 2 * MiB),
+                                gr.SizeReport(1, 1.0, 0, 10, 4 * MiB, first_use_bytes=2 * MiB)],
+                         workspace_bytes=32 * MiB, driver_bytes=44 * MiB, outside_bytes=8 * MiB)
+    assert r.first_use_bytes == 2 * MiB and r.sizes[1].bytes == 6 * MiB
+    assert r.bytes == r.driver_bytes == (4 + 2 + 4 + 2 + 32) * MiB  # every byte, the driver's figure
+    assert r.exec_bytes + r.first_use_bytes == r.outside_bytes
+    assert "static inputs 0.0, first use 2.0)" in r.summary(), r.summary()
+    assert str(r).splitlines()[0].split()[8:11] == ["first", "use", "MiB"] and str(r).splitlines()[2].split()[4] == \
+        "2.00"
+    assert json.loads(r.to_json())["first_use_bytes"] == 2 * MiB
+    pool = gr.PoolReport([r, report("draft")])
+    assert pool.first_use_bytes == 2 * MiB and pool.bytes == r.bytes + report("draft").bytes - 32 * MiB
+    assert ", first use 2.0)" in pool.summary() and pool.to_dict()["first_use_bytes"] == 2 * MiB
+    assert "first use" in gr.CapturePlan(50 * MiB, [r]).summary()
+    assert "first use" not in report().summary()  # named only where there are any
 
 
 def test_budget_lines_name_the_dropped_sizes():
@@ -274,6 +298,12 @@ def test_ladder_of_a_ragged_and_a_uniform_runner_with_piecewise_sizes(leftover):
     execs = 0 if leftover else 1
     assert ladder == {256: plan.bytes, 64: plan.bytes - (20 + 14 + 3 * execs) * MiB,
                       16: plan.bytes - (30 + 18 + 4 * execs) * MiB}
+    # A dropped size's first-use bytes go with it, as its executables do: 3 + 2 MiB at 256; with the driver keeping
+    # 8 MiB from the dry run, the capture's 10 MiB of both take 2 new, none once 256 is dropped.
+    reports[1].sizes[0].first_use_bytes = 2 * MiB
+    plan = gr.CapturePlan(measured - leftover, reports, measured_bytes=measured, leftover_bytes=leftover)
+    ladder = _ladder(specs, plan, {16: 10 * MiB, 64: 20 * MiB, 256: 40 * MiB})
+    assert ladder[64] == plan.bytes - (20 + 14 + (2 if leftover else 5)) * MiB
 
 
 # -- CPU: memory_bench's command line and its families' steps -------------------------------------------------
@@ -491,7 +521,8 @@ before = free()
 runner = gr.GraphRunner(step, {"x": gr.StaticInput((1024,), torch.half)}, max_batch_size=256)
 r = runner.capture()
 runner.close()
-print(json.dumps({"exec": r.exec_bytes, "outside": r.outside_bytes, "graphs": r.graphs, "kept": before - free()}))
+print(json.dumps({"exec": r.exec_bytes, "first_use": r.first_use_bytes, "outside": r.outside_bytes, "graphs": r.graphs,
+                  "kept": before - free()}))
 """
 
 
@@ -510,7 +541,9 @@ def test_executables_are_counted_in_a_fresh_process():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["exec"] > 0, got
     assert abs(got["outside"] - got["exec"]) <= 2 * MiB + 0.05 * got["exec"], got
-    assert got["kept"] <= got["exec"] + 2 * MiB, got  # what close() could not give back: the driver's keeping
+    # The size windows read all the capture took outside torch's allocator, but for what the warm-up took
+    assert 0 <= got["outside"] - got["exec"] - got["first_use"] <= 2 * MiB, got
+    assert got["kept"] <= got["exec"] + got["first_use"] + 2 * MiB, got  # close() leaves what the driver keeps
 
 
 @gpu
@@ -521,7 +554,7 @@ def test_report_counts_executables_and_matches_the_driver(models, fresh_memory):
     try:
         assert r.exec_bytes >= 0 and r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
         assert r.exec_bytes == sum(g.exec_bytes for e in runner.record.entries.values() for g in e.graphs)
-        assert r.bytes == r.pool_bytes + r.exec_bytes + r.workspace_bytes + r.static_bytes
+        assert r.bytes == r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
         assert r.static_bytes == SIZES[-1] * 8 * 2
         # What the driver gave out besides torch's allocator is the executables (each read in 2 MiB chunks).
         assert abs(r.outside_bytes - r.exec_bytes) <= 2 * MiB + 0.05 * r.exec_bytes, (r.outside_bytes, r.exec_bytes)
@@ -696,7 +729,7 @@ def test_dry_run_predicts_a_piecewise_runner_and_counts_every_segments_executabl
         assert all(len(entries[s.size].graphs) == s.graphs == SEGMENTS for s in r.sizes), str(r)
         assert all(s.exec_bytes == sum(g.exec_bytes for g in entries[s.size].graphs) for s in r.sizes)
         assert r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
-        assert r.bytes == r.pool_bytes + r.exec_bytes + r.workspace_bytes + r.static_bytes
+        assert r.bytes == r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
     finally:
         runner.close()
     assert abs(plan.bytes - r.driver_bytes) <= max(0.02 * r.driver_bytes, 2 * MiB), \

@@ -24,6 +24,9 @@ Keys (merged into bench-<gpu>.json in --out; run it after the main bench, which 
 graph_exec_mib_L8/L32/ragged/piecewise (the executables' bytes the dry run's report counts),
 graph_exec_driver_mib_L8/L32/ragged/piecewise (the driver's figure: that capture's fall in free memory less the
 growth of torch's reserved memory), graph_exec_error_L8/L32/ragged/piecewise (between the two),
+graph_first_use_mib_L8/... (the report's first-use bytes: what the capture took outside torch's allocator beyond the
+executables, Note [first-use bytes] in graphrunner/capture.py), graph_outside_error_L8/... (executables and first use
+together against the driver's figure),
 dry_run_error_L8/L32/spec/ragged/piecewise (|predicted - real| / real), close_leftover_mib (the most the real
 capture's close() left, over every preset), and budget_* for the budgeted capture. Writes memory-<gpu>.txt too,
 with the pool report (per size and runner, totals per runner and for the pool) of each family's real capture and
@@ -112,6 +115,10 @@ def capture_keys(tag: str, plan: gr.CapturePlan, real: gr.PoolReport, leftover: 
         f"graph_exec_mib_{tag}": dry.exec_bytes / MiB,
         f"graph_exec_driver_mib_{tag}": dry.outside_bytes / MiB,
         f"graph_exec_error_{tag}": abs(dry.exec_bytes - dry.outside_bytes) / max(dry.outside_bytes, 1),
+        f"graph_first_use_mib_{tag}": dry.first_use_bytes / MiB,
+        # every byte outside torch's allocator the report names, executables and first use, against the driver's
+        f"graph_outside_error_{tag}": abs(dry.exec_bytes + dry.first_use_bytes - dry.outside_bytes) /
+        max(dry.outside_bytes, 1),
         f"capture_exec_mib_{tag}": real.exec_bytes / MiB,
         # the driver's figure as the issue words it: the whole fall less pool, workspaces and static buffers
         f"graph_exec_rest_mib_{tag}": (real.driver_bytes - real.pool_bytes - real.workspace_bytes -
