@@ -202,14 +202,12 @@ def _warm_up(c: Capture, pool: Any, stream: torch.cuda.Stream) -> CaptureRecord:
     spec = c.spec
     device = torch.device("cuda", spec.device)
     largest = spec.max_batch_size
-    reserved = torch.cuda.memory_reserved(device)
     static = {n: torch.full((spec.rows(n, largest), *s.shape), s.pad, dtype=s.dtype, device=device)
               for n, s in spec.inputs.items()}
     rows = {size: {n: spec.rows(n, size) for n in spec.inputs} for size in spec.capture_sizes}
     record = CaptureRecord(spec.name, device, pool, static, rows,
                            _C.Launcher(c.checker, list(static.values()), c.sizes, spec.max_lead or 0),
-                           state_buffers=spec.state_buffers(),
-                           static_segment_bytes=torch.cuda.memory_reserved(device) - reserved)
+                           state_buffers=spec.state_buffers())
     _fill_capture_inputs(spec, record, largest)
     # The buffers were filled on the current stream; the warm-up runs on the capture stream, which must not
     # read them before the fill (recycled memory holds anything until then: an out-of-range index, say).

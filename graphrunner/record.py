@@ -86,8 +86,6 @@ class CaptureRecord:
         state_buffers: the long-lived tensors the caller declared that a step may write (RunnerSpec.state_buffers),
             by how messages name them; guard watches them while other runners replay.
         capture_report: what the capture cost (made once every runner captured together is captured).
-        static_segment_bytes: what torch's reserved memory grew by while the static buffers were allocated (outside
-            the pool): the segments they took, 2 MiB for buffers under 1 MiB where none had room.
     """
 
     name: str
@@ -101,7 +99,6 @@ class CaptureRecord:
     warmup_ms: float = 0.0
     state_buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     capture_report: Optional["CaptureReport"] = None
-    static_segment_bytes: int = 0
 
     def static_views(self, size: int) -> Dict[str, torch.Tensor]:
         """The rows a graph of `size` reads of every static input buffer."""
@@ -121,10 +118,8 @@ class CaptureRecord:
         return f"the graph of {self.label(size)}"
 
     def static_bytes(self) -> int:
-        """Bytes of the static input buffers (each with the largest size's rows) as the driver sees them: the
-        segments their allocation added to torch's reserved memory, or their own bytes where they fit in segments
-        torch held already (or took less)."""
-        return max(self.static_segment_bytes, sum(t.untyped_storage().nbytes() for t in self.static_inputs.values()))
+        """Bytes of the static input buffers (each with the largest size's rows)."""
+        return sum(t.untyped_storage().nbytes() for t in self.static_inputs.values())
 
     def workspace_blocks(self) -> List[Tuple[str, int, int]]:
         """The library workspaces kept alive for these graphs: [(library, address, bytes)]."""
@@ -237,7 +232,7 @@ class CaptureReport:
         name: the runner's name ("" when unnamed).
         rank: this process's rank in a distributed run (0 otherwise).
         ranks: every rank's report, in a distributed run.
-        static_bytes: the static input buffers, as the allocator took them (CaptureRecord.static_bytes).
+        static_bytes: the static input buffers.
         driver_bytes: the fall of the driver's free memory across the whole capture (every runner captured with
             this one, measured after emptying torch's cache on both sides): everything the capture keeps, as
             the driver counts it, other processes' allocations meanwhile included. None where not measured.

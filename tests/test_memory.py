@@ -15,7 +15,7 @@ import graphrunner as gr
 import graphrunner_workloads
 from conftest import HAS_GPU, gpu, settle
 from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_bytes
-from graphrunner.record import CaptureRecord, SizeEntry
+from graphrunner.record import SizeEntry
 from graphrunner_workloads import memory_bench, piecewise, ragged
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.memory_bench import family_model, family_runners, profile_steps, stand_in
@@ -123,15 +123,6 @@ def test_first_use_bytes_are_what_a_size_took_outside_torch_beyond_its_executabl
     assert ", first use 2.0)" in pool.summary() and pool.to_dict()["first_use_bytes"] == 2 * MiB
     assert "first use" in gr.CapturePlan(50 * MiB, [r]).summary()
     assert "first use" not in report().summary()  # named only where there are any
-
-
-def test_static_inputs_count_the_segments_their_allocation_added():
-    static = {"ids": torch.zeros(8, dtype=torch.long), "pos": torch.zeros(8, dtype=torch.int32)}
-
-    def record(segments):
-        return CaptureRecord("", torch.device("cpu"), (0, 0), static, {}, None, static_segment_bytes=segments)
-    assert record(0).static_bytes() == 8 * 8 + 8 * 4  # they fit in segments torch held: their own bytes
-    assert record(2 * MiB).static_bytes() == 2 * MiB  # they took a new small-block segment: the driver's figure
 
 
 def test_budget_lines_name_the_dropped_sizes():
@@ -564,9 +555,7 @@ def test_report_counts_executables_and_matches_the_driver(models, fresh_memory):
         assert r.exec_bytes >= 0 and r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
         assert r.exec_bytes == sum(g.exec_bytes for e in runner.record.entries.values() for g in e.graphs)
         assert r.bytes == r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
-        # the buffers' bytes, or the 2 MiB small-block segment their allocation added where none had room
-        assert r.static_bytes in (SIZES[-1] * 8 * 2, 2 * MiB)
-        assert r.static_bytes == max(SIZES[-1] * 8 * 2, runner.record.static_segment_bytes)
+        assert r.static_bytes == SIZES[-1] * 8 * 2
         # What the driver gave out besides torch's allocator is the executables (each read in 2 MiB chunks).
         assert abs(r.outside_bytes - r.exec_bytes) <= 2 * MiB + 0.05 * r.exec_bytes, (r.outside_bytes, r.exec_bytes)
         assert abs(r.driver_bytes - r.bytes) <= 4 * MiB, (r.driver_bytes, r.bytes)
