@@ -2,9 +2,11 @@
 comes from. Runs memory_bench's preset in this process with graphrunner's capture phases wrapped, and prints, for
 each capture_all (the preset's dry run, its real capture, ...), the driver's free memory that left outside torch's
 allocator (fall of free less growth of torch's reserved memory) in each phase: the warm-up of each runner (its
-static buffers, launcher and eager warm-up), each size's capture (stream capture, instantiation and upload, the
-window Graph.exec_bytes reads), and the rest of capture_all; beside each size's capture, the executables' bytes its
-record counts. A phase's outside bytes above its executables' are what graph_exec_error counts against the report.
+static buffers, launcher and eager warm-up), each size's capture (the whole of capture._capture_size: input fill,
+stream capture, instantiation and upload, wider than the window Graph.exec_bytes reads), and the whole capture_all;
+beside each size's capture, the executables' bytes its record counts. A phase's outside bytes above its executables'
+are what graph_exec_error counts against the report. The budgeted capture (plan.capture_within, which calls the
+schedule by the name it imported) prints its phases without a capture_all header.
 """
 import sys
 import tempfile
@@ -20,16 +22,23 @@ MiB = 1024 * 1024
 
 
 def reading() -> Tuple[int, int]:
+    """The driver's free bytes and torch's reserved bytes, the device idle."""
     torch.cuda.synchronize()
     return torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved()
 
 
 def outside(before: Tuple[int, int], after: Tuple[int, int]) -> float:
-    """MiB that left the driver's free memory outside torch's allocator between two readings."""
+    """MiB that left the driver's free memory outside torch's allocator between two readings.
+
+    Args:
+        before: reading() at the start.
+        after: reading() at the end.
+    """
     return ((before[0] - after[0]) - (after[1] - before[1])) / MiB
 
 
 def main() -> None:
+    """Runs memory_bench's preset (the first argument, L8 by default) with the capture phases wrapped."""
     name = sys.argv[1] if len(sys.argv) > 1 else "L8"
     rows: List[str] = []
     warm_up, capture_size, capture_all = capture._warm_up, capture._capture_size, capture.capture

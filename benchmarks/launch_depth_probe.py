@@ -3,8 +3,9 @@ launches of the same stream still queued before it. A piecewise step launches on
 (33 at 32 layers, 9 at 8), each queued behind the ones before while the GPU works: piecewise_bench's host time a
 break grew from 2.3 us at 8 layers to 6.7 at 32 (bench-h200-piecewise.txt). Each graph here is one kernel that spins
 about 100 us (torch.cuda._sleep) and `nodes - 1` tiny kernels; per round, 40 replays are launched back to back after
-a synchronize, each timed on the host; the medians over rounds are printed per position in the queue. Then the same
-bursts taking 9, 33 or 132 distinct graphs in turn, as a piecewise step's segments are.
+a synchronize, each timed on the host; the medians over rounds are printed per position in the queue. Then bursts
+taking 9, 33 or 132 distinct graphs in turn, as a piecewise step's segments are: 40 launches deep, 132 for 132 graphs
+(so that every graph is launched; the one-graph bursts show no growth with depth up to 40, none was measured deeper).
 """
 import statistics
 import time
@@ -16,6 +17,11 @@ DEPTH = 40
 
 
 def graph_of(nodes: int) -> torch.cuda.CUDAGraph:
+    """A graph of one kernel spinning about 100 us and `nodes` - 1 tiny ones.
+
+    Args:
+        nodes: its kernel nodes.
+    """
     x = torch.zeros(16, device="cuda")
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -32,7 +38,11 @@ def graph_of(nodes: int) -> torch.cuda.CUDAGraph:
 
 def profile(graphs: list) -> list:
     """Median host us of each position in a burst of DEPTH launches (or one per graph, if more), taking the graphs
-    in turn."""
+    in turn.
+
+    Args:
+        graphs: the graphs, launched in turn.
+    """
     depth = max(DEPTH, len(graphs))
     times = [[] for _ in range(depth)]
     for _ in range(ROUNDS):
@@ -47,6 +57,7 @@ def profile(graphs: list) -> list:
 
 
 def main() -> None:
+    """Prints the host time of a launch by its position in a burst, then for distinct graphs in turn."""
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: host us of CUDAGraph.replay() by its position "
           f"in a burst of {DEPTH} (median of {ROUNDS} rounds); each graph spins ~100 us on the GPU")
     for nodes in (1, 12):

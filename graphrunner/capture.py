@@ -111,9 +111,22 @@ def _memory(device: torch.device) -> Tuple[int, int]:
     the first-use bytes: memory the size's capture took outside both, which the warm-up at the largest size did
     not take. On the H200 the workloads' decoder takes some at size 1 (benchmarks/results/exec-memory-probe-h200.txt),
     whatever CUDA_MODULE_LOADING says; like executables' memory, the driver keeps it for the process's later
-    graphs, so it shows in a process's first capture of a model only.
+    graphs, so it shows in a process's first capture of a model only. Measured, not attributed: the window also
+    reads what another process, or a library keeping its own buffers (NCCL's lazily made connections, when a
+    captured collective at a small size takes a new algorithm), allocates meanwhile.
     """
     return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+
+
+def outside_growth(before: Tuple[int, int], after: Tuple[int, int]) -> int:
+    """What the driver handed out outside torch's allocator between two readings of `_memory`: the fall of its
+    free memory less the growth of torch's reserved memory (never below 0).
+
+    Args:
+        before: (driver's free bytes, torch's reserved bytes) at the start.
+        after: the same at the end.
+    """
+    return max(0, (before[0] - after[0]) - (after[1] - before[1]))
 
 
 def _settled_memory(device: torch.device) -> Tuple[int, int]:
@@ -228,7 +241,7 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
     if spec.on_capture is not None:
         spec.on_capture(StepInfo(requests, requests, tokens, tokens, record.static_views(size)))
     with capture_guard.watch((spec.name, size), record.label(size)) as kept:
-        free, reserved = _memory(record.device)
+        before = _memory(record.device)
         start = time.perf_counter()
         # One segment, or one more after each break op fn calls (graphrunner/piecewise.py).
         with Segments(record.pool, stream, spec.capture_error_mode, long_lived, record.label(size),
@@ -248,10 +261,9 @@ def _capture_size(spec: RunnerSpec, record: CaptureRecord, size: int, stream: to
         outputs = map_tensors(out, lambda name, t: t if name in buffers else alias(t))
         del out
         footprint = [block for g in segments.graphs for block in g.footprint]
-        free_after, reserved_after = _memory(record.device)
-        record.entries[size] = SizeEntry(size, graph, outputs, footprint, kept, elapsed_ms, reserved_after - reserved,
-                                         rest, segments.breaks,
-                                         outside_bytes=max(0, free - free_after - (reserved_after - reserved)))
+        after = _memory(record.device)
+        record.entries[size] = SizeEntry(size, graph, outputs, footprint, kept, elapsed_ms, after[1] - before[1],
+                                         rest, segments.breaks, outside_bytes=outside_growth(before, after))
 
 
 def _fill_capture_inputs(spec: RunnerSpec, record: CaptureRecord, size: int) -> None:

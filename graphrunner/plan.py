@@ -32,7 +32,7 @@ from graphrunner.capture import Capture, _fill_capture_inputs, capture, capture_
 from graphrunner.errors import OverBudget
 from graphrunner.graph import capture_stream
 from graphrunner.pool import segments_of
-from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport, _split
+from graphrunner.record import MiB, CaptureRecord, CaptureReport, PoolReport
 from graphrunner.spec import RunnerSpec, StepInfo
 
 logger = logging.getLogger("graphrunner")
@@ -49,7 +49,8 @@ class CapturePlan:
             (the fall of its free memory across capture_all, after a device synchronize and
             `torch.cuda.empty_cache()` on both sides, as the report's driver_bytes reads it): the dry run's
             measured_bytes less its leftover_bytes, which the capture after it does not pay again.
-        reports: the dry run's capture reports, one per runner (per size: pool growth, executable bytes).
+        reports: the dry run's capture reports, one per runner (per size: pool growth, executable bytes,
+            first-use bytes).
         ladder: limit -> the predicted `bytes` when every runner keeps only its sizes up to `limit` (one entry
             per captured size at which every runner keeps at least one size; the largest is `bytes` itself).
             Empty where dry_run(ladder=False) measured the whole ladder only.
@@ -162,7 +163,7 @@ class CapturePlan:
     def summary(self) -> str:
         """One line: the bytes, their split, and the smallest ladder's."""
         pool = self.pool
-        text = f"dry run: {pool.graphs} graphs would take {self.bytes / MiB:.1f} MiB (accounted: {_split(pool, '')[1:]}"
+        text = f"dry run: {pool.graphs} graphs would take {self.bytes / MiB:.1f} MiB (accounted: {pool.split()[1:]}"
         if self.ladder:
             text += f"; sizes up to {self.smallest_limit} alone {self.bytes_for(self.smallest_limit) / MiB:.1f} MiB"
         if self.leftover_bytes:
@@ -339,11 +340,12 @@ def _limits(specs: Sequence[RunnerSpec]) -> List[int]:
 def _ladder(specs: Sequence[RunnerSpec], plan: CapturePlan, pools: Dict[int, int]) -> Dict[int, int]:
     """limit -> the predicted bytes of capturing every runner's sizes up to limit: the plan's bytes less what the
     dropped sizes add: the pool they need beyond the kept ones (`pools`: each limit's pool, measured eagerly), their
-    static rows, and the new device memory of their executables and first-use bytes (none where the memory the
-    driver kept from the dry run's, counted in its leftover, holds them)."""
+    static rows, and the new device memory of their executables (none where the memory the driver kept from the
+    dry run's executables, counted in its leftover, holds them). First-use bytes stay at every limit: a one-time
+    cost, which the next kept size pays where the size that paid it is dropped."""
     limits = sorted(pools)
     full = limits[-1]
-    exec_bytes = [{s.size: s.exec_bytes + s.first_use_bytes for s in report.sizes} for report in plan.reports]
+    exec_bytes = [{s.size: s.exec_bytes for s in report.sizes} for report in plan.reports]
     retained = min(max(plan.leftover_bytes, 0), sum(sum(e.values()) for e in exec_bytes))
 
     def kept_bytes(limit: int) -> Tuple[int, int]:

@@ -439,6 +439,11 @@ class PoolReport:
         """Runner name -> the sizes left out to stay within the budget (runners that dropped none left out)."""
         return {r.name: list(r.dropped) for r in self.runners if r.dropped}
 
+    def split(self) -> str:
+        """The bytes by kind, in parentheses: pool, executables, workspaces kept, static inputs, and first use where
+        there is any."""
+        return _split(self, "")
+
     def summary(self) -> str:
         """One line for the pool: "captured N graphs in S s, took X MiB (pool, executables, workspaces kept,
         static inputs, and first use where there is any)", the driver's own figure, and what a budget dropped."""
@@ -446,7 +451,7 @@ class PoolReport:
         sizes = sum(len(r.sizes) for r in self.runners)
         text = f"{'pool of ' + names + ': ' if names else ''}{_took(self.graphs, sizes, self.capture_s)}" \
                f"{_sharing(self)}, took " \
-               f"{self.bytes / MiB:.1f} MiB " + _split(self, "")
+               f"{self.bytes / MiB:.1f} MiB " + self.split()
         if self.driver_bytes is not None:
             text += f"; the driver's free memory fell {self.driver_bytes / MiB:.1f} MiB"
             if self.outside_bytes is not None:

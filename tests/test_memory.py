@@ -14,6 +14,7 @@ import torch
 import graphrunner as gr
 import graphrunner_workloads
 from conftest import HAS_GPU, gpu, settle
+from graphrunner.capture import outside_growth
 from graphrunner.plan import _ladder, _limits, keep_sizes, size_counts, static_bytes
 from graphrunner.record import SizeEntry
 from graphrunner_workloads import memory_bench, piecewise, ragged
@@ -100,6 +101,13 @@ def test_pool_report_counts_the_shared_workspaces_once():
                            "fell 90.0 MiB, 9.0 of it outside torch's allocator"), line
     assert "workspaces kept 32.0 (shared)" in verify.summary()
     assert json.dumps(pool.to_dict())
+
+
+def test_a_window_reads_the_fall_of_free_memory_less_the_growth_of_torch_reserved_memory():
+    # free 100 -> 90 MiB while torch's reserved memory grew 10 -> 14: 6 MiB left outside torch's allocator
+    assert outside_growth((100 * MiB, 10 * MiB), (90 * MiB, 14 * MiB)) == 6 * MiB
+    assert outside_growth((100 * MiB, 10 * MiB), (96 * MiB, 14 * MiB)) == 0  # all of it torch's
+    assert outside_growth((100 * MiB, 10 * MiB), (101 * MiB, 10 * MiB)) == 0  # another process freed some: never < 0
 
 
 def test_first_use_bytes_are_what_a_size_took_outside_torch_beyond_its_executables():
@@ -298,12 +306,11 @@ def test_ladder_of_a_ragged_and_a_uniform_runner_with_piecewise_sizes(leftover):
     execs = 0 if leftover else 1
     assert ladder == {256: plan.bytes, 64: plan.bytes - (20 + 14 + 3 * execs) * MiB,
                       16: plan.bytes - (30 + 18 + 4 * execs) * MiB}
-    # A dropped size's first-use bytes go with it, as its executables do: 3 + 2 MiB at 256; with the driver keeping
-    # 8 MiB from the dry run, the capture's 10 MiB of both take 2 new, none once 256 is dropped.
+    # First-use bytes stay at every limit: a one-time cost the next kept size would pay where the size that paid it
+    # in the dry run is dropped, so a prediction never errs low by them.
     reports[1].sizes[0].first_use_bytes = 2 * MiB
     plan = gr.CapturePlan(measured - leftover, reports, measured_bytes=measured, leftover_bytes=leftover)
-    ladder = _ladder(specs, plan, {16: 10 * MiB, 64: 20 * MiB, 256: 40 * MiB})
-    assert ladder[64] == plan.bytes - (20 + 14 + (2 if leftover else 5)) * MiB
+    assert _ladder(specs, plan, {16: 10 * MiB, 64: 20 * MiB, 256: 40 * MiB}) == ladder
 
 
 # -- CPU: memory_bench's command line and its families' steps -------------------------------------------------
@@ -573,12 +580,12 @@ def test_close_gives_every_byte_back(models, fresh_memory):
     verify, draft = runner_of(real, "verify"), runner_of(real, "draft", SIZES[:5])
     reports = gr.capture_all(verify, draft)
     assert before - settled_free() >= gr.PoolReport(reports).bytes - 4 * MiB
-    exec_bytes = gr.PoolReport(reports).exec_bytes
+    exec_bytes = gr.PoolReport(reports).exec_bytes + gr.PoolReport(reports).first_use_bytes
     close_all(verify, draft)
     del verify, draft, reports
     leftover = before - settled_free()
-    # Besides the executables' memory, which the driver keeps for the process's later graphs (0 where these graphs
-    # reused what earlier ones left it): see test_executables_are_counted_in_a_fresh_process.
+    # Besides the executables' memory and first-use bytes, which the driver keeps for the process's later graphs (0
+    # where these graphs reused what earlier ones left it): see test_executables_are_counted_in_a_fresh_process.
     assert leftover <= 2 * MiB + exec_bytes, f"{leftover / MiB:.1f} MiB not given back"
 
 
@@ -587,7 +594,7 @@ def test_dry_run_predicts_the_real_capture(models, fresh_memory):
     real, stand_in = models
     plan = gr.dry_run(lambda: runner_of(stand_in))
     # close() gave the dry run's capture back, but for the executables' memory the driver keeps
-    assert plan.leftover_bytes <= 2 * MiB + plan.pool.exec_bytes, plan.summary()
+    assert plan.leftover_bytes <= 2 * MiB + plan.pool.exec_bytes + plan.pool.first_use_bytes, plan.summary()
     assert plan.bytes >= plan.pool.bytes - 4 * MiB
     assert plan.bytes_for(max(SIZES)) == plan.bytes
     assert all(plan.bytes_for(a) <= plan.bytes_for(b) + 2 * MiB for a, b in zip(SIZES, SIZES[1:]))
@@ -750,10 +757,10 @@ def test_close_gives_back_what_the_report_counted_for_each_family(family, family
         assert taken >= pool.bytes - 4 * MiB, (taken / MiB, str(pool))
     finally:
         close_all(*runners)
-    exec_bytes = pool.exec_bytes
+    exec_bytes = pool.exec_bytes + pool.first_use_bytes
     del runners, pool
     leftover = before - settled_free()
-    # Besides the executables' memory the driver keeps for the process's later graphs (see
+    # Besides the executables' memory and first-use bytes the driver keeps for the process's later graphs (see
     # test_executables_are_counted_in_a_fresh_process).
     assert leftover <= 2 * MiB + exec_bytes, f"{leftover / MiB:.1f} MiB not given back"
 

@@ -23,7 +23,8 @@ capture of a preset, here the dry run's, and the real capture after it reads 0 f
 Keys (merged into bench-<gpu>.json in --out; run it after the main bench, which rewrites that file):
 graph_exec_mib_L8/L32/ragged/piecewise (the executables' bytes the dry run's report counts),
 graph_exec_driver_mib_L8/L32/ragged/piecewise (the driver's figure: that capture's fall in free memory less the
-growth of torch's reserved memory), graph_exec_error_L8/L32/ragged/piecewise (between the two),
+growth of torch's reserved memory, the executables and whatever else left outside torch's allocator),
+graph_exec_error_L8/L32/ragged/piecewise (between the two: the issue's target compares the executables alone),
 graph_first_use_mib_L8/... (the report's first-use bytes: what the capture took outside torch's allocator beyond the
 executables, Note [first-use bytes] in graphrunner/capture.py), graph_outside_error_L8/... (executables and first use
 together against the driver's figure),
