@@ -6,7 +6,10 @@ static buffers, launcher and eager warm-up), each size's capture (the whole of c
 stream capture, instantiation and upload, wider than the window Graph.exec_bytes reads), and the whole capture_all;
 beside each size's capture, the executables' bytes its record counts. A phase's outside bytes above its executables'
 are what graph_exec_error counts against the report. The budgeted capture (plan.capture_within, which calls the
-schedule by the name it imported) prints its phases without a capture_all header.
+schedule by the name it imported) prints its phases without a capture_all header. After each capture_all, the
+segments of torch's allocator it added outside its graph pool that are still there (the real capture's report
+totals fall 2 MiB short of the driver's figure, in torch's reserved memory): kind, stream, size, and each live
+block with the innermost frames that allocated it (torch's memory history is on).
 """
 import sys
 import tempfile
@@ -37,6 +40,30 @@ def outside(before: Tuple[int, int], after: Tuple[int, int]) -> float:
     return ((before[0] - after[0]) - (after[1] - before[1])) / MiB
 
 
+def new_segments(before: List[dict], after: List[dict], pool: Any) -> List[str]:
+    """Lines for the segments in `after` but not `before` outside `pool`, with their live blocks' frames.
+
+    Args:
+        before: torch.cuda.memory._snapshot()["segments"] before.
+        after: the same after.
+        pool: the graph pool's id, whose segments are left out.
+    """
+    known = {seg["address"] for seg in before}
+    lines = []
+    for seg in after:
+        if seg["address"] in known or tuple(seg.get("segment_pool_id", (0, 0))) == tuple(pool):
+            continue
+        lines.append(f"    new segment: {seg.get('segment_type')} {seg['total_size'] / MiB:.2f} MiB, stream "
+                     f"{seg.get('stream')}, pool {tuple(seg.get('segment_pool_id', (0, 0)))}")
+        for block in seg.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = [f"{f.get('filename', '?').split('/')[-1]}:{f.get('line')} {f.get('name')}"
+                      for f in block.get("frames", [])[:8]]
+            lines.append(f"      live block {block['size']} B: {' <- '.join(frames) or 'no frames'}")
+    return lines
+
+
 def main() -> None:
     """Runs memory_bench's preset (the first argument, L8 by default) with the capture phases wrapped."""
     name = sys.argv[1] if len(sys.argv) > 1 else "L8"
@@ -59,10 +86,16 @@ def main() -> None:
     def size_label(spec: Any, record: Any, size: int, *rest: Any, out: Any) -> str:
         return f"size {size} of {spec.name!r} (exec {record.entries[size].exec_bytes / MiB:.2f} MiB)"
 
+    def capture_all_traced(captures: Any, pool: Any, *args: Any, **kwargs: Any) -> Any:
+        before = torch.cuda.memory._snapshot()["segments"]
+        out = capture_all(captures, pool, *args, **kwargs)
+        rows.extend(new_segments(before, torch.cuda.memory._snapshot()["segments"], pool))
+        return out
 
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
     capture._warm_up = wrapped(warm_up, lambda c, *rest, out: f"warm-up of {c.spec.name!r}")
     capture._capture_size = wrapped(capture_size, size_label)
-    capture.capture = wrapped(capture_all, lambda *args, out: "the whole capture_all",
+    capture.capture = wrapped(capture_all_traced, lambda *args, out: "the whole capture_all",
                               lambda captures, *rest: f"capture_all of {[c.spec.name for c in captures]}:")
     with tempfile.TemporaryDirectory() as tmp:
         args = memory_bench.parse_args(["--preset", name, "--preset-out", str(Path(tmp) / "out.json")])
