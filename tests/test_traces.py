@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import gpu
-from graphrunner_workloads.bench import (changed_settings, parse_args, round_spread, save_results, target_header,
-                                         target_lines, trace_table)
+from graphrunner_workloads.bench import (changed_settings, parse_args, reported_lines, round_spread, save_results,
+                                         target_header, target_lines, trace_table)
 from graphrunner_workloads.decoder import DecoderConfig
 from graphrunner_workloads.traces import Contenders, host_limit, round_ratios
 
@@ -102,6 +102,15 @@ def test_target_lines_give_verdict_spread_and_missing_targets_on_cpu():
     assert lines[0].split()[-2:] == ["MISSED", "(0.985-0.992)"]
     assert lines[1].split()[-1] == "met"
     assert lines[2].split() == ["pool_ratio_desc", "not", "run"]
+
+
+def test_reported_lines_give_value_and_spread_without_a_verdict_on_cpu():
+    res = {"graph_first_use_mib_L8": 2.0, "piecewise_run_vs_full_T16_L8": 0.959,
+           "piecewise_run_vs_full_T16_L8_rounds": (0.958, 0.96)}
+    lines = reported_lines(res, ["graph_first_use_mib_L8", "piecewise_run_vs_full_T16_L8"])
+    assert lines[0] == "reported, no target:"
+    assert lines[1].split() == ["graph_first_use_mib_L8", "2.000"]
+    assert lines[2].split() == ["piecewise_run_vs_full_T16_L8", "0.959", "(0.958-0.960)"]
 
 
 def test_a_run_away_from_the_default_settings_says_its_verdicts_are_indicative_on_cpu():

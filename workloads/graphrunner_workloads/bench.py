@@ -385,8 +385,7 @@ def table(res: Dict[str, object]) -> str:
             f"validate: {res['validate_s']:.2f} s, with scrub+guard {res['validate_scrub_guard_s']:.2f} s", ""]
     out += target_header(res.get("_changed", []))
     out += target_lines(res, TARGETS)
-    out.append("reported, no target:")
-    out += [f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in REPORTED if key in res]
+    out += reported_lines(res, [key for key in REPORTED if key in res])
     return "\n".join(out)
 
 
@@ -419,6 +418,17 @@ def target_lines(res: Dict[str, object], targets: List[Tuple[str, str, float]]) 
         verdict = "met" if (value <= bound if op == "<=" else value >= bound) else "MISSED"
         out.append(f"  {key:<44} {value:8.3f} {op} {bound:<5} {verdict:<6} {round_spread(res, key)}".rstrip())
     return out
+
+
+def reported_lines(res: Dict[str, object], keys: List[str]) -> List[str]:
+    """The "reported, no target:" block: one line per key, its value and spread over rounds.
+
+    Args:
+        res: the results.
+        keys: the keys to report, each in `res`.
+    """
+    return ["reported, no target:"] + [f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip()
+                                      for key in keys]
 
 
 def round_spread(res: Dict[str, object], key: str) -> str:

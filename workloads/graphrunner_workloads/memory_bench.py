@@ -48,7 +48,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 import graphrunner as gr
-from graphrunner_workloads.bench import add_output_arguments, gpu_missing, gpu_tag, target_lines
+from graphrunner_workloads.bench import add_output_arguments, gpu_missing, gpu_tag, reported_lines, target_lines
 from graphrunner_workloads.decoder import Decoder, DecoderConfig, decode_inputs, random_decode_inputs
 from graphrunner_workloads.piecewise import PiecewiseRaggedDecoder
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, RaggedDecoder, decode_runner, page_size_for,
@@ -393,7 +393,9 @@ def main(argv: List[str] = None) -> int:
         args.preset_out.write_text(json.dumps({"res": res, "lines": lines}))
         return 0
     res, lines = run(args)
-    report = "\n".join(lines + ["targets:"] + target_lines(res, TARGETS))
+    reported = [k for k in sorted(res) if k.startswith(("graph_exec_mib_", "graph_exec_driver_mib_",
+                                                        "graph_first_use_mib_", "graph_outside_error_"))]
+    report = "\n".join(lines + ["targets:"] + target_lines(res, TARGETS) + reported_lines(res, reported))
     print(report)
     name = args.name or gpu_tag()
     args.out.mkdir(parents=True, exist_ok=True)

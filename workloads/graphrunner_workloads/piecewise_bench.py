@@ -35,8 +35,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import graphrunner as gr
-from graphrunner_workloads.bench import (add_output_arguments, bench_main, round_spread, target_header, target_lines,
-                                         timed)
+from graphrunner_workloads.bench import (add_output_arguments, bench_main, reported_lines, target_header,
+                                         target_lines, timed)
 from graphrunner_workloads.decoder import Decoder
 from graphrunner_workloads.piecewise import CommonPiecewiseRunner, PiecewiseRaggedDecoder
 from graphrunner_workloads.ragged import SPLIT, decode_runner, ragged_runner, random_ragged_step
@@ -269,13 +269,12 @@ def table(res: Dict[str, object]) -> str:
             f"{res['shared_host_us_per_break']:.2f} shared",
             ""]
     targeted = targets(res)
-    out += target_header(res.get("_changed", [])) + target_lines(res, targeted) + ["reported, no target:"]
-    for layers, rows in res["_rows"].items():
-        for name in ("piecewise_run_vs_common", "piecewise_run_vs_eager", "piecewise_run_vs_full",
-                     "piecewise_host_us_per_break", "shared_host_us_per_break"):
-            for key in (f"{name}_T{r['tokens']}_L{layers}" for r in rows):
-                if key not in (t[0] for t in targeted):
-                    out.append(f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip())
+    out += target_header(res.get("_changed", [])) + target_lines(res, targeted)
+    names = ("piecewise_run_vs_common", "piecewise_run_vs_eager", "piecewise_run_vs_full", "piecewise_host_us_per_break",
+             "shared_host_us_per_break")
+    out += reported_lines(res, [key for layers, rows in res["_rows"].items() for name in names
+                                for key in (f"{name}_T{r['tokens']}_L{layers}" for r in rows)
+                                if key not in (t[0] for t in targeted)])
     return "\n".join(out)
 
 

@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import graphrunner as gr
-from graphrunner_workloads.bench import (add_output_arguments, bench_main, round_spread, target_header, target_lines,
-                                         timed)
+from graphrunner_workloads.bench import (add_output_arguments, bench_main, reported_lines, target_header,
+                                         target_lines, timed)
 from graphrunner_workloads.decoder import Decoder, DecoderConfig
 from graphrunner_workloads.engine import Engine, Workload
 from graphrunner_workloads.ragged import (ATTENTION, SPLIT, CommonRaggedRunner, RaggedDecoder, decode_runner,
@@ -300,8 +300,7 @@ def table(res: Dict[str, object]) -> str:
     out += target_lines(res, targets(res))
     reported = [k for k in sorted(res) if k.startswith(("ragged_run_vs_eager", "ragged_run_vs_common"))
                 and not k.endswith("_rounds")]
-    out.append("reported, no target:")
-    out += [f"  {key:<44} {res[key]:8.3f} {'':<15} {round_spread(res, key)}".rstrip() for key in reported]
+    out += reported_lines(res, reported)
     return "\n".join(out)
 
 
