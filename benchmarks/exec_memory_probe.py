@@ -92,7 +92,7 @@ def main() -> None:
         rows.extend(new_segments(before, torch.cuda.memory._snapshot()["segments"], pool))
         return out
 
-    torch.cuda.memory._record_memory_history(max_entries=100_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=100_000)
     capture._warm_up = wrapped(warm_up, lambda c, *rest, out: f"warm-up of {c.spec.name!r}")
     capture._capture_size = wrapped(capture_size, size_label)
     capture.capture = wrapped(capture_all_traced, lambda *args, out: "the whole capture_all",
