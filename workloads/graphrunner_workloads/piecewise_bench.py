@@ -270,8 +270,8 @@ def table(res: Dict[str, object]) -> str:
             ""]
     targeted = targets(res)
     out += target_header(res.get("_changed", [])) + target_lines(res, targeted)
-    names = ("piecewise_run_vs_common", "piecewise_run_vs_eager", "piecewise_run_vs_full", "piecewise_host_us_per_break",
-             "shared_host_us_per_break")
+    names = ("piecewise_run_vs_common", "piecewise_run_vs_eager", "piecewise_run_vs_full",
+             "piecewise_host_us_per_break", "shared_host_us_per_break")
     out += reported_lines(res, [key for layers, rows in res["_rows"].items() for name in names
                                 for key in (f"{name}_T{r['tokens']}_L{layers}" for r in rows)
                                 if key not in (t[0] for t in targeted)])
