@@ -30,16 +30,6 @@ def reading() -> Tuple[int, int]:
     return torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved()
 
 
-def outside(before: Tuple[int, int], after: Tuple[int, int]) -> float:
-    """MiB that left the driver's free memory outside torch's allocator between two readings.
-
-    Args:
-        before: reading() at the start.
-        after: reading() at the end.
-    """
-    return ((before[0] - after[0]) - (after[1] - before[1])) / MiB
-
-
 def new_segments(before: List[dict], after: List[dict], pool: Any) -> List[str]:
     """Lines for the segments in `after` but not `before` outside `pool`, with their live blocks' frames.
 
@@ -78,7 +68,7 @@ def main() -> None:
             before = reading()
             out = fn(*args, **kwargs)
             after = reading()
-            rows.append(f"  {label(*args, out=out):<40} outside {outside(before, after):7.2f} MiB, reserved "
+            rows.append(f"  {label(*args, out=out):<40} outside {capture.outside_growth(before, after) / MiB:7.2f} MiB, reserved "
                         f"{(after[1] - before[1]) / MiB:7.2f} MiB")
             return out
         return inner
