@@ -19,7 +19,9 @@ shape), the wall time of a step, synchronised per step, and the host time until 
 - noop: the full graph's step with a break after every layer's attention that does nothing
   (attention "noop"): its host time over full's, per break, is graphrunner's own cost of a break.
 The contenders take turns in blocks (bench.timed), --rounds times; each key is the median over rounds of the
-round's ratio, its spread (min-max over rounds) beside it. Then the pool of the piecewise decode and ragged
+round's ratio, its spread (min-max over rounds) beside it. Beside piecewise's speedup over the common pattern,
+full's and noop's are reported: the step with no break, and with breaks that cost a segment's launch and nothing
+else, what the target over the common pattern leaves room for. Then the pool of the piecewise decode and ragged
 runners captured together (gr.capture_all, one pool) against the piecewise runner of the largest T alone, and the
 executables a size holds, without sharing (one a segment) and with it, against the distinct segment structures
 among them (Graph.structure()). Writes bench-<gpu>-piecewise.json, .txt and .png into --out.
@@ -136,6 +138,11 @@ def preset_rows(args: argparse.Namespace, layers: int, gen: torch.Generator) -> 
         for other in ("common", "eager", "full"):  # speedups: the other's wall over piecewise's
             res[f"piecewise_run_vs_{other}_{key}"], res[f"piecewise_run_vs_{other}_{key}_rounds"] = over_rounds(
                 rounds, lambda r, o=other: r[o][0] / r["piecewise"][0])
+        # The room the target over the common pattern leaves: the step with no break (full) and with breaks that
+        # cost a segment's launch and nothing else (noop), over the common pattern.
+        for bound in ("full", "noop"):
+            res[f"{bound}_run_vs_common_{key}"], res[f"{bound}_run_vs_common_{key}_rounds"] = over_rounds(
+                rounds, lambda r, b=bound: r["common"][0] / r[b][0])
         res[f"piecewise_host_us_{key}"] = row["piecewise_host_us"]
         res[f"piecewise_host_us_per_break_{key}"], res[f"piecewise_host_us_per_break_{key}_rounds"] = over_rounds(
             rounds, lambda r: (r["noop"][1] - r["full"][1]) / layers)
@@ -270,8 +277,8 @@ def table(res: Dict[str, object]) -> str:
             ""]
     targeted = targets(res)
     out += target_header(res.get("_changed", [])) + target_lines(res, targeted)
-    names = ("piecewise_run_vs_common", "piecewise_run_vs_eager", "piecewise_run_vs_full",
-             "piecewise_host_us_per_break", "shared_host_us_per_break")
+    names = ("piecewise_run_vs_common", "full_run_vs_common", "noop_run_vs_common", "piecewise_run_vs_eager",
+             "piecewise_run_vs_full", "piecewise_host_us_per_break", "shared_host_us_per_break")
     out += reported_lines(res, [key for layers, rows in res["_rows"].items() for name in names
                                 for key in (f"{name}_T{r['tokens']}_L{layers}" for r in rows)
                                 if key not in (t[0] for t in targeted)])
