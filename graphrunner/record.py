@@ -217,13 +217,14 @@ class CaptureReport:
     """What `capture()` did, per size, plus the warm-up, the workspaces kept alive and the static inputs: every
     byte a runner's graphs hold.
 
-    The bytes add up as `bytes` = pool + executables + first use + workspaces + static inputs: the pool's growth
-    while this runner's sizes were captured, the driver's memory for their executable graphs (outside torch's
+    The bytes add up as `bytes` = pool + executables + first use + workspaces + static inputs + other: the pool's
+    growth while this runner's sizes were captured, the driver's memory for their executable graphs (outside torch's
     allocator), what else the driver handed out outside torch's allocator while they were captured (first-use
-    bytes), the library workspaces the graphs own, and the static input buffers. Runners captured together share one
-    pool and one workspace hold: each one's pool bytes are what the pool grew by during its own captures (the sum
-    over the runners is the pool), while each report lists the whole shared hold (`shared_workspaces`);
-    `PoolReport` counts it once.
+    bytes), the library workspaces the graphs own, the static input buffers, and the other bytes torch's allocator
+    reserved for the capture (Note [other bytes] in graphrunner/capture.py). Runners captured together share one
+    pool, one workspace hold and one figure of other bytes: each one's pool bytes are what the pool grew by during
+    its own captures (the sum over the runners is the pool), while each report lists the whole shared hold and the
+    whole other bytes (`shared_workspaces`); `PoolReport` counts them once.
 
     Attributes:
         sizes: one SizeReport per size, in capture order.
@@ -233,6 +234,10 @@ class CaptureReport:
         rank: this process's rank in a distributed run (0 otherwise).
         ranks: every rank's report, in a distributed run.
         static_bytes: the static input buffers.
+        other_bytes: what else torch's allocator reserved for the capture and still holds, outside the pool, the
+            workspace hold and the static buffers: the graph RNG's seed and offset, workspaces fn made at warm-up,
+            and the rest of the allocator segments these and the static buffers opened (Note [other bytes] in
+            graphrunner/capture.py). 0 where not measured.
         driver_bytes: the fall of the driver's free memory across the whole capture (every runner captured with
             this one, measured after emptying torch's cache on both sides): everything the capture keeps, as
             the driver counts it, other processes' allocations meanwhile included. None where not measured.
@@ -251,6 +256,7 @@ class CaptureReport:
     rank: int = 0
     ranks: List["CaptureReport"] = field(default_factory=list)
     static_bytes: int = 0
+    other_bytes: int = 0
     driver_bytes: Optional[int] = None
     outside_bytes: Optional[int] = None
     shared_workspaces: bool = False
@@ -305,8 +311,10 @@ class CaptureReport:
 
     @property
     def bytes(self) -> int:
-        """Every byte this runner's graphs hold: pool + executables + first use + workspaces + static inputs."""
-        return self.pool_bytes + self.exec_bytes + self.first_use_bytes + self.workspace_bytes + self.static_bytes
+        """Every byte this runner's graphs hold: pool + executables + first use + workspaces + static inputs +
+        other."""
+        return (self.pool_bytes + self.exec_bytes + self.first_use_bytes + self.workspace_bytes + self.static_bytes
+                + self.other_bytes)
 
     def summary(self) -> str:
         """One line, as vLLM's "captured N graphs in S s, took X MiB", with the split (and the slowest rank, in a
@@ -325,8 +333,8 @@ class CaptureReport:
         """The report as plain data (for JSON)."""
         return {"name": self.name, "rank": self.rank, "warmup_ms": self.warmup_ms, "capture_s": self.capture_s,
                 "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "first_use_bytes": self.first_use_bytes,
-                "workspace_bytes": self.workspace_bytes, "static_bytes": self.static_bytes, "bytes": self.bytes,
-                "graphs": self.graphs,
+                "workspace_bytes": self.workspace_bytes, "static_bytes": self.static_bytes,
+                "other_bytes": self.other_bytes, "bytes": self.bytes, "graphs": self.graphs,
                 "executables": self.executables, "num_nodes": self.num_nodes, "exec_nodes": self.exec_nodes,
                 "unshared_exec_bytes": self.unshared_exec_bytes, "driver_bytes": self.driver_bytes,
                 "outside_bytes": self.outside_bytes, "shared_workspaces": self.shared_workspaces,
@@ -412,10 +420,17 @@ class PoolReport:
         return sum(r.static_bytes for r in self.runners)
 
     @property
+    def other_bytes(self) -> int:
+        """The other bytes torch's allocator reserved for the capture, counted once: every runner of one capture_all
+        lists the same figure."""
+        return max((r.other_bytes for r in self.runners), default=0)
+
+    @property
     def bytes(self) -> int:
         """Every byte the graphs of all these runners hold: pool + executables + first use + workspaces + static
-        inputs."""
-        return self.pool_bytes + self.exec_bytes + self.first_use_bytes + self.workspace_bytes + self.static_bytes
+        inputs + other."""
+        return (self.pool_bytes + self.exec_bytes + self.first_use_bytes + self.workspace_bytes + self.static_bytes
+                + self.other_bytes)
 
     @property
     def driver_bytes(self) -> Optional[int]:
@@ -440,13 +455,14 @@ class PoolReport:
         return {r.name: list(r.dropped) for r in self.runners if r.dropped}
 
     def split(self) -> str:
-        """The bytes by kind, in parentheses: pool, executables, workspaces kept, static inputs, and first use where
-        there is any."""
+        """The bytes by kind, in parentheses: pool, executables, workspaces kept, static inputs, and first use and
+        other where there are any."""
         return _split(self, "")
 
     def summary(self) -> str:
         """One line for the pool: "captured N graphs in S s, took X MiB (pool, executables, workspaces kept,
-        static inputs, and first use where there is any)", the driver's own figure, and what a budget dropped."""
+        static inputs, and first use and other where there are any)", the driver's own figure, and what a budget
+        dropped."""
         names = ", ".join(repr(r.name) for r in self.runners if r.name)
         sizes = sum(len(r.sizes) for r in self.runners)
         text = f"{'pool of ' + names + ': ' if names else ''}{_took(self.graphs, sizes, self.capture_s)}" \
@@ -465,7 +481,7 @@ class PoolReport:
                 "capture_s": self.capture_s, "bytes": self.bytes,
                 "pool_bytes": self.pool_bytes, "exec_bytes": self.exec_bytes, "first_use_bytes": self.first_use_bytes,
                 "workspace_bytes": self.workspace_bytes, "static_bytes": self.static_bytes,
-                "driver_bytes": self.driver_bytes,
+                "other_bytes": self.other_bytes, "driver_bytes": self.driver_bytes,
                 "outside_bytes": self.outside_bytes, "budget": self.budget, "dropped": self.dropped,
                 "runners": [r.to_dict() for r in self.runners]}
 
@@ -492,10 +508,12 @@ def _sharing(report: Any) -> str:
 
 
 def _split(report: Any, shared: str) -> str:
-    """A report's bytes by kind (a CaptureReport or PoolReport); first-use bytes only where there are any."""
+    """A report's bytes by kind (a CaptureReport or PoolReport); first-use and other bytes only where there are
+    any."""
     first_use = f", first use {_mib(report.first_use_bytes)}" if report.first_use_bytes else ""
+    other = f", other {_mib(report.other_bytes)}{shared}" if report.other_bytes else ""
     return (f"(pool {_mib(report.pool_bytes)}, executables {_mib(report.exec_bytes)}, workspaces kept "
-            f"{_mib(report.workspace_bytes)}{shared}, static inputs {_mib(report.static_bytes)}{first_use})")
+            f"{_mib(report.workspace_bytes)}{shared}, static inputs {_mib(report.static_bytes)}{first_use}{other})")
 
 
 def _budget(budget: Optional[int], dropped: Dict[str, List[int]]) -> str:

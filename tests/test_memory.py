@@ -133,6 +133,32 @@ def test_first_use_bytes_are_what_a_size_took_outside_torch_beyond_its_executabl
     assert "first use" not in report().summary()  # named only where there are any
 
 
+def test_other_bytes_are_the_reserved_growth_beyond_pool_workspaces_and_static_buffers(caplog):
+    """Note [other bytes]: the capture's growth of torch's reserved memory less the pool's growth, the workspace
+    hold and the static buffers, one figure for runners captured together, counted once by PoolReport."""
+    from graphrunner.capture import _report
+    from graphrunner.distributed import SoloAgreement
+    records = [types.SimpleNamespace(report=lambda rank, n=n: report(n, static=4096)) for n in ("verify", "draft")]
+    captures = [types.SimpleNamespace(spec=types.SimpleNamespace(name=n, verbose=False)) for n in ("verify", "draft")]
+    # The pool grew 12 MiB (6 a runner), the hold is 32, static buffers 8 KiB; reserved memory grew 46 MiB.
+    with caplog.at_level("INFO", logger="graphrunner"):
+        _report(captures, records, SoloAgreement(), driver_bytes=54 * MiB, reserved_bytes=46 * MiB, budget=None,
+                dropped=[[], []])
+    reports = [r.capture_report for r in records]
+    assert [r.other_bytes for r in reports] == [2 * MiB - 8192] * 2
+    assert [r.outside_bytes for r in reports] == [8 * MiB] * 2
+    pool = gr.PoolReport(reports)
+    assert pool.other_bytes == 2 * MiB - 8192 and pool.to_dict()["other_bytes"] == pool.other_bytes
+    # every byte the driver gave out: 12 pool + 8 executables + 32 workspaces + 8 KiB static + the other bytes
+    assert pool.bytes == pool.driver_bytes == 54 * MiB
+    assert ", other 2.0 (shared))" in reports[0].summary() and ", other 2.0)" in pool.summary(), pool.summary()
+    assert "other 2.0)" in caplog.text
+    # Torch's reserved memory grew by less than the parts (the static buffers fitted in its cache): never < 0.
+    _report(captures, records, SoloAgreement(), driver_bytes=52 * MiB, reserved_bytes=44 * MiB, budget=None,
+            dropped=[[], []])
+    assert records[0].capture_report.other_bytes == 0 and "other" not in records[0].capture_report.summary()
+
+
 def test_budget_lines_name_the_dropped_sizes():
     r = report("draft", budget=64 * MiB, dropped=[16, 32])
     assert "within the budget of 64.0 MiB, dropped sizes 16, 32 of 'draft' (their steps run eagerly)" in r.summary()
@@ -561,11 +587,14 @@ def test_report_counts_executables_and_matches_the_driver(models, fresh_memory):
     try:
         assert r.exec_bytes >= 0 and r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
         assert r.exec_bytes == sum(g.exec_bytes for e in runner.record.entries.values() for g in e.graphs)
-        assert r.bytes == r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
+        assert r.bytes == (r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
+                           + r.other_bytes)
         assert r.static_bytes == SIZES[-1] * 8 * 2
         # What the driver gave out besides torch's allocator is the executables (each read in 2 MiB chunks).
         assert abs(r.outside_bytes - r.exec_bytes) <= 2 * MiB + 0.05 * r.exec_bytes, (r.outside_bytes, r.exec_bytes)
-        assert abs(r.driver_bytes - r.bytes) <= 4 * MiB, (r.driver_bytes, r.bytes)
+        # Every byte the driver gave out is in the report, but what the warm-up took outside torch's allocator (at
+        # most one 2 MiB chunk) and the static buffers' bytes where they fitted in torch's cache (counted, not taken).
+        assert -r.static_bytes <= r.driver_bytes - r.bytes <= 2 * MiB, (r.driver_bytes, str(r))
         line = r.summary()
         assert f"captured {len(SIZES)} graphs in " in line and f"took {r.bytes / MiB:.1f} MiB (pool " in line
         assert f"executables {r.exec_bytes / MiB:.1f}, workspaces kept {r.workspace_bytes / MiB:.1f}, " in line
@@ -736,7 +765,8 @@ def test_dry_run_predicts_a_piecewise_runner_and_counts_every_segments_executabl
         assert all(len(entries[s.size].graphs) == s.graphs == SEGMENTS for s in r.sizes), str(r)
         assert all(s.exec_bytes == sum(g.exec_bytes for g in entries[s.size].graphs) for s in r.sizes)
         assert r.exec_bytes == sum(s.exec_bytes for s in r.sizes)
-        assert r.bytes == r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
+        assert r.bytes == (r.pool_bytes + r.exec_bytes + r.first_use_bytes + r.workspace_bytes + r.static_bytes
+                           + r.other_bytes)
     finally:
         runner.close()
     assert abs(plan.bytes - r.driver_bytes) <= max(0.02 * r.driver_bytes, 2 * MiB), \

@@ -27,7 +27,8 @@ growth of torch's reserved memory, the executables and whatever else left outsid
 graph_exec_error_L8/L32/ragged/piecewise (between the two: the issue's target compares the executables alone),
 graph_first_use_mib_L8/... (the report's first-use bytes: what the capture took outside torch's allocator beyond the
 executables, Note [first-use bytes] in graphrunner/capture.py), graph_outside_error_L8/... (executables and first use
-together against the driver's figure),
+together against the driver's figure), capture_report_error_L8/... (every byte the real capture's report counts,
+its other bytes included, capture_other_mib_L8/..., against the driver's fall across it),
 dry_run_error_L8/L32/spec/ragged/piecewise (|predicted - real| / real), close_leftover_mib (the most the real
 capture's close() left, over every preset), and budget_* for the budgeted capture. Writes memory-<gpu>.txt too,
 with the pool report (per size and runner, totals per runner and for the pool) of each family's real capture and
@@ -125,6 +126,9 @@ def capture_keys(tag: str, plan: gr.CapturePlan, real: gr.PoolReport, leftover: 
         f"graph_exec_rest_mib_{tag}": (real.driver_bytes - real.pool_bytes - real.workspace_bytes -
                                        real.static_bytes) / MiB,
         f"capture_mib_{tag}": real.driver_bytes / MiB,
+        # every byte the real capture's report counts against the driver's figure (Note [other bytes])
+        f"capture_report_error_{tag}": abs(real.bytes - real.driver_bytes) / max(real.driver_bytes, 1),
+        f"capture_other_mib_{tag}": real.other_bytes / MiB,
         f"capture_pool_mib_{tag}": real.pool_bytes / MiB,
         f"capture_workspace_mib_{tag}": real.workspace_bytes / MiB,
         f"dry_run_mib_{tag}": plan.bytes / MiB,
@@ -394,7 +398,8 @@ def main(argv: List[str] = None) -> int:
         return 0
     res, lines = run(args)
     reported = [k for k in sorted(res) if k.startswith(("graph_exec_mib_", "graph_exec_driver_mib_",
-                                                        "graph_first_use_mib_", "graph_outside_error_"))]
+                                                        "graph_first_use_mib_", "graph_outside_error_",
+                                                        "capture_other_mib_", "capture_report_error_"))]
     report = "\n".join(lines + ["targets:"] + target_lines(res, TARGETS) + reported_lines(res, reported))
     print(report)
     name = args.name or gpu_tag()
