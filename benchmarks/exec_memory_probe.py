@@ -7,8 +7,8 @@ stream capture, instantiation and upload, wider than the window Graph.exec_bytes
 beside each size's capture, the executables' bytes its record counts. A phase's outside bytes above its executables'
 are what graph_exec_error counts against the report. The budgeted capture (plan.capture_within, which calls the
 schedule by the name it imported) prints its phases without a capture_all header. After each capture_all, the
-segments of torch's allocator it added outside its graph pool that are still there (the real capture's report
-totals fall 2 MiB short of the driver's figure, in torch's reserved memory): kind, stream, size, and each live
+segments of torch's allocator it added outside its graph pool that are still there (the workspace hold's, and what
+the reports count as other bytes, Note [other bytes] in graphrunner/capture.py): kind, stream, size, and each live
 block with the innermost frames that allocated it (torch's memory history is on).
 """
 import sys
