@@ -180,15 +180,19 @@ def _report(captures: Sequence[Capture], records: List[CaptureRecord], ranks: di
     runner, and one for the pool when several runners were captured together.
 
     Note [other bytes]: `reserved_bytes`, the growth of torch's reserved memory across the whole capture (its
-    cache emptied on both sides), is the part of `driver_bytes` inside torch's allocator: the pool's growth, the
-    workspace hold, the static buffers, and what else the capture made and keeps. The last is the report's other
-    bytes, measured as the rest. Most of it is allocator rounding: a tensor under 1 MiB made on a stream with no
-    small-block segment opens one of 2 MiB. The graph RNG's seed and offset (16 bytes, csrc/rng.cu) are made on
-    the capture stream when the first graph begins, and torch's cache was emptied before, so they open one there
-    in a process's every capture (benchmarks/results/exec-memory-probe-h200.txt); the static buffers open one on
-    the current stream where its segments are full. Workspaces fn asks for at warm-up (gr.workspace) count here
-    too. Measured, not attributed: whatever another thread allocates on the device meanwhile and keeps counts
-    as well."""
+    cache emptied on both sides), is the part of `driver_bytes` inside torch's allocator: the pool's growth (each
+    size's reading: torch's reserved growth within its capture window), the workspace hold, the static buffers,
+    and what else the capture keeps that torch reserved outside those windows. The last is the report's other
+    bytes, measured as the rest, so no figure checks it against the driver (the report's total equals the
+    driver's inside torch by construction); benchmarks/exec_memory_probe.py lists the segments behind it. Most of
+    it is allocator rounding: a tensor under 1 MiB keeps a whole 2 MiB small-block segment alive. The graph RNG's
+    seed and offset (16 bytes, csrc/rng.cu) are made on the capture stream as the first graph begins, from a
+    small-block segment the warm-up opened there (or a new one), which they then keep in every capture of a
+    process (benchmarks/results/exec-memory-probe-h200-segments.txt); the static buffers open one on the current
+    stream where its segments are full. `gr.workspace` buffers first asked for at warm-up count here too.
+    Measured, not attributed: whatever another thread allocates on the device meanwhile and keeps counts as well.
+    The rest is never below 0: where the parts exceed torch's growth (static buffers that fitted in its cache),
+    the report counts those parts in full."""
     reports = [record.report(rank=ranks.rank) for record in records]
     pool = PoolReport(reports)
     other_bytes = max(0, reserved_bytes - pool.pool_bytes - pool.workspace_bytes - pool.static_bytes)

@@ -342,7 +342,8 @@ def _ladder(specs: Sequence[RunnerSpec], plan: CapturePlan, pools: Dict[int, int
     dropped sizes add: the pool they need beyond the kept ones (`pools`: each limit's pool, measured eagerly), their
     static rows, and the new device memory of their executables (none where the memory the driver kept from the
     dry run's executables, counted in its leftover, holds them). First-use bytes stay at every limit: a one-time
-    cost, which the next kept size pays where the size that paid it is dropped."""
+    cost, which the next kept size pays where the size that paid it is dropped; so do other bytes, which no size
+    pays."""
     limits = sorted(pools)
     full = limits[-1]
     exec_bytes = [{s.size: s.exec_bytes for s in report.sizes} for report in plan.reports]

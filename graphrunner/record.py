@@ -234,17 +234,17 @@ class CaptureReport:
         rank: this process's rank in a distributed run (0 otherwise).
         ranks: every rank's report, in a distributed run.
         static_bytes: the static input buffers.
-        other_bytes: what else torch's allocator reserved for the capture and still holds, outside the pool, the
-            workspace hold and the static buffers: the graph RNG's seed and offset, workspaces fn made at warm-up,
-            and the rest of the allocator segments these and the static buffers opened (Note [other bytes] in
-            graphrunner/capture.py). 0 where not measured.
+        other_bytes: what else torch's allocator reserved for the capture outside the sizes' capture windows and
+            still holds, beyond the workspace hold and the static buffers: the graph RNG's seed and offset,
+            `gr.workspace` buffers first asked for at warm-up, and the rest of the allocator segments these and the
+            static buffers keep (Note [other bytes] in graphrunner/capture.py). 0 where not measured.
         driver_bytes: the fall of the driver's free memory across the whole capture (every runner captured with
             this one, measured after emptying torch's cache on both sides): everything the capture keeps, as
             the driver counts it, other processes' allocations meanwhile included. None where not measured.
         outside_bytes: the part of driver_bytes outside torch's allocator (driver_bytes less the growth of
             torch's reserved memory): the executables, and anything else the driver handed out meanwhile (lazily
             loaded kernels, library handles). None where not measured.
-        shared_workspaces: the workspace hold is shared with other runners captured together.
+        shared_workspaces: the workspace hold and the other bytes are shared with other runners captured together.
         budget: the max_bytes capture_all kept the capture within, if one was given.
         dropped: sizes of this runner left out to stay within the budget (their steps run eagerly).
     """

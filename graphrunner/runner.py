@@ -349,8 +349,8 @@ def capture_all(*runners: GraphRunner, max_bytes: Optional[int] = None,
                 plan: Optional[CapturePlan] = None) -> List[CaptureReport]:
     """Captures several runners into one pool, every size of every runner largest first, so the pool holds
     about what the largest graph of any runner needs. Returns each runner's report, in argument order: per size
-    and in total, every byte the graphs hold (pool growth, executables, workspaces, static inputs) and the
-    driver's own figure for the whole capture; it logs a line per runner and one for the pool.
+    and in total, every byte the graphs hold (pool growth, executables, first-use bytes, workspaces, static inputs,
+    other bytes) and the driver's own figure for the whole capture; it logs a line per runner and one for the pool.
 
     Runners of one pool share its memory: they must never replay concurrently on different streams.
 

@@ -28,7 +28,8 @@ graph_exec_error_L8/L32/ragged/piecewise (between the two: the issue's target co
 graph_first_use_mib_L8/... (the report's first-use bytes: what the capture took outside torch's allocator beyond the
 executables, Note [first-use bytes] in graphrunner/capture.py), graph_outside_error_L8/... (executables and first use
 together against the driver's figure), capture_report_error_L8/... (every byte the real capture's report counts,
-its other bytes included, capture_other_mib_L8/..., against the driver's fall across it),
+its other bytes included, capture_other_mib_L8/..., against the driver's fall across it: the other bytes are the
+rest of torch's growth, so this checks what the report counts outside torch's allocator),
 dry_run_error_L8/L32/spec/ragged/piecewise (|predicted - real| / real), close_leftover_mib (the most the real
 capture's close() left, over every preset), and budget_* for the budgeted capture. Writes memory-<gpu>.txt too,
 with the pool report (per size and runner, totals per runner and for the pool) of each family's real capture and
@@ -122,11 +123,13 @@ def capture_keys(tag: str, plan: gr.CapturePlan, real: gr.PoolReport, leftover: 
         f"graph_outside_error_{tag}": abs(dry.exec_bytes + dry.first_use_bytes - dry.outside_bytes) /
         max(dry.outside_bytes, 1),
         f"capture_exec_mib_{tag}": real.exec_bytes / MiB,
-        # the driver's figure as the issue words it: the whole fall less pool, workspaces and static buffers
+        # the driver's figure as the issue words it: the whole fall less pool, workspaces and static buffers (the
+        # report's other bytes are in it)
         f"graph_exec_rest_mib_{tag}": (real.driver_bytes - real.pool_bytes - real.workspace_bytes -
                                        real.static_bytes) / MiB,
         f"capture_mib_{tag}": real.driver_bytes / MiB,
-        # every byte the real capture's report counts against the driver's figure (Note [other bytes])
+        # every byte the real capture's report counts against the driver's fall across it; its part inside torch's
+        # allocator matches by construction (Note [other bytes]), so this checks the part outside it
         f"capture_report_error_{tag}": abs(real.bytes - real.driver_bytes) / max(real.driver_bytes, 1),
         f"capture_other_mib_{tag}": real.other_bytes / MiB,
         f"capture_pool_mib_{tag}": real.pool_bytes / MiB,

@@ -211,10 +211,11 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         res.update(keys)
     # The headline numbers: a break's host cost, without and with sharing, where the most breaks average it
     # (smallest T, most layers); the executables of the largest T of the fewest layers' preset (8 by default).
-    most, fewest, smallest = max(presets), min(presets), min(token_counts(args))
+    fewest = min(presets)
+    res["per_break_key"] = key = f"T{min(token_counts(args))}_L{max(presets)}"
     for name in ("piecewise", "shared"):
         for suffix in ("", "_rounds"):
-            res[f"{name}_host_us_per_break{suffix}"] = res[f"{name}_host_us_per_break_T{smallest}_L{most}{suffix}"]
+            res[f"{name}_host_us_per_break{suffix}"] = res[f"{name}_host_us_per_break_{key}{suffix}"]
     res["piecewise_executables_unshared"] = res[f"piecewise_executables_L{fewest}"]
     res["piecewise_executables_shared"] = res[f"piecewise_executables_shared_L{fewest}"]
     res["piecewise_distinct_structures"] = res[f"piecewise_structures_L{fewest}"]
@@ -272,8 +273,9 @@ def table(res: Dict[str, object]) -> str:
             f"executables a size ({res['executables_layers']} layers, largest T): "
             f"{res['piecewise_executables_unshared']} unshared (one a segment), "
             f"{res['piecewise_executables_shared']} with share_segments ({res['piecewise_distinct_structures']} "
-            f"distinct structures); a break's host us {res['piecewise_host_us_per_break']:.2f} unshared, "
-            f"{res['shared_host_us_per_break']:.2f} shared",
+            f"distinct structures)",
+            f"a break's host us ({res['per_break_key']}, where the most breaks average it): "
+            f"{res['piecewise_host_us_per_break']:.2f} unshared, {res['shared_host_us_per_break']:.2f} shared",
             ""]
     targeted = targets(res)
     out += target_header(res.get("_changed", [])) + target_lines(res, targeted)
